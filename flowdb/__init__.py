@@ -1,0 +1,8 @@
+"""flowdb: a process engine for AI-agent business processes, with every fact in SQL tables."""
+
+from flowdb.agents.types import AgentReply, AgentRequest
+from flowdb.errors import FlowdbError, NonRetryableError, StepFailure
+
+__version__ = "0.1.0"
+
+__all__ = ["AgentReply", "AgentRequest", "FlowdbError", "NonRetryableError", "StepFailure", "__version__"]

@@ -1,0 +1,281 @@
+"""The flowdb command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import Engine
+
+from flowdb import __version__
+from flowdb.agents.registry import AgentRegistry, find_agents_file
+from flowdb.db import migrate
+from flowdb.db.engine import make_engine
+from flowdb.db.instances import StartRequest, deploy, find_definition, start_instances
+from flowdb.definitions import CompiledDefinition, load_definition_file
+from flowdb.errors import DefinitionError, FlowdbError
+from flowdb.handlers import check_runnable
+from flowdb.inputs import parse_assignments
+from flowdb.notify import publish_sync
+from flowdb.settings import load_settings
+from flowdb.status import print_status, status_json
+from flowdb.worker import Worker, WorkerOptions
+
+db_option = click.option("--db", "db_url", envvar="FLOWDB_DATABASE_URL", default=None,
+                         help="Database URL (else FLOWDB_DATABASE_URL, else sqlite:///flowdb.sqlite3).")
+agents_option = click.option("--agents", "agents_file", default=None,
+                             help="Agents file (else FLOWDB_AGENTS, else agents.yaml beside the process file).")
+
+
+def open_database(db_url: str | None, *, migrate_sqlite: bool = True) -> Engine:
+    settings = load_settings(database_url=db_url)
+    engine = make_engine(settings.database_url)
+    if engine.dialect.name == "sqlite" and migrate_sqlite:
+        migrate.ensure_current(engine)  # the embedded default migrates itself on first use
+    elif migrate.current_revision(engine) != migrate.head_revision():
+        raise FlowdbError(f"the database at {engine.url.render_as_string()} is not at the current schema; "
+                          "run: flowdb db upgrade --db URL")
+    return engine
+
+
+def load_agents(agents_file: str | None, process_file: str | None) -> AgentRegistry:
+    path = find_agents_file(agents_file, process_file)
+    return AgentRegistry.from_file(path) if path else AgentRegistry.empty()
+
+
+class FlowdbGroup(click.Group):
+    """Print flowdb's own errors as messages (exit 1), never as tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FlowdbError as exc:
+            click.echo(f"error: {exc}" if not isinstance(exc, DefinitionError) else str(exc), err=True)
+            sys.exit(1)
+
+
+@click.group(cls=FlowdbGroup)
+@click.version_option(__version__)
+def main() -> None:
+    """flowdb: processes of agent tasks, approvals and timers, run from SQL tables."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.group()
+def db() -> None:
+    """Schema management."""
+
+
+@db.command("upgrade")
+@db_option
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(db_url: str | None, revision: str) -> None:
+    """Create or upgrade the schema (Alembic migrations)."""
+    engine = make_engine(load_settings(database_url=db_url).database_url)
+    migrate.upgrade(engine, revision)
+    click.echo(f"database at revision {migrate.current_revision(engine)}")
+
+
+@db.command("downgrade")
+@db_option
+@click.argument("revision")
+def db_downgrade(db_url: str | None, revision: str) -> None:
+    """Downgrade the schema to REVISION ('base' removes every table)."""
+    engine = make_engine(load_settings(database_url=db_url).database_url)
+    migrate.downgrade(engine, revision)
+    click.echo(f"database at revision {migrate.current_revision(engine) or 'base'}")
+
+
+def _check_files(files: tuple[str, ...], agents_file: str | None) -> list[CompiledDefinition]:
+    """Load and check every file; print every problem; exit 1 if there was any."""
+    loaded = []
+    failed = False
+    for file in files:
+        try:
+            definition = load_definition_file(file)
+            check_runnable(definition)
+            if agents_file is not None or find_agents_file(None, file):
+                agents = load_agents(agents_file, file)
+                _check_agents(definition, agents)
+            loaded.append(definition)
+        except DefinitionError as exc:
+            click.echo(str(exc), err=True)
+            failed = True
+    if failed:
+        sys.exit(1)
+    return loaded
+
+
+def _check_agents(definition: CompiledDefinition, agents: AgentRegistry) -> None:
+    from flowdb.errors import Located
+    from flowdb.models import AgentTask
+
+    problems = []
+    for step in definition.steps.values():
+        if isinstance(step.model, AgentTask) and step.model.agent not in agents:
+            line, col = step.position
+            problems.append(Located(definition.filename, line, col,
+                                    f"step {step.id!r} uses agent {step.model.agent!r}, which {agents.source} "
+                                    f"does not define (it defines: {', '.join(agents.names()) or 'none'})"))
+    if problems:
+        raise DefinitionError(problems)
+
+
+@main.command()
+@agents_option
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def validate(files: tuple[str, ...], agents_file: str | None) -> None:
+    """Check definition files; print FILE:LINE:COL for every problem (exit 1 if any)."""
+    for definition in _check_files(files, agents_file):
+        click.echo(f"{definition.filename}: ok ({definition.name}, {len(definition.steps)} steps)")
+
+
+@main.command("deploy")
+@db_option
+@agents_option
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def deploy_cmd(files: tuple[str, ...], db_url: str | None, agents_file: str | None) -> None:
+    """Store definitions as new immutable versions (identical content is a no-op)."""
+    definitions = _check_files(files, agents_file)
+    engine = open_database(db_url)
+    with engine.begin() as conn:
+        results = [deploy(conn, definition) for definition in definitions]
+    for result in results:
+        what = "deployed" if result.created else "unchanged"
+        click.echo(f"{what} {result.name} version {result.version} ({result.content_hash[:12]})")
+
+
+@main.command()
+@db_option
+@click.argument("name")
+@click.option("--input", "-i", "inputs", multiple=True, help="An input as KEY=VALUE (repeatable).")
+@click.option("--inputs-file", type=click.Path(exists=True, dir_okay=False),
+              help="JSON lines: one instance per line, each line an object of inputs.")
+@click.option("--idempotency-key", default=None, help="Starting again with this key returns the same instance.")
+@click.option("--version", "version", type=int, default=None, help="Definition version (default: latest).")
+def start(db_url: str | None, name: str, inputs: tuple[str, ...], inputs_file: str | None,
+          idempotency_key: str | None, version: int | None) -> None:
+    """Start instances of a deployed process; print each new instance id on its own line."""
+    from flowdb.db.instances import DefinitionCache
+
+    engine = open_database(db_url)
+    cache = DefinitionCache()
+    with engine.connect() as conn:
+        definition_id, version = find_definition(conn, name, version)
+        definition = cache.get(conn, definition_id)
+    if inputs_file:
+        if inputs or idempotency_key:
+            raise click.UsageError("--inputs-file cannot be combined with --input or --idempotency-key")
+        requests = _read_inputs_file(inputs_file)
+        ids: list[int] = []
+        for chunk_start in range(0, len(requests), 500):  # batched transactions for bulk starts
+            chunk = requests[chunk_start:chunk_start + 500]
+            with engine.begin() as conn:
+                ids += [i for i, _ in start_instances(conn, definition_id, version, definition, chunk,
+                                                      trigger="bulk")]
+        for instance_id in ids:
+            click.echo(instance_id)
+    else:
+        request = StartRequest(parse_assignments(list(inputs)), idempotency_key)
+        with engine.begin() as conn:
+            [(instance_id, _)] = start_instances(conn, definition_id, version, definition, [request],
+                                                 from_text=True)
+        click.echo(instance_id)
+    publish_sync(load_settings().redis_url)
+
+
+def _read_inputs_file(path: str) -> list[StartRequest]:
+    requests = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FlowdbError(f"{path}:{number}: not JSON: {exc.msg}") from None
+        if not isinstance(value, dict):
+            raise FlowdbError(f"{path}:{number}: each line must be a JSON object of inputs")
+        key = value.pop("_idempotency_key", None)
+        requests.append(StartRequest(value, key))
+    return requests
+
+
+@main.command()
+@db_option
+@agents_option
+@click.option("--concurrency", type=int, default=None, help="Handlers in flight at once (default 64).")
+@click.option("--batch", type=int, default=None, help="Steps claimed per query (default 32).")
+def worker(db_url: str | None, agents_file: str | None, concurrency: int | None, batch: int | None) -> None:
+    """Claim and run ready steps until stopped (SIGTERM/SIGINT finishes or releases held steps)."""
+    logging.getLogger().setLevel(logging.INFO)
+    settings = load_settings(database_url=db_url)
+    engine = open_database(db_url)
+    agents = load_agents(agents_file or settings.agents, None)
+    options = WorkerOptions(lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
+                            redis_url=settings.redis_url, batch=batch or settings.claim_batch)
+    if concurrency:
+        options.concurrency = concurrency
+    runner = Worker(engine, agents, options)
+    logging.getLogger("flowdb.worker").info("worker %s started on %s", options.name, engine.url.render_as_string())
+
+    async def main_loop() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runner.stop)
+        await runner.run()
+
+    asyncio.run(main_loop())
+    logging.getLogger("flowdb.worker").info("worker %s stopped", options.name)
+
+
+@main.command()
+@db_option
+@agents_option
+@click.argument("file", type=click.Path())
+@click.option("--input", "-i", "inputs", multiple=True, help="An input as KEY=VALUE (repeatable).")
+def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[str, ...]) -> None:
+    """Deploy FILE, start it and work it to the end here, showing each step (exit 1 if it failed)."""
+    from flowdb.live import LiveView
+
+    [definition] = _check_files((file,), agents_file)
+    settings = load_settings(database_url=db_url)
+    engine = open_database(db_url)
+    agents = load_agents(agents_file, file)
+    with engine.begin() as conn:
+        deployed = deploy(conn, definition)
+        [(instance_id, _)] = start_instances(conn, deployed.id, deployed.version, definition,
+                                             [StartRequest(parse_assignments(list(inputs)))], from_text=True)
+    state = "deployed" if deployed.created else "using"
+    click.echo(f"{state} {deployed.name} version {deployed.version}; started instance {instance_id}")
+    view = LiveView(definition, instance_id)
+    options = WorkerOptions(lease_seconds=settings.lease_seconds, poll_seconds=min(settings.poll_seconds, 0.2),
+                            redis_url=settings.redis_url, instance_id=instance_id)
+    runner = Worker(engine, agents, options, listener=view.on_event)
+    began = time.monotonic()
+    asyncio.run(runner.run(until=view.is_finished))
+    with engine.connect() as conn:
+        status = status_json(conn, instance_id)
+    view.summary(status, time.monotonic() - began)
+    sys.exit(0 if status["status"] == "completed" else 1)
+
+
+@main.command()
+@db_option
+@click.argument("instance_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(db_url: str | None, instance_id: int, as_json: bool) -> None:
+    """Show an instance: its steps, statuses, attempts, durations and outputs."""
+    engine = open_database(db_url)
+    with engine.connect() as conn:
+        data = status_json(conn, instance_id)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        print_status(data)

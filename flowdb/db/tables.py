@@ -1,0 +1,148 @@
+"""The schema as SQLAlchemy Core tables: a public interface, since people write SQL against it.
+
+Times are UTC timestamps set from the database's clock; money is numeric; JSON columns hold
+payloads only (reports never need JSON functions). Migrations in migrations/ create exactly this.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only makes INTEGER PRIMARY KEY an alias of the rowid (autoincrementing), so ids are
+# BIGINT on PostgreSQL and INTEGER on SQLite.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+Money = Numeric(18, 6, asdecimal=False)
+Timestamp = DateTime(timezone=True)
+
+# Statuses in which a step can be claimed once claimable_at has passed (see db/claims.py).
+CLAIMABLE = "('ready', 'running', 'waiting')"
+
+process_definitions = Table(
+    "process_definitions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("name", String(100), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("parsed", Json, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    UniqueConstraint("name", "version"),
+)
+
+process_instances = Table(
+    "process_instances",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("definition_id", Id, ForeignKey("process_definitions.id"), nullable=False),
+    Column("process_name", String(100), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("inputs", Json, nullable=False),
+    Column("outputs", Json),
+    Column("error", Text),
+    Column("trigger", String(32), nullable=False, server_default="cli"),
+    Column("idempotency_key", String(200), unique=True),
+    Column("parent_step_instance_id", Id),
+    Column("cost_usd", Money, nullable=False, server_default="0"),
+    Column("budget_usd", Money),
+    # Steps not yet in a final state; the step that brings it to 0 finishes the instance.
+    Column("open_steps", Integer, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("started_at", Timestamp),
+    Column("finished_at", Timestamp),
+    Index("ix_process_instances_status_process", "status", "process_name"),
+    Index("ix_process_instances_created_at", "created_at"),
+)
+
+step_instances = Table(
+    "step_instances",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("instance_id", Id, ForeignKey("process_instances.id"), nullable=False),
+    Column("definition_id", Id, nullable=False),
+    Column("step_id", String(100), nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False, server_default="0"),
+    Column("max_attempts", Integer, nullable=False, server_default="1"),
+    # Join countdown: parents not yet settled, and how many of the settled ones completed.
+    Column("pending_parents", Integer, nullable=False, server_default="0"),
+    Column("completed_parents", Integer, nullable=False, server_default="0"),
+    Column("ready_at", Timestamp),
+    # When the claim query may take the row: ready_at for a ready step, the lease expiry for a
+    # running one, the wake-up time for a waiting one (NULL: woken only by a row update).
+    Column("claimable_at", Timestamp),
+    Column("lease_owner", String(200)),
+    Column("lease_token", String(64)),
+    Column("lease_expires_at", Timestamp),
+    Column("heartbeat_at", Timestamp),
+    Column("agent", String(100)),
+    Column("input", Json),
+    Column("output", Json),
+    Column("error", Text),
+    Column("cost_usd", Money, nullable=False, server_default="0"),
+    Column("tokens_in", BigInteger, nullable=False, server_default="0"),
+    Column("tokens_out", BigInteger, nullable=False, server_default="0"),
+    Column("created_at", Timestamp, nullable=False),
+    Column("started_at", Timestamp),
+    Column("finished_at", Timestamp),
+    UniqueConstraint("instance_id", "step_id"),
+    # Only claimable rows are in this index, so the claim costs the same with a million finished rows.
+    Index(
+        "ix_step_instances_claimable",
+        "claimable_at",
+        "id",
+        sqlite_where=text(f"status IN {CLAIMABLE}"),
+        postgresql_where=text(f"status IN {CLAIMABLE}"),
+    ),
+    Index("ix_step_instances_status_type", "status", "type"),
+)
+
+step_edges = Table(
+    "step_edges",
+    metadata,
+    Column("instance_id", Id, ForeignKey("process_instances.id"), primary_key=True),
+    Column("from_step", String(100), primary_key=True),
+    Column("to_step", String(100), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("state", String(16), nullable=False, server_default="pending"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("instance_id", Id, nullable=False),
+    Column("step_instance_id", Id),
+    Column("type", String(48), nullable=False),
+    Column("payload", Json),
+    Column("created_at", Timestamp, nullable=False),
+    Index("ix_events_instance_id_id", "instance_id", "id"),
+)

@@ -1,0 +1,69 @@
+"""Every error flowdb raises on purpose derives from FlowdbError and says what to do about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class FlowdbError(Exception):
+    """Root of flowdb's errors. The message is meant for the user, never a traceback."""
+
+
+@dataclass(frozen=True)
+class Located:
+    """One problem at a place in a file: printed as FILE:LINE:COL: message."""
+
+    file: str
+    line: int
+    col: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}: {self.message}"
+
+
+class DefinitionError(FlowdbError):
+    """A process definition (or agents file) is invalid; carries every problem found."""
+
+    def __init__(self, problems: list[Located]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class DefinitionConflict(FlowdbError):
+    """A definition pins a version that already exists with other content."""
+
+
+class NotFound(FlowdbError):
+    """A process, instance, step or other object that was named does not exist."""
+
+
+class InputError(FlowdbError):
+    """Process inputs given at start do not match the process's declared inputs."""
+
+
+class IdempotencyConflict(FlowdbError):
+    """An idempotency key was reused with other inputs or another process."""
+
+
+class TemplateError(FlowdbError):
+    """A template or condition failed to render or evaluate at run time."""
+
+
+class AgentConfigError(FlowdbError):
+    """The agents file is missing, malformed, or names an agent that cannot be loaded."""
+
+
+class StepFailure(FlowdbError):
+    """Raised by handlers (and agents) to fail a step. Retried unless retryable is False."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class NonRetryableError(StepFailure):
+    """Raise from an agent to fail its step at once, without further attempts."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)

@@ -1,0 +1,28 @@
+"""Step handlers by step type. A new step type is one handler class added here."""
+
+from __future__ import annotations
+
+from flowdb.definitions import CompiledDefinition
+from flowdb.errors import DefinitionError, Located
+from flowdb.handlers.agent_task import AgentTaskHandler
+from flowdb.handlers.base import StepContext, StepHandler
+from flowdb.handlers.gateway import GatewayHandler
+from flowdb.handlers.timer import TimerHandler
+
+HANDLERS: dict[str, StepHandler] = {
+    handler.type: handler for handler in (AgentTaskHandler(), GatewayHandler(), TimerHandler())
+}
+
+
+def check_runnable(definition: CompiledDefinition) -> None:
+    """Refuse a definition with a step type this flowdb cannot run yet (before anything is written)."""
+    problems = [
+        Located(definition.filename, *step.position, f"step {sid!r} has type {step.type!r}, which this version of flowdb "
+                f"cannot run yet (it runs: {', '.join(sorted(HANDLERS))})")
+        for sid, step in definition.steps.items() if step.type not in HANDLERS
+    ]
+    if problems:
+        raise DefinitionError(problems)
+
+
+__all__ = ["HANDLERS", "StepContext", "StepHandler", "check_runnable"]

@@ -1,0 +1,44 @@
+"""agent_task: render the message, call the named agent, record output, cost and tokens."""
+
+from __future__ import annotations
+
+import asyncio
+
+from flowdb.agents.types import AgentRequest
+from flowdb.errors import StepFailure, TemplateError
+from flowdb.handlers.base import StepContext
+from flowdb.models import AgentTask
+from flowdb.outcomes import Outcome
+
+
+class AgentTaskHandler:
+    type = "agent_task"
+
+    async def run(self, ctx: StepContext) -> Outcome:
+        model = ctx.step.model
+        assert isinstance(model, AgentTask) and ctx.step.message is not None
+        try:
+            message = ctx.step.message.render(ctx.templates)
+        except TemplateError as exc:
+            return ctx.outcome("failed", error=str(exc), retryable=False)
+        request = AgentRequest(
+            agent=model.agent, message=message, instance_id=ctx.claimed.instance_id, step_id=ctx.claimed.step_id,
+            attempt=ctx.claimed.attempt, idempotency_key=f"{ctx.claimed.instance_id}:{ctx.claimed.step_id}",
+        )
+        given = {"agent": model.agent, "message": message}
+        try:
+            backend = ctx.agents.get(model.agent)
+            if model.timeout is not None:
+                reply = await asyncio.wait_for(backend.call(request), timeout=model.timeout)
+            else:
+                reply = await backend.call(request)
+        except StepFailure as exc:
+            return ctx.outcome("failed", error=str(exc), retryable=exc.retryable, input=given)
+        except TimeoutError:
+            return ctx.outcome("failed", error=f"agent {model.agent!r} did not answer within {model.timeout:g}s",
+                               input=given)
+        except Exception as exc:  # an agent's own bug or a network error: retried per the policy
+            return ctx.outcome("failed", error=f"agent {model.agent!r} raised {type(exc).__name__}: {exc}",
+                               input=given)
+        return ctx.outcome("completed", output=reply.output, cost_usd=float(reply.cost_usd),
+                           tokens_in=int(reply.tokens_in), tokens_out=int(reply.tokens_out), input=given)

@@ -1,0 +1,70 @@
+"""The live view `flowdb run` prints: each step as it starts and ends, then the outcome."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from flowdb.db.claims import Claimed
+from flowdb.db.progress import Progress
+from flowdb.definitions import CompiledDefinition
+from flowdb.outcomes import Outcome
+
+MARKS = {"completed": "✓", "failed": "✗", "skipped": "–", "waiting": "…"}
+
+
+class LiveView:
+    def __init__(self, definition: CompiledDefinition, instance_id: int) -> None:
+        self.definition = definition
+        self.instance_id = instance_id
+        self.started: dict[int, float] = {}
+        self.final: str | None = None
+
+    def is_finished(self) -> bool:
+        return self.final is not None
+
+    def on_event(self, kind: str, data: Any) -> None:
+        if kind == "claimed":
+            for item in data:
+                self._claimed(item)
+        elif kind == "progress":
+            outcomes, progress = data
+            self._progress(outcomes, progress)
+
+    def _claimed(self, item: Claimed) -> None:
+        self.started[item.id] = time.monotonic()
+        what = "woke" if item.woken else f"started (attempt {item.attempt})"
+        click.echo(f"  ▶ {item.step_id:<28} {what}")
+
+    def _progress(self, outcomes: list[Outcome], progress: Progress) -> None:
+        late = {id(o) for o in progress.late}
+        for outcome in outcomes:
+            if id(outcome) in late:
+                continue
+            secs = time.monotonic() - self.started.get(outcome.step.id, time.monotonic())
+            mark = MARKS.get(outcome.kind, "?")
+            retry = outcome.kind == "failed" and outcome.retryable and outcome.step.attempt < outcome.step.max_attempts
+            word = "failed, will retry" if retry else outcome.kind
+            line = f"  {mark} {outcome.step.step_id:<28} {word} in {secs:.2f}s"
+            if outcome.cost_usd:
+                line += f"  ${outcome.cost_usd:.4f}"
+            if outcome.error:
+                line += f"  ({outcome.error})"
+            click.echo(line)
+        for instance_id, level, message in progress.action_logs:
+            click.echo(f"  [{level}] {message}")
+        for instance_id, status in progress.finished_instances:
+            if instance_id == self.instance_id:
+                self.final = status
+
+    def summary(self, status: dict[str, Any], seconds: float) -> None:
+        click.echo(f"instance {self.instance_id} {status['status']} in {seconds:.2f}s"
+                   f" · {len(status['steps'])} steps · cost ${status['cost_usd']:.4f}")
+        if status["error"]:
+            click.echo(f"error: {status['error']}")
+        if status["outputs"] is not None:
+            click.echo("outputs:")
+            click.echo(json.dumps(status["outputs"], indent=2, default=str))

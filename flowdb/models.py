@@ -1,0 +1,182 @@
+"""Pydantic models of a process definition, one class per step type.
+
+Type-specific fields may stand on the step or under `config:`; definitions.py merges `config:` into
+the step before these models see it, so each model lists its fields once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from flowdb.durations import parse_duration
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
+STEP_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _seconds(value: Any) -> float:
+    return parse_duration(value)
+
+
+Duration = Annotated[float, Field(description="seconds")]
+
+
+class RetryPolicy(Strict):
+    max_attempts: int = Field(default=3, ge=1, le=1000)
+    initial_interval: float = 1.0
+    backoff: float = Field(default=2.0, ge=1.0, le=100.0)
+    max_interval: float = 60.0
+
+    @field_validator("initial_interval", "max_interval", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return _seconds(value)
+
+    def delay_after(self, attempt: int) -> float:
+        """Seconds to wait before the attempt that follows failed attempt number `attempt`."""
+        delay: float = self.initial_interval * self.backoff ** max(attempt - 1, 0)
+        return min(delay, self.max_interval)
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+class InputSpec(Strict):
+    type: Literal["string", "integer", "number", "boolean", "object", "array"] = "string"
+    default: Any = None
+    description: str | None = None
+    required: bool | None = None
+
+
+class Budget(Strict):
+    max_cost_usd: float = Field(gt=0)
+
+
+class LogAction(Strict):
+    type: Literal["log"]
+    message: str
+    level: Literal["info", "warning", "error"] = "info"
+
+
+class OutputActions(Strict):
+    on_success: list[LogAction] = []
+    on_failure: list[LogAction] = []
+
+
+class StepBase(Strict):
+    id: str = Field(pattern=STEP_ID_PATTERN, max_length=100)
+    name: str | None = None
+    description: str | None = None
+    depends_on: list[str] = []
+    condition: str | None = None
+    retry: RetryPolicy | None = None
+    timeout: float | None = None
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, value: Any) -> float | None:
+        return None if value is None else _seconds(value)
+
+
+class AgentTask(StepBase):
+    type: Literal["agent_task"]
+    agent: str = Field(min_length=1)
+    message: str
+
+
+class HumanApproval(StepBase):
+    type: Literal["human_approval"]
+    approvers: list[str] = Field(min_length=1)
+    quorum: int = Field(default=1, ge=1)
+    on_timeout: Literal["notify", "approve", "reject", "fail"] = "fail"
+    artifacts: list[str] = []
+    title: str | None = None
+    instructions: str | None = None
+
+    @model_validator(mode="after")
+    def _quorum(self) -> HumanApproval:
+        if self.quorum > len(self.approvers):
+            raise ValueError(f"quorum {self.quorum} is more than the {len(self.approvers)} approvers listed")
+        return self
+
+
+class Route(Strict):
+    next: str
+    condition: str | None = None
+    default: bool = False
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Route:
+        if self.default == (self.condition is not None):
+            raise ValueError("a route has either a condition or `default: true`, exactly one of them")
+        return self
+
+
+class Gateway(StepBase):
+    type: Literal["gateway"]
+    gateway_type: Literal["exclusive", "parallel", "inclusive"]
+    routes: list[Route] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Gateway:
+        if sum(route.default for route in self.routes) > 1:
+            raise ValueError("a gateway has at most one default route")
+        return self
+
+
+class Timer(StepBase):
+    type: Literal["timer"]
+    duration: float | None = None
+    wait_until: str | None = None
+    until: str | None = None
+    timezone: str | None = None
+
+    @field_validator("duration", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return None if value is None else _seconds(value)
+
+
+class SubProcess(StepBase):
+    type: Literal["sub_process"]
+    process: str = Field(pattern=NAME_PATTERN)
+    version: int | None = None
+    inputs: dict[str, Any] = {}
+
+
+class Notification(StepBase):
+    type: Literal["notification"]
+    channel: Literal["log", "email", "slack"]
+    message: str
+    to: list[str] = []
+    title: str | None = None
+
+
+Step = Annotated[
+    AgentTask | HumanApproval | Gateway | Timer | SubProcess | Notification,
+    Field(discriminator="type"),
+]
+STEP_TYPES = ("agent_task", "human_approval", "gateway", "timer", "sub_process", "notification")
+
+# Fields that place a step in the graph; any other field may be written under `config:` instead.
+COMMON_FIELDS = frozenset({"id", "type", "name", "description", "depends_on", "condition", "config"})
+
+
+class Process(Strict):
+    name: str = Field(pattern=NAME_PATTERN, max_length=100)
+    version: int | None = Field(default=None, ge=1)
+    description: str | None = None
+    inputs: dict[str, InputSpec] = {}
+    budget: Budget | None = None
+    steps: list[Step] = Field(min_length=1)
+    output: OutputActions = OutputActions()
+
+
+class Document(Strict):
+    process: Process

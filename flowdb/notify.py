@@ -1,0 +1,83 @@
+"""Wake-ups over Redis pub/sub. Optional: without Redis (or when it goes away) workers just poll."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("flowdb.notify")
+CHANNEL = "flowdb:wake"
+RETRY_SECONDS = 5.0
+
+
+def publish_sync(redis_url: str | None) -> None:
+    """Tell idle workers that steps became ready (used by commands outside the worker loop)."""
+    if not redis_url:
+        return
+    import redis
+
+    try:
+        client = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+        client.publish(CHANNEL, b"1")
+        client.close()
+    except (redis.RedisError, OSError) as exc:
+        log.warning("could not publish a wake-up to Redis (%s); workers will find the work by polling", exc)
+
+
+class Waker:
+    """A worker's link to Redis: publish after commits that make steps ready, listen for others'."""
+
+    def __init__(self, redis_url: str, on_wake: Callable[[], None]) -> None:
+        import redis.asyncio as aredis
+
+        self._aredis = aredis
+        self.url = redis_url
+        self.on_wake = on_wake
+        self._client = aredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._down_until = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen())
+
+    async def publish(self) -> None:
+        if time.monotonic() < self._down_until:
+            return
+        try:
+            await self._client.publish(CHANNEL, b"1")
+        except (self._aredis.RedisError, OSError) as exc:
+            self._went_away(exc)
+
+    def _went_away(self, exc: BaseException) -> None:
+        if time.monotonic() >= self._down_until:
+            log.warning("Redis is not answering (%s); polling until it is back", exc)
+        self._down_until = time.monotonic() + RETRY_SECONDS
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self._client.pubsub()
+                await pubsub.subscribe(CHANNEL)
+                self._down_until = 0.0
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self.on_wake()
+            except asyncio.CancelledError:
+                raise
+            except (self._aredis.RedisError, OSError) as exc:
+                self._went_away(exc)
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            await self._client.aclose()
+        except Exception:  # closing a connection to a Redis that is gone
+            pass

@@ -1,0 +1,26 @@
+"""What a handler decided about a claimed step; the store turns it into row updates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from flowdb.db.claims import Claimed
+
+Kind = Literal["completed", "failed", "skipped", "waiting"]
+
+
+@dataclass
+class Outcome:
+    step: Claimed
+    kind: Kind
+    output: Any = None
+    error: str | None = None
+    retryable: bool = True
+    retry_delay: float = 0.0  # seconds before the next attempt, when retried
+    cost_usd: float = 0.0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    input: Any = None  # what the step was given (rendered message, ...), kept on the row
+    taken: frozenset[str] | None = None  # children whose edge is taken; None = all (gateways choose)
+    wake_in: float | None = None  # for `waiting`: seconds until the claim query should wake it

@@ -1,0 +1,69 @@
+"""An instance as data (for --json and the API) and as a table for people."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import click
+from sqlalchemy import Connection
+
+from flowdb.db.instances import instance_row, step_rows
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds(), 3)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def status_json(conn: Connection, instance_id: int) -> dict[str, Any]:
+    instance = instance_row(conn, instance_id)
+    steps = []
+    for row in step_rows(conn, instance_id):
+        steps.append({
+            "step_id": row.step_id, "type": row.type, "status": row.status, "attempt": row.attempt,
+            "started_at": _iso(row.started_at), "finished_at": _iso(row.finished_at),
+            "duration_s": _seconds(row.started_at, row.finished_at), "cost_usd": row.cost_usd,
+            "output": row.output, "error": row.error,
+        })
+    return {
+        "id": instance.id, "process": instance.process_name, "version": instance.version,
+        "status": instance.status, "inputs": instance.inputs, "outputs": instance.outputs,
+        "error": instance.error, "cost_usd": instance.cost_usd,
+        "created_at": _iso(instance.created_at), "started_at": _iso(instance.started_at),
+        "finished_at": _iso(instance.finished_at),
+        "duration_s": _seconds(instance.started_at, instance.finished_at), "steps": steps,
+    }
+
+
+def _short(value: Any, width: int = 60) -> str:
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def print_status(data: dict[str, Any]) -> None:
+    click.echo(f"instance {data['id']}  {data['process']} v{data['version']}  {data['status']}"
+               f"  cost ${data['cost_usd']:.4f}"
+               + (f"  {data['duration_s']:.3f}s" if data["duration_s"] is not None else ""))
+    if data["error"]:
+        click.echo(f"error: {data['error']}")
+    header = f"{'step':<24} {'type':<14} {'status':<10} {'att':>3} {'secs':>8}  output / error"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for step in data["steps"]:
+        secs = f"{step['duration_s']:.3f}" if step["duration_s"] is not None else ""
+        detail = step["error"] if step["error"] else _short(step["output"])
+        click.echo(f"{step['step_id']:<24} {step['type']:<14} {step['status']:<10} {step['attempt']:>3} "
+                   f"{secs:>8}  {_short(detail)}")
+    if data["outputs"] is not None:
+        click.echo("outputs:")
+        click.echo(json.dumps(data["outputs"], indent=2, default=str))
