@@ -1,0 +1,61 @@
+"""Agents used by the tests. `counted` appends a line per call to $FLOWDB_TEST_CALL_LOG (crash tests)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from flowdb import AgentReply, AgentRequest, NonRetryableError
+
+_flaky_calls: dict[str, int] = {}
+
+
+def noop(request: AgentRequest) -> dict[str, Any]:
+    return {"ok": True, "step": request.step_id}
+
+
+async def echo(request: AgentRequest) -> str:
+    return request.message
+
+
+def sleepy(request: AgentRequest) -> dict[str, Any]:
+    time.sleep(float(os.environ.get("FLOWDB_TEST_SLEEP", "0.2")))
+    return {"slept": True}
+
+
+def flaky(request: AgentRequest) -> dict[str, Any]:
+    """Fails on the first two attempts of every step, then succeeds."""
+    if request.attempt < 3:
+        raise ConnectionError(f"flaky attempt {request.attempt}")
+    return {"attempts": request.attempt}
+
+
+def broken(request: AgentRequest) -> None:
+    raise RuntimeError("this agent always fails")
+
+
+def refuses(request: AgentRequest) -> None:
+    raise NonRetryableError("refused on purpose")
+
+
+def pricey(request: AgentRequest) -> AgentReply:
+    return AgentReply(output={"paid": True}, cost_usd=0.25, tokens_in=100, tokens_out=50)
+
+
+def scorer(request: AgentRequest) -> dict[str, Any]:
+    return {"quality_score": int(request.message)}
+
+
+def counted(request: AgentRequest) -> dict[str, Any]:
+    log = os.environ.get("FLOWDB_TEST_CALL_LOG")
+    delay = float(os.environ.get("FLOWDB_TEST_SLEEP", "0"))
+    if log:
+        with open(log, "a") as handle:
+            handle.write(f"start {request.instance_id} {request.step_id} {request.attempt} {os.getpid()}\n")
+    if delay:
+        time.sleep(delay)
+    if log:
+        with open(log, "a") as handle:
+            handle.write(f"end {request.instance_id} {request.step_id} {request.attempt} {os.getpid()}\n")
+    return {"step": request.step_id}

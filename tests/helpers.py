@@ -1,0 +1,70 @@
+"""Helpers for engine tests: deploy, start and work instances in-process against a real database."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from flowdb.agents.registry import AgentRegistry
+from flowdb.db.instances import StartRequest, deploy, start_instances
+from flowdb.db.tables import events, process_instances, step_instances
+from flowdb.definitions import CompiledDefinition, load_definition_file, parse_definition
+from flowdb.worker import Worker, WorkerOptions
+
+TESTS = Path(__file__).resolve().parent
+AGENTS_FILE = TESTS / "agents.yaml"
+
+
+def definition_from(text: str, name: str = "test.yaml") -> CompiledDefinition:
+    return parse_definition(text, name)
+
+
+def start(engine: Engine, definition: CompiledDefinition | str | Path, inputs: dict[str, Any] | None = None,
+          count: int = 1) -> list[int]:
+    if isinstance(definition, str) and "\n" in definition:
+        definition = definition_from(definition)
+    elif not isinstance(definition, CompiledDefinition):
+        definition = load_definition_file(definition)
+    with engine.begin() as conn:
+        deployed = deploy(conn, definition)
+        started = start_instances(conn, deployed.id, deployed.version, definition,
+                                  [StartRequest(dict(inputs or {})) for _ in range(count)])
+    return [instance_id for instance_id, _ in started]
+
+
+def work(engine: Engine, agents_file: Path = AGENTS_FILE, *, timeout: float = 60.0,
+         lease_seconds: float = 30.0, **options: Any) -> Worker:
+    """Run one in-process worker until no instance is running (or timeout)."""
+    agents = AgentRegistry.from_file(agents_file)
+    worker = Worker(engine, agents, WorkerOptions(lease_seconds=lease_seconds, poll_seconds=0.05, **options))
+
+    def all_done() -> bool:
+        with engine.connect() as conn:
+            return conn.execute(select(process_instances.c.id)
+                                .where(process_instances.c.status == "running").limit(1)).first() is None
+
+    async def go() -> None:
+        await asyncio.wait_for(worker.run(until=all_done), timeout)
+
+    asyncio.run(go())
+    return worker
+
+
+def instance(engine: Engine, instance_id: int) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(select(process_instances).where(process_instances.c.id == instance_id)).one()
+
+
+def steps(engine: Engine, instance_id: int) -> dict[str, Any]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(step_instances).where(step_instances.c.instance_id == instance_id)).all()
+    return {row.step_id: row for row in rows}
+
+
+def event_types(engine: Engine, instance_id: int) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(events.c.type).where(events.c.instance_id == instance_id)
+                                 .order_by(events.c.id)).scalars())

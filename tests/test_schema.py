@@ -1,0 +1,66 @@
+"""Migrations upgrade and downgrade on both databases, match the tables module, and keep the claim indexed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from conftest import Database
+from flowdb.db import migrate
+from flowdb.db.claims import ClaimStatements
+from flowdb.db.tables import metadata
+
+TABLES = {"process_definitions", "process_instances", "step_instances", "step_edges", "events"}
+
+
+def test_migrations_downgrade_and_upgrade_again(db: Database) -> None:
+    assert migrate.current_revision(db.engine) == migrate.head_revision()
+    migrate.downgrade(db.engine, "base")
+    assert TABLES.isdisjoint(inspect(db.engine).get_table_names())
+    migrate.upgrade(db.engine)
+    assert TABLES <= set(inspect(db.engine).get_table_names())
+
+
+def test_migrated_schema_matches_the_tables_module(db: Database) -> None:
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
+
+
+def _plan(db: Database, statement: Any, values: dict[str, Any]) -> str:
+    """The database's plan for a Core statement with these parameter values."""
+    compiled = statement.compile(dialect=db.engine.dialect)
+    params = compiled.construct_params(values)
+    with db.engine.begin() as conn:
+        if db.kind == "sqlite":
+            positional = tuple(params[name] for name in compiled.positiontup)
+            rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(compiled), positional).all()
+            return "\n".join(str(r[-1]) for r in rows)
+        rows = conn.exec_driver_sql("EXPLAIN " + str(compiled), params).all()
+        return "\n".join(r[0] for r in rows)
+
+
+def test_claim_uses_the_claimable_index_even_after_analyze(db: Database) -> None:
+    # 20,000 finished rows and a few ready ones: a table scan would be the planner's mistake.
+    with db.engine.begin() as conn:
+        conn.execute(text("INSERT INTO process_definitions (id, name, version, content_hash, source, parsed, "
+                          "created_at) VALUES (1, 'p', 1, 'h', 's', '{}', CURRENT_TIMESTAMP)"))
+        conn.execute(text("INSERT INTO process_instances (id, definition_id, process_name, version, status, "
+                          "inputs, open_steps, created_at) VALUES (1, 1, 'p', 1, 'completed', '{}', 0, "
+                          "CURRENT_TIMESTAMP)"))
+        rows = [{"sid": f"s{n}", "st": "completed" if n > 5 else "ready", "ca": None if n > 5 else "2026-01-01"}
+                for n in range(20_000)]
+        conn.execute(text("INSERT INTO step_instances (instance_id, definition_id, step_id, type, status, "
+                          "created_at, claimable_at) VALUES (1, 1, :sid, 'agent_task', :st, "
+                          "CURRENT_TIMESTAMP, CAST(:ca AS TIMESTAMP))"), rows)
+        conn.exec_driver_sql("ANALYZE")
+    claim = ClaimStatements(db.engine.dialect.name).claim
+    plan = _plan(db, claim, {"n": 5, "owner": "w", "token": "t", "lease_seconds": 30})
+    assert "ix_step_instances_claimable" in plan, plan
+    if db.kind == "sqlite":
+        assert "SCAN step_instances" not in plan, plan
+    else:
+        assert "Seq Scan on step_instances" not in plan, plan
