@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pytimeparse import parse as _parse
+from pytimeparse.timeparse import timeparse as _parse
 
 
 def parse_duration(text: str | int | float) -> float:

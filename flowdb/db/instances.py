@@ -224,4 +224,4 @@ def step_rows(conn: Connection, instance_id: int) -> list[Any]:
 
 
 def count_by_status(conn: Connection) -> dict[str, int]:
-    return dict(conn.execute(select(I.c.status, func.count()).group_by(I.c.status)).all())  # type: ignore[arg-type]
+    return {row[0]: row[1] for row in conn.execute(select(I.c.status, func.count()).group_by(I.c.status))}
