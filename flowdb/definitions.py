@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 import zoneinfo
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path as FsPath
@@ -20,11 +20,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from flowdb.errors import DefinitionError, Located
+from flowdb.expressions import ROOT_NAMES, Condition, References, Template, compile_condition, compile_template
 from flowdb.inputs import check_defaults
-from flowdb.expressions import Condition, References, Template, compile_condition, compile_template
 from flowdb.models import (
     COMMON_FIELDS,
-    STEP_TYPES,
     AgentTask,
     Document,
     Gateway,
@@ -35,7 +34,8 @@ from flowdb.models import (
     SubProcess,
     Timer,
 )
-from flowdb.yamlsafe import Path, Positions, load_yaml
+from flowdb.problems import Locator, kind_of, shown, sorted_problems, suggest
+from flowdb.yamlsafe import Path, load_yaml
 
 _HHMM = re.compile(r"^([01]?[0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?$")
 
@@ -113,26 +113,36 @@ def load_definition_file(path: str | FsPath) -> CompiledDefinition:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DefinitionError([Located(str(path), 1, 1, "file not found")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DefinitionError([Located(str(path), 1, 1, f"cannot read the file: {exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise DefinitionError([Located(str(path), 1, 1, f"the file is not UTF-8 text ({exc.reason} at byte "
+                                       f"{exc.start}); save it as UTF-8")]) from None
+    except OSError as exc:
+        raise DefinitionError([Located(str(path), 1, 1, f"cannot read the file: {exc.strerror or exc}")]) from None
     return parse_definition(text, str(path))
 
 
 def parse_definition(text: str, filename: str = "<definition>") -> CompiledDefinition:
     """Check a definition's text completely; raise DefinitionError listing every problem."""
     data, positions = load_yaml(text, filename)
-    locator = _Locator(filename, positions)
-    if not isinstance(data, dict) or "process" not in data:
-        raise DefinitionError([locator.at((), "expected a mapping with a top-level 'process:' key")])
-    data, moved = _merge_config(data, locator)
+    locator = Locator(filename, positions)
+    if data is None:
+        raise DefinitionError([Located(filename, 1, 1, "the file has no content; expected a 'process:' mapping")])
+    if not isinstance(data, dict):
+        raise DefinitionError([locator.at((), "expected a mapping with a top-level 'process:' key, "
+                                          f"not {kind_of(data)}")])
+    if "process" not in data:
+        hint = ("; indent name, steps and the other fields under 'process:'"
+                if {"name", "steps"} & set(data) else "")
+        raise DefinitionError([locator.at((), f"expected a top-level 'process:' key{hint}")])
+    data = _merge_config(data, locator)
     try:
         document = Document.model_validate(data)
     except ValidationError as exc:
-        raise DefinitionError(locator.pydantic(exc, moved, data)) from None
+        raise DefinitionError(locator.pydantic(exc, data)) from None
     problems: list[Located] = []
     compiled = _compile(document.process, locator, problems)
     if problems:
-        raise DefinitionError(sorted(problems, key=lambda p: (p.line, p.col)))
+        raise DefinitionError(sorted_problems(problems))
     canonical = dict(data["process"])
     canonical.pop("version", None)
     digest = hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
@@ -140,110 +150,11 @@ def parse_definition(text: str, filename: str = "<definition>") -> CompiledDefin
     return CompiledDefinition(document.process, text, digest, steps, edges, on_success, on_failure, filename)
 
 
-class _Locator:
-    """Turns a path in the document into FILE:LINE:COL (the nearest known ancestor if need be)."""
-
-    def __init__(self, filename: str, positions: Positions) -> None:
-        self.filename = filename
-        self.positions = positions
-
-    def at(self, path: Path, message: str) -> Located:
-        probe = tuple(path)
-        while probe and probe not in self.positions:
-            probe = probe[:-1]
-        line, col = self.positions.get(probe, (1, 1))
-        return Located(self.filename, line, col, message)
-
-    def pydantic(self, exc: ValidationError, moved: dict[Path, Path], data: Any) -> list[Located]:
-        found: list[Located] = []
-        for error in exc.errors():
-            loc = _strip_tags(tuple(error["loc"]))
-            path = moved.get(loc, loc)
-            if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
-                loc = path = (*path, "type")
-            found.append(self.at(path, _describe(error, loc, data)))
-        unique = {(p.line, p.col, p.message): p for p in found}
-        return sorted(unique.values(), key=lambda p: (p.line, p.col))
-
-
-def _strip_tags(loc: tuple[Any, ...]) -> Path:
-    """Drop pydantic's union-tag element (`steps, 0, 'agent_task', 'agent'` → `steps, 0, 'agent'`)."""
-    out: list[Any] = []
-    for index, part in enumerate(loc):
-        if part in STEP_TYPES and index >= 1 and isinstance(loc[index - 1], int):
-            continue
-        if isinstance(part, str) and part.startswith(("function-", "union[")):
-            continue
-        out.append(part)
-    return tuple(out)
-
-
-def _where(loc: Path, data: Any) -> str:
-    """'in step 'draft'' when the path is inside a step, else the dotted path."""
-    if len(loc) >= 3 and loc[:2] == ("process", "steps") and isinstance(loc[2], int):
-        try:
-            step_id = data["process"]["steps"][loc[2]].get("id")
-        except (KeyError, IndexError, TypeError, AttributeError):
-            step_id = None
-        label = f"step {step_id!r}" if step_id else f"step #{loc[2] + 1}"
-        rest = ".".join(str(p) for p in loc[3:-1])
-        return f"in {label}" + (f" ({rest})" if rest else "")
-    parent = ".".join(str(p) for p in loc[:-1])
-    return f"in '{parent}'" if parent else "at the top level"
-
-
-def _allowed_fields(loc: Path, data: Any) -> list[str]:
-    from flowdb import models
-
-    if len(loc) == 4 and loc[:2] == ("process", "steps"):
-        try:
-            step_type = data["process"]["steps"][loc[2]].get("type")
-        except (KeyError, IndexError, TypeError, AttributeError):
-            return []
-        cls = {"agent_task": AgentTask, "human_approval": HumanApproval, "gateway": Gateway,
-               "timer": Timer, "sub_process": SubProcess, "notification": Notification}.get(step_type)
-        return sorted(cls.model_fields) if cls else []
-    owners = {("process",): models.Process, (): models.Document}
-    cls2 = owners.get(loc[:-1])
-    if cls2 is None and len(loc) >= 2 and loc[-2] == "retry":
-        cls2 = models.RetryPolicy
-    return sorted(cls2.model_fields) if cls2 else []
-
-
-def _describe(error: Any, loc: Path, data: Any) -> str:
-    kind = error["type"]
-    name = str(loc[-1]) if loc else "document"
-    where = _where(loc, data)
-    if kind == "extra_forbidden":
-        allowed = _allowed_fields(loc, data)
-        hint = f"; expected one of: {', '.join(allowed)}" if allowed else ""
-        return f"unknown field {name!r} {where}{_suggest(name, allowed)}{hint}"
-    if kind == "missing":
-        return f"missing required field {name!r} {where}"
-    if kind == "union_tag_invalid":
-        tag = error.get("ctx", {}).get("tag")
-        return f"unknown step type {tag!r}{_suggest(str(tag), STEP_TYPES)}; expected one of: {', '.join(STEP_TYPES)}"
-    if kind == "union_tag_not_found":
-        loc = loc[:-1]
-        where = _where(loc + ("type",), data)
-        return f"missing required field 'type' {where}; expected one of: {', '.join(STEP_TYPES)}"
-    if kind == "string_pattern_mismatch":
-        if name == "id":
-            return f"step id {error['input']!r} is not allowed; use letters, digits, '-' and '_'"
-        return f"{name} {error['input']!r} is not allowed; use lowercase letters, digits, '-' and '_'"
-    if kind == "literal_error":
-        return f"{name} {error['input']!r} is not allowed {where}; expected {error['ctx']['expected']}"
-    message = str(error["msg"])
-    message = message.removeprefix("Value error, ")
-    return f"{name} {where}: {message}"
-
-
-def _merge_config(data: dict[str, Any], locator: _Locator) -> tuple[dict[str, Any], dict[Path, Path]]:
+def _merge_config(data: dict[str, Any], locator: Locator) -> dict[str, Any]:
     """Move each step's `config:` fields onto the step; refuse a field given in both places."""
-    moved: dict[Path, Path] = {}
     process = data.get("process")
     if not isinstance(process, dict) or not isinstance(process.get("steps"), list):
-        return data, moved
+        return data
     problems: list[Located] = []
     steps = []
     for index, step in enumerate(process["steps"]):
@@ -253,7 +164,8 @@ def _merge_config(data: dict[str, Any], locator: _Locator) -> tuple[dict[str, An
         config = step["config"]
         base: Path = ("process", "steps", index)
         if not isinstance(config, dict):
-            problems.append(locator.at((*base, "config"), "'config' must be a mapping of the step type's fields"))
+            problems.append(locator.value((*base, "config"), "'config' must be a mapping of the step type's "
+                                          f"fields, got {shown(config)}"))
             continue
         merged = {k: v for k, v in step.items() if k != "config"}
         for key, value in config.items():
@@ -261,27 +173,28 @@ def _merge_config(data: dict[str, Any], locator: _Locator) -> tuple[dict[str, An
                 problems.append(locator.at((*base, "config", key),
                                            f"{key!r} belongs on the step itself, not under 'config:'"))
             elif key in merged:
-                problems.append(locator.at((*base, "config", key),
-                                           f"{key!r} is given both on the step and under 'config:'; keep one"))
+                problems.append(locator.at((*base, "config", key), f"{key!r} is given both on the step (line "
+                                           f"{locator.line_of((*base, key))}) and under 'config:'; keep one"))
             else:
                 merged[key] = value
-                moved[(*base, key)] = (*base, "config", key)
+                locator.moved[(*base, key)] = (*base, "config", key)
         steps.append(merged)
     if problems:
-        raise DefinitionError(problems)
-    return {**data, "process": {**process, "steps": steps}}, moved
+        raise DefinitionError(sorted_problems(problems))
+    return {**data, "process": {**process, "steps": steps}}
 
 
 def _compile(
-    process: Process, locator: _Locator, problems: list[Located]
+    process: Process, locator: Locator, problems: list[Located]
 ) -> tuple[dict[str, CompiledStep], list[Edge], list[tuple[str, Template]], list[tuple[str, Template]]]:
     step_path: dict[str, Path] = {}
     steps: dict[str, CompiledStep] = {}
     for index, model in enumerate(process.steps):
         path: Path = ("process", "steps", index)
         if model.id in steps:
-            first = locator.at(step_path[model.id], "").line
-            problems.append(locator.at((*path, "id"), f"duplicate step id {model.id!r} (first used at line {first})"))
+            first = locator.line_of(step_path[model.id])
+            problems.append(locator.value((*path, "id"), f"duplicate step id {model.id!r} (first used at line "
+                                          f"{first}); give each step its own id"))
             continue
         step_path[model.id] = path
         at = locator.at(path, "")
@@ -294,41 +207,25 @@ def _compile(
         for i, parent in enumerate(step.model.depends_on):
             where = (*path, "depends_on", i)
             if parent == sid:
-                problems.append(locator.at(where, f"step {sid!r} depends on itself"))
+                problems.append(locator.value(where, f"step {sid!r} depends on itself; remove {sid!r} "
+                                              "from its depends_on"))
             elif parent not in steps:
-                problems.append(locator.at(where, f"step {sid!r} depends on unknown step {parent!r}"
-                                           f"{_suggest(parent, steps)}"))
+                problems.append(locator.value(where, f"step {sid!r} depends on unknown step {parent!r}"
+                                              f"{suggest(parent, steps)}; known steps: {', '.join(steps)}"))
             elif parent in seen:
-                problems.append(locator.at(where, f"step {sid!r} lists {parent!r} twice in depends_on"))
+                problems.append(locator.value(where, f"step {sid!r} lists {parent!r} twice in depends_on"))
             else:
                 seen.add(parent)
                 edges.append(Edge(parent, sid, "dependency"))
         if isinstance(step.model, Gateway):
-            targets: set[str] = set()
-            for i, route in enumerate(step.model.routes):
-                where = (*path, "routes", i, "next")
-                if route.next == sid:
-                    problems.append(locator.at(where, f"gateway {sid!r} routes to itself"))
-                elif route.next not in steps:
-                    problems.append(locator.at(where, f"gateway {sid!r} routes to unknown step {route.next!r}"
-                                               f"{_suggest(route.next, steps)}"))
-                elif route.next in targets:
-                    problems.append(locator.at(where, f"gateway {sid!r} routes to {route.next!r} twice"))
-                elif route.next in seen or Edge(route.next, sid, "dependency") in edges:
-                    problems.append(locator.at(where, f"gateway {sid!r} routes to {route.next!r}, "
-                                               "which it also depends on"))
-                else:
-                    targets.add(route.next)
-                    edges.append(Edge(sid, route.next, "route"))
+            _gateway_edges(sid, step.model, path, steps, seen, edges, locator, problems)
     for edge in edges:
         steps[edge.to_step].parents.append(edge.from_step)
         steps[edge.from_step].children.append(edge.to_step)
 
     cycle = _find_cycle(steps)
     if cycle:
-        problems.append(locator.at((*step_path[cycle[0]], "depends_on"),
-                                   "steps form a cycle: " + " -> ".join([*cycle, cycle[0]]) +
-                                   "; remove one of these dependencies"))
+        problems.append(_cycle_problem(cycle, step_path, steps, locator))
         return steps, edges, [], []
 
     for sid, step in steps.items():
@@ -336,7 +233,7 @@ def _compile(
         _compile_step(step, step_path[sid], process, steps, locator, problems)
 
     for name, problem in check_defaults(process.inputs):
-        problems.append(locator.at(("process", "inputs", name, "default"), problem))
+        problems.append(locator.value(("process", "inputs", name, "default"), problem))
 
     def actions(kind: str) -> list[tuple[str, Template]]:
         out = []
@@ -351,8 +248,52 @@ def _compile(
     return steps, edges, actions("on_success"), actions("on_failure")
 
 
+def _gateway_edges(sid: str, model: Gateway, path: Path, steps: dict[str, CompiledStep], seen: set[str],
+                   edges: list[Edge], locator: Locator, problems: list[Located]) -> None:
+    targets: set[str] = set()
+    defaults = 0
+    for i, route in enumerate(model.routes):
+        where = (*path, "routes", i, "next")
+        if route.default:
+            defaults += 1
+            if defaults == 2:
+                problems.append(locator.at((*path, "routes", i, "default"),
+                                           f"gateway {sid!r} has more than one default route; keep one"))
+        if route.next == sid:
+            problems.append(locator.value(where, f"gateway {sid!r} routes to itself"))
+        elif route.next not in steps:
+            problems.append(locator.value(where, f"gateway {sid!r} routes to unknown step {route.next!r}"
+                                          f"{suggest(route.next, steps)}; known steps: {', '.join(steps)}"))
+        elif route.next in targets:
+            problems.append(locator.value(where, f"gateway {sid!r} routes to {route.next!r} twice"))
+        elif route.next in seen or Edge(route.next, sid, "dependency") in edges:
+            problems.append(locator.value(where, f"gateway {sid!r} routes to {route.next!r}, which it also "
+                                          "depends on"))
+        else:
+            targets.add(route.next)
+            edges.append(Edge(sid, route.next, "route"))
+
+
+def _cycle_problem(cycle: list[str], step_path: dict[str, Path], steps: dict[str, CompiledStep],
+                   locator: Locator) -> Located:
+    """Report a cycle where it closes: the depends_on entry (or route) from its last step to its first."""
+    first, last = cycle[0], cycle[-1]
+    where: Path = (*step_path[first], "depends_on")
+    model = steps[first].model
+    if last in model.depends_on:
+        where = (*where, model.depends_on.index(last))
+    else:
+        gateway = steps[last].model
+        for i, route in enumerate(getattr(gateway, "routes", [])):
+            if route.next == first:
+                where = (*step_path[last], "routes", i, "next")
+    chain = " -> ".join([*cycle, first])
+    return locator.value(where, f"steps form a cycle: {chain} (each runs after the one before it); "
+                         "remove one of these dependencies")
+
+
 def _compile_step(step: CompiledStep, path: Path, process: Process, steps: dict[str, CompiledStep],
-                  locator: _Locator, problems: list[Located]) -> None:
+                  locator: Locator, problems: list[Located]) -> None:
     model = step.model
     sid = step.id
 
@@ -391,6 +332,7 @@ def _compile_step(step: CompiledStep, path: Path, process: Process, steps: dict[
                     step.templates[f"inputs.{key}"] = template
     if isinstance(model, Gateway):
         # A route's condition reads what the gateway can see: the gateway's own upstream.
+        # Without a default route, when no route matches every target is skipped.
         for i, route in enumerate(model.routes):
             where = (*path, "routes", i, "condition")
             compiled = None
@@ -399,64 +341,77 @@ def _compile_step(step: CompiledStep, path: Path, process: Process, steps: dict[
                 if compiled is not None:
                     _check_refs(compiled.refs, where, sid, step.upstream, process, steps, locator, problems)
             step.route_conditions.append(compiled)
-        if model.gateway_type == "exclusive" and not any(r.default for r in model.routes):
-            pass  # no default: when no route matches, every target is skipped
     if isinstance(model, Timer):
         _check_timer(model, path, locator, problems)
 
 
-def _check_timer(model: Timer, path: Path, locator: _Locator, problems: list[Located]) -> None:
+def _check_timer(model: Timer, path: Path, locator: Locator, problems: list[Located]) -> None:
     given = [name for name in ("duration", "wait_until", "until") if getattr(model, name) is not None]
-    if len(given) != 1:
-        problems.append(locator.at(path, f"timer {model.id!r} needs exactly one of duration, wait_until, until"
-                                   + (f" (got {', '.join(given)})" if given else "")))
+    if not given:
+        problems.append(locator.at(path, f"timer {model.id!r} needs one of duration, wait_until, until"))
+    elif len(given) > 1:
+        problems.append(locator.at((*path, given[1]), f"timer {model.id!r} needs exactly one of duration, "
+                                   f"wait_until, until (got {', '.join(given)}); keep one"))
     if model.timezone is not None:
         try:
             zoneinfo.ZoneInfo(model.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            problems.append(locator.at((*path, "timezone"), f"unknown time zone {model.timezone!r}; "
-                                       "use an IANA name such as Europe/Paris or America/New_York"))
+            problems.append(locator.value((*path, "timezone"), f"unknown time zone {model.timezone!r}"
+                                          f"{suggest(model.timezone, _zones())}; use an IANA name such as "
+                                          "Europe/Paris or America/New_York"))
     if model.wait_until is not None and not _HHMM.match(model.wait_until):
-        problems.append(locator.at((*path, "wait_until"), f"wait_until {model.wait_until!r} is not a time "
-                                   "of day; write it as HH:MM or HH:MM:SS (24-hour)"))
+        problems.append(locator.value((*path, "wait_until"), f"wait_until {model.wait_until!r} is not a time "
+                                      "of day; write it as HH:MM or HH:MM:SS (24-hour), in quotes"))
     if model.until is not None:
         try:
             datetime.fromisoformat(model.until)
         except ValueError:
-            problems.append(locator.at((*path, "until"), f"until {model.until!r} is not an ISO 8601 date-time "
-                                       "such as 2026-12-01T09:30:00+01:00"))
+            problems.append(locator.value((*path, "until"), f"until {model.until!r} is not an ISO 8601 "
+                                          "date-time such as 2026-12-01T09:30:00+01:00"))
 
 
-def _template(value: str, where: Path, locator: _Locator, problems: list[Located]) -> Template | None:
+def _zones() -> set[str]:
+    try:
+        return zoneinfo.available_timezones()
+    except (OSError, ValueError):  # no tz database to list: no suggestion
+        return set()
+
+
+def _template(value: str, where: Path, locator: Locator, problems: list[Located]) -> Template | None:
     try:
         return compile_template(value)
     except ValueError as exc:
-        problems.append(locator.at(where, str(exc)))
+        problems.append(locator.value(where, str(exc)))
         return None
 
 
-def _condition(value: str, where: Path, locator: _Locator, problems: list[Located]) -> Condition | None:
+def _condition(value: str, where: Path, locator: Locator, problems: list[Located]) -> Condition | None:
     try:
         return compile_condition(value)
     except ValueError as exc:
-        problems.append(locator.at(where, str(exc)))
+        problems.append(locator.value(where, str(exc)))
         return None
 
 
 def _check_refs(refs: References, where: Path, sid: str | None, upstream: frozenset[str], process: Process,
-                steps: dict[str, CompiledStep], locator: _Locator, problems: list[Located]) -> None:
+                steps: dict[str, CompiledStep], locator: Locator, problems: list[Located]) -> None:
     for root in sorted(refs.unknown_roots):
-        problems.append(locator.at(where, f"unknown name {root!r} in template; "
-                                   "templates can use inputs, steps and process"))
+        problems.append(locator.value(where, f"unknown name {root!r} in template"
+                                      f"{suggest(root, ROOT_NAMES)}; templates can use inputs, steps and "
+                                      "process"))
     for name in sorted(refs.inputs - set(process.inputs)):
         declared = ", ".join(sorted(process.inputs)) or "none are declared"
-        problems.append(locator.at(where, f"template uses unknown input {name!r} (declared inputs: {declared})"))
+        problems.append(locator.value(where, f"template uses unknown input {name!r}"
+                                      f"{suggest(name, process.inputs)} (declared inputs: {declared})"))
     for ref in sorted(refs.steps):
         if ref not in steps:
-            problems.append(locator.at(where, f"template uses unknown step {ref!r}{_suggest(ref, steps)}"))
+            problems.append(locator.value(where, f"template uses unknown step {ref!r}{suggest(ref, steps)}"))
+        elif ref == sid:
+            problems.append(locator.value(where, f"step {sid!r} uses its own steps.{ref}, which has no value "
+                                          "before the step has run; use an earlier step's output"))
         elif sid is not None and ref not in upstream:
-            problems.append(locator.at(where, f"step {sid!r} uses steps.{ref} but does not run after it; "
-                                       f"add {ref!r} to its depends_on"))
+            problems.append(locator.value(where, f"step {sid!r} uses steps.{ref} but does not run after it; "
+                                          f"add {ref!r} to its depends_on"))
 
 
 def _ancestors(sid: str, steps: dict[str, CompiledStep]) -> set[str]:
@@ -495,13 +450,6 @@ def _find_cycle(steps: dict[str, CompiledStep]) -> list[str] | None:
             if found:
                 return found
     return None
-
-
-def _suggest(name: str, known: Iterable[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def iter_step_models(process: Process) -> Iterator[Step]:

@@ -51,18 +51,20 @@ ROOT_NAMES = frozenset({"inputs", "steps", "process"})
 def _references(ast: nodes.Node) -> References:
     inputs: set[str] = set()
     steps: set[str] = set()
-    roots: set[str] = set()
     dynamic = False
-    for name in ast.find_all(nodes.Name):
-        if name.ctx == "load":
-            roots.add(name.name)
+    # Names a template sets itself ({% for x in ... %}, {% set x = ... %}) and Jinja's globals
+    # (range, dict, ...) are not references to the instance's data.
+    own = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    if any(True for _ in ast.find_all(nodes.For)):
+        own.add("loop")
+    roots = {n.name for n in ast.find_all(nodes.Name) if n.ctx == "load"} - own - set(_ENV.globals)
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
-        base = node.node
+        base = node.node  # type: ignore[attr-defined]
         if not (isinstance(base, nodes.Name) and base.name in {"steps", "inputs"}):
             continue
         if isinstance(node, nodes.Getattr):
             key: Any = node.attr
-        elif isinstance(node.arg, nodes.Const):
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
             key = node.arg.value
         else:
             dynamic = dynamic or base.name == "steps"
@@ -77,7 +79,7 @@ def _references(ast: nodes.Node) -> References:
 
 def _names_not_subscripted(ast: nodes.Node) -> list[nodes.Name]:
     """Names used as a whole (e.g. `steps | list`), not as the base of `.x` or `['x']`."""
-    based = {id(n.node) for n in ast.find_all((nodes.Getattr, nodes.Getitem))}
+    based = {id(n.node) for n in ast.find_all((nodes.Getattr, nodes.Getitem))}  # type: ignore[attr-defined]
     return [n for n in ast.find_all(nodes.Name) if id(n) not in based]
 
 
@@ -124,8 +126,13 @@ def compile_template(source: str) -> Template:
         ast = _ENV.parse(source)
         compiled = _ENV.from_string(source)
     except TemplateSyntaxError as exc:
-        raise ValueError(f"template does not parse: {exc.message}") from None
+        raise ValueError(f"template does not parse: {_syntax_reason(exc)}; write values as "
+                         "{{ inputs.NAME }} or {{ steps.ID.output }}, each '{{' closed by '}}'") from None
     return Template(source, _references(ast), compiled)
+
+
+def _syntax_reason(exc: TemplateSyntaxError) -> str:
+    return (exc.message or "syntax error").rstrip(".")
 
 
 def condition_expression(source: str) -> str:
@@ -136,7 +143,8 @@ def condition_expression(source: str) -> str:
 def compile_condition(source: str) -> Condition:
     """Compile a condition; raise ValueError with the reason when it is not one expression."""
     if "{%" in source or "{#" in source:
-        raise ValueError("a condition is one expression; {% %} and {# #} blocks are not allowed")
+        raise ValueError("a condition is one expression; {% %} and {# #} blocks are not allowed, "
+                         "write it like {{ steps.ID.output.ok }} == true")
     expression = condition_expression(source)
     if not expression:
         raise ValueError("the condition is empty")
@@ -144,7 +152,8 @@ def compile_condition(source: str) -> Condition:
         ast = _ENV.parse("{{ " + expression + " }}")
         compiled = _ENV.compile_expression(expression, undefined_to_none=False)
     except TemplateSyntaxError as exc:
-        raise ValueError(f"condition {expression!r} is not a valid expression: {exc.message}") from None
+        raise ValueError(f"condition is not a valid expression ({_syntax_reason(exc)}); write one expression "
+                         "such as {{ steps.ID.output.score }} >= 80 or {{ inputs.NAME }} == 'yes'") from None
     return Condition(source, expression, _references(ast), compiled)
 
 

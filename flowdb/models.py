@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from flowdb.durations import parse_duration
 
@@ -99,11 +99,14 @@ class HumanApproval(StepBase):
     title: str | None = None
     instructions: str | None = None
 
-    @model_validator(mode="after")
-    def _quorum(self) -> HumanApproval:
-        if self.quorum > len(self.approvers):
-            raise ValueError(f"quorum {self.quorum} is more than the {len(self.approvers)} approvers listed")
-        return self
+    @field_validator("quorum")
+    @classmethod
+    def _quorum(cls, value: int, info: ValidationInfo) -> int:
+        approvers = info.data.get("approvers")  # absent when approvers itself is invalid
+        if approvers is not None and value > len(approvers):
+            raise ValueError(f"{value} is more than the {len(approvers)} approvers listed; "
+                             "lower the quorum or list more approvers")
+        return value
 
 
 class Route(Strict):
@@ -121,13 +124,7 @@ class Route(Strict):
 class Gateway(StepBase):
     type: Literal["gateway"]
     gateway_type: Literal["exclusive", "parallel", "inclusive"]
-    routes: list[Route] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _defaults(self) -> Gateway:
-        if sum(route.default for route in self.routes) > 1:
-            raise ValueError("a gateway has at most one default route")
-        return self
+    routes: list[Route] = Field(min_length=1)  # at most one default: checked in definitions.py
 
 
 class Timer(StepBase):
