@@ -67,7 +67,8 @@ def _article(kind: str) -> str:
     return "an" if kind[0] in "aeiou" else "a"
 
 
-def validate_inputs(declared: dict[str, InputSpec], given: dict[str, Any], *, from_text: bool = False) -> dict[str, Any]:
+def validate_inputs(declared: dict[str, InputSpec], given: dict[str, Any], *,
+                    from_text: bool = False) -> dict[str, Any]:
     """The instance's inputs: defaults filled in, types checked; InputError names every problem."""
     problems = []
     unknown = sorted(set(given) - set(declared))

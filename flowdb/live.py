@@ -54,7 +54,7 @@ class LiveView:
             if outcome.error:
                 line += f"  ({outcome.error})"
             click.echo(line)
-        for instance_id, level, message in progress.action_logs:
+        for _, level, message in progress.action_logs:
             click.echo(f"  [{level}] {message}")
         for instance_id, status in progress.finished_instances:
             if instance_id == self.instance_id:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from conftest import EXAMPLES, Database, flowdb_cli
 from flowdb.db.tables import process_definitions, process_instances, step_instances
+
+from conftest import EXAMPLES, Database, flowdb_cli
 
 TYPED = """process:
   name: typed

@@ -8,10 +8,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from conftest import Database
 from flowdb.db import migrate
 from flowdb.db.claims import ClaimStatements
 from flowdb.db.tables import metadata
+
+from conftest import Database
 
 TABLES = {"process_definitions", "process_instances", "step_instances", "step_edges", "events"}
 

@@ -71,7 +71,8 @@ class AgentRegistry:
     def get(self, name: str) -> AgentBackend:
         backend = self._backends.get(name)
         if backend is None:
-            where = f"in {self.source}" if self.source else "(no agents file was given: use --agents FILE or FLOWDB_AGENTS)"
+            where = (f"in {self.source}" if self.source
+                     else "(no agents file was given: use --agents FILE or FLOWDB_AGENTS)")
             known = f"; known agents: {', '.join(self.names())}" if self._backends else ""
             raise StepFailure(f"unknown agent {name!r} {where}{known}", retryable=False)
         return backend

@@ -15,7 +15,7 @@ from flowdb.errors import DefinitionConflict, IdempotencyConflict, NotFound
 from flowdb.inputs import validate_inputs
 from flowdb.models import DEFAULT_RETRY, AgentTask
 
-D, I, S, E = process_definitions, process_instances, step_instances, step_edges
+D, I, S, E = process_definitions, process_instances, step_instances, step_edges  # noqa: E741
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ HANDLERS: dict[str, StepHandler] = {
 def check_runnable(definition: CompiledDefinition) -> None:
     """Refuse a definition with a step type this flowdb cannot run yet (before anything is written)."""
     problems = [
-        Located(definition.filename, *step.position, f"step {sid!r} has type {step.type!r}, which this version of flowdb "
-                f"cannot run yet (it runs: {', '.join(sorted(HANDLERS))})")
+        Located(definition.filename, *step.position,
+                f"step {sid!r} has type {step.type!r}, which this version of flowdb cannot run yet "
+                f"(it runs: {', '.join(sorted(HANDLERS))})")
         for sid, step in definition.steps.items() if step.type not in HANDLERS
     ]
     if problems:
