@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -212,7 +213,10 @@ def _read_inputs_file(path: str) -> list[StartRequest]:
 @agents_option
 @click.option("--concurrency", type=int, default=None, help="Handlers in flight at once (default 64).")
 @click.option("--batch", type=int, default=None, help="Steps claimed per query (default 32).")
-def worker(db_url: str | None, agents_file: str | None, concurrency: int | None, batch: int | None) -> None:
+@click.option("--grace", type=click.FloatRange(min=0), default=None,
+              help="Seconds a stopping worker lets running steps finish before releasing them (default 10).")
+def worker(db_url: str | None, agents_file: str | None, concurrency: int | None, batch: int | None,
+           grace: float | None) -> None:
     """Claim and run ready steps until stopped (SIGTERM/SIGINT finishes or releases held steps)."""
     logging.getLogger().setLevel(logging.INFO)
     settings = load_settings(database_url=db_url)
@@ -222,17 +226,28 @@ def worker(db_url: str | None, agents_file: str | None, concurrency: int | None,
                             redis_url=settings.redis_url, batch=batch or settings.claim_batch)
     if concurrency:
         options.concurrency = concurrency
+    if grace is not None:
+        options.grace_seconds = grace
     runner = Worker(engine, agents, options)
-    logging.getLogger("flowdb.worker").info("worker %s started on %s", options.name, engine.url.render_as_string())
+    log = logging.getLogger("flowdb.worker")
+    log.info("worker %s started on %s", options.name, engine.url.render_as_string())
 
     async def main_loop() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runner.stop)
         await runner.run()
+        if runner.abandoned:
+            # Their steps are released, but a handler blocked in a thread (a plain-function agent)
+            # cannot be interrupted, and asyncio.run and the interpreter would wait for it at exit.
+            log.info("worker %s stopped (abandoned %d running handler(s))", options.name, runner.abandoned)
+            engine.dispose()
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(0)
 
     asyncio.run(main_loop())
-    logging.getLogger("flowdb.worker").info("worker %s stopped", options.name)
+    log.info("worker %s stopped", options.name)
 
 
 @main.command()

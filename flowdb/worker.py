@@ -66,6 +66,7 @@ class Worker:
         self.done: list[Outcome] = []
         self.stopping = False
         self.finished: list[tuple[int, str]] = []
+        self.abandoned = 0  # handlers still running when shutdown released their steps
         self._conn: Connection | None = None
         self._nudge: asyncio.Event | None = None
         self._waker: Waker | None = None
@@ -242,6 +243,7 @@ class Worker:
         tasks = [task for _, task in self.inflight.values() if task is not None and not task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=self.options.grace_seconds)
+            self.abandoned = sum(not task.done() for task in tasks)
         if self.done:
             await self._flush()
         leftover = [item for item, task in self.inflight.values()]

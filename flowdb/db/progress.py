@@ -23,7 +23,7 @@ from flowdb.expressions import StepView, TemplateError
 from flowdb.outcomes import Outcome
 
 log = logging.getLogger("flowdb.progress")
-S, I, E = step_instances, process_instances, step_edges
+S, I, E = step_instances, process_instances, step_edges  # noqa: E741
 OPEN = "('pending', 'ready', 'running', 'waiting')"
 
 
