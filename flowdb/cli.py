@@ -40,7 +40,7 @@ def open_database(db_url: str | None, *, migrate_sqlite: bool = True) -> Engine:
     engine = make_engine(settings.database_url)
     if engine.dialect.name == "sqlite" and migrate_sqlite:
         migrate.ensure_current(engine)  # the embedded default migrates itself on first use
-    elif migrate.current_revision(engine) != migrate.head_revision():
+    elif migrate.current_revision(engine) != migrate.HEAD:
         raise FlowdbError(f"the database at {engine.url.render_as_string()} is not at the current schema; "
                           "run: flowdb db upgrade --db URL")
     return engine

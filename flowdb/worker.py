@@ -14,6 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -80,6 +81,10 @@ class Worker:
 
     async def run(self, until: Callable[[], bool] | None = None) -> None:
         self._nudge = asyncio.Event()
+        # Plain-function agents run in threads: give every handler slot one (asyncio's default
+        # pool has min(32, cpus + 4) threads, which would cap a 2-core worker at 6 agent calls).
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="flowdb-agent"))
         if self.options.redis_url:
             self._waker = Waker(self.options.redis_url, self._nudge.set)
             self._waker.start()
@@ -200,7 +205,7 @@ class Worker:
         outcomes, self.done = self.done, []
         definitions: dict[int, CompiledDefinition] = {}
         for outcome in outcomes:
-            definition = self.definitions.get(self._conn_or_new(), outcome.step.definition_id)
+            definition = self.definitions.cached(outcome.step.definition_id)  # loaded when claimed
             definitions[outcome.step.definition_id] = definition
             if outcome.kind == "failed" and outcome.retryable:
                 model = definition.steps[outcome.step.step_id].model
@@ -218,11 +223,6 @@ class Worker:
         self.listener("progress", (outcomes, progress))
         if progress.made_ready and self._waker is not None:
             await self._waker.publish()
-
-    def _conn_or_new(self) -> Connection:
-        if self._conn is None:
-            self._conn = self.engine.connect()
-        return self._conn
 
     def _heartbeat(self) -> None:
         held = [item for item, task in self.inflight.values() if task is not None and not task.done()]

@@ -18,7 +18,8 @@ TABLES = {"process_definitions", "process_instances", "step_instances", "step_ed
 
 
 def test_migrations_downgrade_and_upgrade_again(db: Database) -> None:
-    assert migrate.current_revision(db.engine) == migrate.head_revision()
+    assert migrate.head_revision() == migrate.HEAD
+    assert migrate.current_revision(db.engine) == migrate.HEAD
     migrate.downgrade(db.engine, "base")
     assert TABLES.isdisjoint(inspect(db.engine).get_table_names())
     migrate.upgrade(db.engine)

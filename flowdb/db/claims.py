@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Update, bindparam, case, literal, literal_column, select, update
+from sqlalchemy import BindParameter, Connection, Update, bindparam, case, literal, literal_column, select, update
+from sqlalchemy.sql.elements import ColumnClause
 
 from flowdb.db.clock import Clock
 from flowdb.db.tables import CLAIMABLE, events, step_instances
 
 S = step_instances
-RUNNING = literal_column("'running'")
-READY = literal_column("'ready'")
+RUNNING: ColumnClause[str] = literal_column("'running'")
+READY: ColumnClause[str] = literal_column("'ready'")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ClaimStatements:
     def __init__(self, dialect_name: str, *, one_instance: bool = False) -> None:
         clock = Clock(dialect_name)
         self.clock = clock
-        lease = bindparam("lease_seconds")
+        lease: BindParameter[float] = bindparam("lease_seconds")
         due = (
             select(S.c.id)
             .where(literal_column(f"step_instances.status IN {CLAIMABLE}"), S.c.claimable_at <= clock.now)

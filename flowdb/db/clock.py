@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Engine, literal_column
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -19,7 +21,7 @@ class Clock:
         else:
             self.now = literal_column("statement_timestamp()")
 
-    def plus(self, seconds: ColumnElement[object]) -> ColumnElement[object]:
+    def plus(self, seconds: ColumnElement[Any]) -> ColumnElement[object]:
         """now + a number of seconds given as an SQL expression (a bound parameter, usually)."""
         if self.sqlite:
             from sqlalchemy import func

@@ -78,6 +78,10 @@ class DefinitionCache:
             self._by_id[definition_id] = found
         return found
 
+    def cached(self, definition_id: int) -> CompiledDefinition:
+        """A definition already loaded by get() (KeyError otherwise)."""
+        return self._by_id[definition_id]
+
     def put(self, definition_id: int, definition: CompiledDefinition) -> None:
         self._by_id[definition_id] = definition
 

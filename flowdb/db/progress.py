@@ -14,12 +14,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Update, bindparam, case, literal, literal_column, select, update
+from sqlalchemy import BindParameter, Connection, Update, bindparam, case, literal, literal_column, select, update
 
 from flowdb.db.clock import Clock
 from flowdb.db.tables import events, process_instances, step_edges, step_instances
 from flowdb.definitions import CompiledDefinition
-from flowdb.expressions import StepView, TemplateError
+from flowdb.errors import TemplateError
+from flowdb.expressions import StepView
 from flowdb.outcomes import Outcome
 
 log = logging.getLogger("flowdb.progress")
@@ -66,7 +67,8 @@ class ProgressStatements:
         self.park_timed: Update = update(S).where(*fenced).values(
             status=_lit("waiting"), input=bindparam("input"), claimable_at=clock.plus(bindparam("wake_in")),
             **release_lease)
-        instance_id, children = bindparam("iid"), bindparam("children", expanding=True)
+        instance_id: BindParameter[int] = bindparam("iid")
+        children: BindParameter[list[str]] = bindparam("children", expanding=True)
         settled = S.c.pending_parents - literal(1) == literal(0)
         completed_after = S.c.completed_parents + bindparam("taken")
         # One statement counts every child down and moves those with no pending parent left:
