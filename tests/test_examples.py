@@ -34,3 +34,24 @@ def test_run_uses_agents_yaml_beside_the_file(db: Database, tmp_path) -> None:  
         shutil.copy(EXAMPLES / name, tmp_path / name)
     result = flowdb_cli("run", "simple-report.yaml", env=db.cli_env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_run_finishes_when_another_worker_does_the_work(db: Database) -> None:
+    """`flowdb run` must notice its instance finished even when a worker elsewhere ran every step."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**db.cli_env(), "FLOWDB_POLL_SECONDS": "0.05"}
+    exe = str(Path(sys.executable).parent / "flowdb")
+    fleet = subprocess.Popen([exe, "worker", "--agents", str(EXAMPLES / "agents.yaml")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # the worker is up and polling
+        result = flowdb_cli("run", str(EXAMPLES / "multi-competitor-research.yaml"), env=env, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "completed" in result.stdout
+    finally:
+        fleet.terminate()
+        fleet.wait(timeout=30)
