@@ -108,3 +108,16 @@ def test_run_exits_1_when_the_instance_fails(db: Database, tmp_path: Path) -> No
 def test_start_of_an_unknown_process_says_what_is_deployed(db: Database) -> None:
     result = flowdb_cli("start", "nope", env=db.cli_env())
     assert result.returncode == 1 and "process nope is not deployed" in result.stderr
+
+
+def test_validate_with_agents_file_reports_unknown_agents(tmp_path: Path) -> None:
+    file = tmp_path / "p.yaml"
+    file.write_text("process:\n  name: p\n  steps:\n    - id: a\n      type: agent_task\n"
+                    "      agent: ghostwriter\n      message: hi\n")
+    agents = Path(__file__).parent / "agents.yaml"
+    result = flowdb_cli("validate", "--agents", str(agents), str(file))
+    assert result.returncode == 1
+    assert f"{file}:4:7: step 'a' uses agent 'ghostwriter'" in result.stderr
+    assert "noop" in result.stderr  # it lists the agents that do exist
+    fine = flowdb_cli("validate", "--agents", str(EXAMPLES / "agents.yaml"), str(EXAMPLES / "simple-report.yaml"))
+    assert fine.returncode == 0 and "ok" in fine.stdout

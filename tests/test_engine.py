@@ -177,3 +177,19 @@ process:
     assert (rows["wait"].finished_at - rows["wait"].created_at).total_seconds() >= 0.3
     types = event_types(db.engine, iid)
     assert "step.waiting" in types and "step.woken" in types
+
+
+def test_heartbeats_keep_the_lease_of_a_step_that_outlives_it(db: Database, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("FLOWDB_TEST_SLEEP", "1.5")
+    [iid] = start(db.engine, """
+process:
+  name: slow
+  steps:
+    - {id: a, type: agent_task, agent: sleepy, message: "x"}
+""")
+    # A 0.6 s lease for a 1.5 s handler: only heartbeats (every lease/3) keep another claim away.
+    work(db.engine, lease_seconds=0.6)
+    row = steps(db.engine, iid)["a"]
+    assert row.status == "completed" and row.attempt == 1
+    assert row.heartbeat_at > row.started_at
+    assert event_types(db.engine, iid).count("step.started") == 1
