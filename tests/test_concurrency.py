@@ -80,7 +80,6 @@ def test_concurrent_parents_make_each_join_ready_exactly_once(db: Database, tmp_
             workers[owner_of[r.step_instance_id]].add(r.payload["worker"])
     # (SQLite serializes writers, and the busy-waiting ones get the lock less often: fewer mixes.)
     mixed = sum(len(names) > 1 for names in workers.values())
-    # (SQLite serializes writers, so there a few mixed instances are enough to show the spread.)
     assert mixed >= (count // 4 if db.kind == "postgresql" else 1), mixed
 
 
