@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 import zoneinfo
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path as FsPath
@@ -30,7 +29,6 @@ from flowdb.models import (
     HumanApproval,
     Notification,
     Process,
-    Step,
     SubProcess,
     Timer,
 )
@@ -450,7 +448,3 @@ def _find_cycle(steps: dict[str, CompiledStep]) -> list[str] | None:
             if found:
                 return found
     return None
-
-
-def iter_step_models(process: Process) -> Iterator[Step]:
-    yield from process.steps

@@ -24,8 +24,6 @@ def _seconds(value: Any) -> float:
     return parse_duration(value)
 
 
-Duration = Annotated[float, Field(description="seconds")]
-
 
 class RetryPolicy(Strict):
     max_attempts: int = Field(default=3, ge=1, le=1000)

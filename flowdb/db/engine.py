@@ -7,7 +7,6 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 from flowdb.errors import FlowdbError
 
@@ -19,8 +18,6 @@ def normalize_url(url: str) -> str:
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
-    if url.startswith("sqlite:") and "+" not in url.split(":", 1)[0]:
-        return url
     return url
 
 
@@ -38,8 +35,8 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
 
 
 def _sqlite_engine(url: str) -> Engine:
-    # NullPool would reopen the file per transaction; a small pool of file connections is fine
-    # for SQLite, except for :memory: which is per connection and so useless to a worker fleet.
+    # A small pool of file connections suits SQLite; :memory: is per connection, so useless to a
+    # worker fleet and refused.
     if ":memory:" in url or url.rstrip("/") == "sqlite:":
         raise FlowdbError("an in-memory SQLite database cannot be shared; use sqlite:///FILE")
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
@@ -68,4 +65,4 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-__all__ = ["NullPool", "is_sqlite", "make_engine", "normalize_url"]
+__all__ = ["is_sqlite", "make_engine", "normalize_url"]
