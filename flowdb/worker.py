@@ -166,7 +166,7 @@ class Worker:
                            f"({item.max_attempts} allowed)", retryable=False)
         refs = step.references
         context: dict[str, Any] = {}
-        if refs.needs_context or definition.process.budget is not None:
+        if refs.needs_context:
             context = template_context(conn, item.instance_id, definition,
                                        None if refs.dynamic_steps else refs.steps)
         budget = definition.process.budget

@@ -155,7 +155,8 @@ class ProgressWriter:
                 self._late(o, progress, event)
                 return
             event("step.retry_scheduled", {"attempt": step.attempt, "error": o.error, "delay_s": o.retry_delay})
-            self._account(conn, step.instance_id, 0, o.cost_usd, definition, progress, event)
+            if o.cost_usd:  # a failed attempt may still have cost money
+                self._account(conn, step.instance_id, 0, o.cost_usd, definition, progress, event)
             return
 
         result = conn.execute(self.q.complete, {**base, **usage, "status": o.kind, "output": o.output,
