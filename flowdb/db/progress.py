@@ -1,7 +1,8 @@
 """Recording outcomes: one transaction per batch, fenced by lease tokens.
 
-For each outcome the step's own row is updated only if this worker still holds its lease; then
-its out-edges are marked and its children counted down (`pending_parents`). A child whose count
+A batch first checks which of its steps this worker still holds (lease token, row locked on
+PostgreSQL); the others are late and dropped. Then the settled steps' rows are written, their
+out-edges marked and their children counted down (`pending_parents`), each by one executemany. A child whose count
 reaches 0 becomes ready when at least one parent completed, and is skipped otherwise (dead-path
 elimination, which cascades). The instance row counts open steps; the update that brings it to 0
 finishes the instance. On PostgreSQL the instance rows are locked first, in id order, so
@@ -46,62 +47,70 @@ class ProgressStatements:
     def __init__(self, dialect_name: str) -> None:
         clock = Clock(dialect_name)
         self.clock = clock
-        self.lock_instances = (
-            select(I.c.id).where(I.c.id.in_(bindparam("ids", expanding=True))).order_by(I.c.id).with_for_update()
-            if dialect_name == "postgresql" else None
-        )
+        postgres = dialect_name == "postgresql"
+        ids: BindParameter[list[int]] = bindparam("ids", expanding=True)
+        lock = select(I.c.id).where(I.c.id.in_(ids)).order_by(I.c.id).with_for_update()
+        self.lock_instances = lock if postgres else None
+        held = select(S.c.id, S.c.lease_token).where(S.c.id.in_(ids), S.c.status == _lit("running"))
+        self.held = held.with_for_update() if postgres else held
         fenced = (S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"), S.c.status == _lit("running"))
         release_lease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
+        usage = {"cost_usd": S.c.cost_usd + bindparam("cost"), "tokens_in": S.c.tokens_in + bindparam("tin"),
+                 "tokens_out": S.c.tokens_out + bindparam("tout")}
         self.complete: Update = update(S).where(*fenced).values(
             status=bindparam("status"), output=bindparam("output"), input=bindparam("input"),
-            cost_usd=S.c.cost_usd + bindparam("cost"), tokens_in=S.c.tokens_in + bindparam("tin"),
-            tokens_out=S.c.tokens_out + bindparam("tout"), error=bindparam("error"),
-            finished_at=clock.now, claimable_at=None, **release_lease)
+            error=bindparam("error"), finished_at=clock.now, claimable_at=None, **usage, **release_lease)
         self.retry: Update = update(S).where(*fenced).values(
             status=_lit("ready"), error=bindparam("error"), ready_at=clock.plus(bindparam("delay")),
-            claimable_at=clock.plus(bindparam("delay")), cost_usd=S.c.cost_usd + bindparam("cost"),
-            tokens_in=S.c.tokens_in + bindparam("tin"), tokens_out=S.c.tokens_out + bindparam("tout"),
-            **release_lease)
+            claimable_at=clock.plus(bindparam("delay")), **usage, **release_lease)
         self.park: Update = update(S).where(*fenced).values(
-            status=_lit("waiting"), input=bindparam("input"), claimable_at=bindparam("wake_at"), **release_lease)
+            status=_lit("waiting"), input=bindparam("input"), claimable_at=None, **release_lease)
         self.park_timed: Update = update(S).where(*fenced).values(
             status=_lit("waiting"), input=bindparam("input"), claimable_at=clock.plus(bindparam("wake_in")),
             **release_lease)
         instance_id: BindParameter[int] = bindparam("iid")
-        children: BindParameter[list[str]] = bindparam("children", expanding=True)
+        self.mark_edge: Update = (
+            update(E).where(E.c.instance_id == instance_id, E.c.from_step == bindparam("parent"),
+                            E.c.to_step == bindparam("child"))
+            .values(state=bindparam("edge_state"))
+        )
+        # Count a child down by one settled parent; when none is left pending, it becomes ready if a
+        # parent completed, skipped if every parent was skipped (SET reads the row's old values).
         settled = S.c.pending_parents - literal(1) == literal(0)
         completed_after = S.c.completed_parents + bindparam("taken")
-        # One statement counts every child down and moves those with no pending parent left:
-        # to ready when a parent completed, to skipped when every parent was skipped.
+        becomes_ready = settled & (completed_after > literal(0))
         self.count_down: Update = (
-            update(S).where(S.c.instance_id == instance_id, S.c.step_id.in_(children))
+            update(S).where(S.c.instance_id == instance_id, S.c.step_id == bindparam("child"))
             .values(
                 pending_parents=S.c.pending_parents - literal(1),
                 completed_parents=completed_after,
-                status=case((settled & (completed_after > literal(0)), _lit("ready")),
-                            (settled, _lit("skipped")), else_=S.c.status),
-                ready_at=case((settled & (completed_after > literal(0)), clock.now), else_=S.c.ready_at),
-                claimable_at=case((settled & (completed_after > literal(0)), clock.now), else_=S.c.claimable_at),
-                finished_at=case((settled & (completed_after <= literal(0)), clock.now), else_=S.c.finished_at),
+                status=case((becomes_ready, _lit("ready")), (settled, _lit("skipped")), else_=S.c.status),
+                ready_at=case((becomes_ready, clock.now), else_=S.c.ready_at),
+                claimable_at=case((becomes_ready, clock.now), else_=S.c.claimable_at),
+                finished_at=case((settled & ~becomes_ready, clock.now), else_=S.c.finished_at),
             )
-            .returning(S.c.id, S.c.step_id, S.c.status, S.c.pending_parents)
         )
-        self.mark_edges: Update = (
-            update(E).where(E.c.instance_id == instance_id, E.c.from_step == bindparam("parent"),
-                            E.c.to_step.in_(children))
-            .values(state=bindparam("edge_state"))
+        self.settled_children = select(S.c.id, S.c.instance_id, S.c.step_id, S.c.status).where(
+            S.c.instance_id.in_(bindparam("iids", expanding=True)),
+            S.c.step_id.in_(bindparam("children", expanding=True)),
+            S.c.pending_parents == literal(0),
+            literal_column("step_instances.status IN ('ready', 'skipped')"),
         )
         self.account: Update = (
             update(I).where(I.c.id == instance_id)
             .values(open_steps=I.c.open_steps - bindparam("closed"), cost_usd=I.c.cost_usd + bindparam("cost"))
-            .returning(I.c.open_steps, I.c.status)
         )
+        self.instance_state = select(I.c.id, I.c.open_steps, I.c.status).where(
+            I.c.id.in_(bindparam("iids", expanding=True)))
+        self.leaf_outputs = select(S.c.instance_id, S.c.step_id, S.c.output).where(
+            S.c.instance_id.in_(bindparam("iids", expanding=True)),
+            S.c.step_id.in_(bindparam("leaves", expanding=True)), S.c.status == _lit("completed"))
         self.finish_instance: Update = (
             update(I).where(I.c.id == instance_id, I.c.status == _lit("running"))
             .values(status=bindparam("status"), outputs=bindparam("outputs"), error=bindparam("error"),
                     finished_at=clock.now, open_steps=literal(0))
         )
-        self.cancel_open_steps: Update = (
+        self.cancel_open_steps = (
             update(S).where(S.c.instance_id == instance_id, literal_column(f"step_instances.status IN {OPEN}"))
             .values(status=_lit("cancelled"), finished_at=clock.now, claimable_at=None, **release_lease)
             .returning(S.c.id, S.c.step_id)
@@ -109,141 +118,183 @@ class ProgressStatements:
         self.insert_event = events.insert().values(created_at=clock.now)
 
 
+@dataclass
+class _Batch:
+    """What one transaction accumulates: events, and per instance the steps closed and cost added."""
+
+    progress: Progress
+    definitions: dict[int, CompiledDefinition] = field(default_factory=dict)  # by instance id
+    events: list[dict[str, Any]] = field(default_factory=list)
+    closed: dict[int, int] = field(default_factory=dict)
+    cost: dict[int, float] = field(default_factory=dict)
+
+    def event(self, instance_id: int, kind: str, payload: dict[str, Any] | None = None,
+              step_instance_id: int | None = None) -> None:
+        self.events.append({"instance_id": instance_id, "step_instance_id": step_instance_id,
+                            "type": kind, "payload": payload})
+
+    def close(self, instance_id: int, steps: int = 1) -> None:
+        self.closed[instance_id] = self.closed.get(instance_id, 0) + steps
+
+    def spend(self, instance_id: int, usd: float) -> None:
+        if usd:
+            self.cost[instance_id] = self.cost.get(instance_id, 0.0) + usd
+
+
 class ProgressWriter:
-    """Applies outcomes in the caller's transaction."""
+    """Applies a batch of outcomes in the caller's transaction, with a fixed number of statements
+    for the common case (steps completed or skipped), whatever the batch size."""
 
     def __init__(self, statements: ProgressStatements) -> None:
         self.q = statements
 
     def apply(self, conn: Connection, outcomes: list[Outcome], definitions: dict[int, CompiledDefinition]) -> Progress:
-        progress = Progress()
+        batch = _Batch(Progress())
+        if not outcomes:
+            return batch.progress
+        for o in outcomes:
+            batch.definitions[o.step.instance_id] = definitions[o.step.definition_id]
         if self.q.lock_instances is not None:
-            conn.execute(self.q.lock_instances, {"ids": sorted({o.step.instance_id for o in outcomes})}).all()
-        events_out: list[dict[str, Any]] = []
-        for outcome in outcomes:
-            definition = definitions[outcome.step.definition_id]
-            self._apply_one(conn, outcome, definition, progress, events_out)
-        if events_out:
-            conn.execute(self.q.insert_event, events_out)
-        return progress
-
-    def _apply_one(self, conn: Connection, o: Outcome, definition: CompiledDefinition, progress: Progress,
-                   events_out: list[dict[str, Any]]) -> None:
-        step = o.step
-        base = {"sid": step.id, "token": step.lease_token}
-        usage = {"cost": o.cost_usd, "tin": o.tokens_in, "tout": o.tokens_out}
-
-        def event(kind: str, payload: dict[str, Any] | None = None, step_instance_id: int | None = step.id) -> None:
-            events_out.append({"instance_id": step.instance_id, "step_instance_id": step_instance_id,
-                               "type": kind, "payload": payload})
-
-        if o.kind == "waiting":
-            if o.wake_in is not None:
-                result = conn.execute(self.q.park_timed, {**base, "input": o.input, "wake_in": o.wake_in})
+            conn.execute(self.q.lock_instances, {"ids": sorted(batch.definitions)}).all()
+        # The lease check for the whole batch: a step is ours if it still runs under our token.
+        tokens = {row.id: row.lease_token for row in conn.execute(self.q.held, {"ids": [o.step.id for o in outcomes]})}
+        live = []
+        for o in outcomes:
+            if tokens.get(o.step.id) == o.step.lease_token:
+                live.append(o)
             else:
-                result = conn.execute(self.q.park, {**base, "input": o.input, "wake_at": None})
-            if result.rowcount == 0:
-                self._late(o, progress, event)
-                return
-            event("step.waiting", {"wake_in_s": o.wake_in})
-            return
+                batch.progress.late.append(o)
+                batch.event(o.step.instance_id, "step.late_result_dropped",
+                            {"attempt": o.step.attempt, "outcome": o.kind}, o.step.id)
+        settling = [o for o in live if o.kind in ("completed", "skipped")]
+        finals = [o for o in live if o.kind == "failed" and not self._retrying(o)]
+        if settling or finals:
+            conn.execute(self.q.complete, [self._completion(o) for o in settling + finals])
+        for o in settling + finals:
+            batch.event(o.step.instance_id, f"step.{o.kind}", self._payload(o), o.step.id)
+            batch.spend(o.step.instance_id, o.cost_usd)
+        for o in settling:
+            batch.close(o.step.instance_id)
+        self._settle(conn, [(o.step.instance_id, o.step.step_id, o.kind == "completed", o.taken)
+                            for o in settling], batch)
+        for o in live:
+            if o.kind == "waiting":
+                self._park(conn, o, batch)
+            elif o.kind == "failed" and self._retrying(o):
+                self._retry(conn, o, batch)
+        self._account(conn, batch)
+        for o in finals:
+            self._fail_instance(conn, o.step.instance_id, f"step {o.step.step_id!r} failed: {o.error}", batch)
+        if batch.events:
+            conn.execute(self.q.insert_event, batch.events)
+        return batch.progress
 
-        retrying = o.kind == "failed" and o.retryable and step.attempt < step.max_attempts
-        if retrying:
-            result = conn.execute(self.q.retry, {**base, **usage, "error": o.error, "delay": o.retry_delay})
-            if result.rowcount == 0:
-                self._late(o, progress, event)
-                return
-            event("step.retry_scheduled", {"attempt": step.attempt, "error": o.error, "delay_s": o.retry_delay})
-            if o.cost_usd:  # a failed attempt may still have cost money
-                self._account(conn, step.instance_id, 0, o.cost_usd, definition, progress, event)
-            return
+    @staticmethod
+    def _retrying(o: Outcome) -> bool:
+        return o.retryable and o.step.attempt < o.step.max_attempts
 
-        result = conn.execute(self.q.complete, {**base, **usage, "status": o.kind, "output": o.output,
-                                                "input": o.input, "error": o.error})
-        if result.rowcount == 0:
-            self._late(o, progress, event)
-            return
-        payload: dict[str, Any] = {"attempt": step.attempt}
+    @staticmethod
+    def _completion(o: Outcome) -> dict[str, Any]:
+        return {"sid": o.step.id, "token": o.step.lease_token, "status": o.kind, "output": o.output,
+                "input": o.input, "error": o.error, "cost": o.cost_usd, "tin": o.tokens_in, "tout": o.tokens_out}
+
+    @staticmethod
+    def _payload(o: Outcome) -> dict[str, Any]:
+        payload: dict[str, Any] = {"attempt": o.step.attempt}
         if o.error:
             payload["error"] = o.error
         if o.cost_usd:
             payload["cost_usd"] = o.cost_usd
-        event(f"step.{o.kind}", payload)
-        if o.kind == "failed":
-            self._fail_instance(conn, step.instance_id, f"step {step.step_id!r} failed: {o.error}",
-                                definition, progress, event)
+        return payload
+
+    def _park(self, conn: Connection, o: Outcome, batch: _Batch) -> None:
+        params = {"sid": o.step.id, "token": o.step.lease_token, "input": o.input}
+        if o.wake_in is not None:
+            conn.execute(self.q.park_timed, {**params, "wake_in": o.wake_in})
+        else:
+            conn.execute(self.q.park, params)
+        batch.event(o.step.instance_id, "step.waiting", {"wake_in_s": o.wake_in}, o.step.id)
+
+    def _retry(self, conn: Connection, o: Outcome, batch: _Batch) -> None:
+        conn.execute(self.q.retry, {**self._completion(o), "delay": o.retry_delay})
+        batch.event(o.step.instance_id, "step.retry_scheduled",
+                    {"attempt": o.step.attempt, "error": o.error, "delay_s": o.retry_delay}, o.step.id)
+        batch.spend(o.step.instance_id, o.cost_usd)  # a failed attempt may still have cost money
+
+    def _settle(self, conn: Connection, settled: list[tuple[int, str, bool, frozenset[str] | None]],
+                batch: _Batch) -> None:
+        """Mark the out-edges of settled steps and count their children down; cascade the skips."""
+        edges: list[dict[str, Any]] = []
+        counts: list[dict[str, Any]] = []
+        touched: set[tuple[int, str]] = set()
+        for instance_id, step_id, completed, taken in settled:
+            for child in batch.definitions[instance_id].steps[step_id].children:
+                is_taken = completed and (taken is None or child in taken)
+                edges.append({"iid": instance_id, "parent": step_id, "child": child,
+                              "edge_state": "taken" if is_taken else "skipped"})
+                counts.append({"iid": instance_id, "child": child, "taken": int(is_taken)})
+                touched.add((instance_id, child))
+        if not counts:
             return
-        closed = 1 + self._settle(conn, step.instance_id, step.step_id, o.kind == "completed", o.taken,
-                                  definition, progress, event)
-        self._account(conn, step.instance_id, closed, o.cost_usd, definition, progress, event)
-
-    def _late(self, o: Outcome, progress: Progress, event: Any) -> None:
-        progress.late.append(o)
-        event("step.late_result_dropped", {"attempt": o.step.attempt, "outcome": o.kind})
-
-    def _settle(self, conn: Connection, instance_id: int, step_id: str, completed: bool,
-                taken: frozenset[str] | None, definition: CompiledDefinition, progress: Progress,
-                event: Any) -> int:
-        """Count the children of a settled step down; cascade skips. Returns steps skipped."""
-        children = definition.steps[step_id].children
-        if not children:
-            return 0
-        chosen = [c for c in children if completed and (taken is None or c in taken)]
-        passed = [c for c in children if c not in chosen]
-        skipped_now: list[str] = []
-        for group, is_taken in ((chosen, True), (passed, False)):
-            if not group:
+        conn.execute(self.q.mark_edge, edges)
+        conn.execute(self.q.count_down, counts)
+        # A child counted down here that has no pending parent left was settled by this batch
+        # (each child reaches 0 exactly once); the query may return other rows, filtered out here.
+        rows = conn.execute(self.q.settled_children, {"iids": sorted({i for i, _ in touched}),
+                                                      "children": sorted({c for _, c in touched})}).all()
+        cascade: list[tuple[int, str, bool, frozenset[str] | None]] = []
+        for row in rows:
+            if (row.instance_id, row.step_id) not in touched:
                 continue
-            conn.execute(self.q.mark_edges, {"iid": instance_id, "parent": step_id, "children": group,
-                                             "edge_state": "taken" if is_taken else "skipped"})
-            rows = conn.execute(self.q.count_down, {"iid": instance_id, "children": group,
-                                                    "taken": 1 if is_taken else 0}).all()
-            for row in rows:
-                if row.pending_parents != 0:
-                    continue
-                if row.status == "ready":
-                    progress.made_ready += 1
-                    event("step.ready", None, row.id)
-                elif row.status == "skipped":
-                    event("step.skipped", {"reason": "no parent completed"}, row.id)
-                    skipped_now.append(row.step_id)
-        total = len(skipped_now)
-        for child in skipped_now:
-            total += self._settle(conn, instance_id, child, False, None, definition, progress, event)
-        return total
+            if row.status == "ready":
+                batch.progress.made_ready += 1
+                batch.event(row.instance_id, "step.ready", None, row.id)
+            else:
+                batch.event(row.instance_id, "step.skipped", {"reason": "no parent completed"}, row.id)
+                batch.close(row.instance_id)
+                cascade.append((row.instance_id, row.step_id, False, None))
+        self._settle(conn, cascade, batch)
 
-    def _account(self, conn: Connection, instance_id: int, closed: int, cost: float,
-                 definition: CompiledDefinition, progress: Progress, event: Any) -> None:
-        row = conn.execute(self.q.account, {"iid": instance_id, "closed": closed, "cost": cost}).one()
-        if row.open_steps == 0 and row.status == "running" and closed:
-            outputs = self._final_outputs(conn, instance_id, definition)
-            conn.execute(self.q.finish_instance, {"iid": instance_id, "status": "completed",
-                                                  "outputs": outputs, "error": None})
-            event("instance.completed", None, None)
-            progress.finished_instances.append((instance_id, "completed"))
-            self._actions(conn, instance_id, definition, definition.on_success, progress, event)
+    def _account(self, conn: Connection, batch: _Batch) -> None:
+        """Add up closed steps and cost per instance; finish the instances with no open step left."""
+        touched = sorted(set(batch.closed) | set(batch.cost))
+        if not touched:
+            return
+        conn.execute(self.q.account, [{"iid": i, "closed": batch.closed.get(i, 0), "cost": batch.cost.get(i, 0.0)}
+                                      for i in touched])
+        closing = sorted(batch.closed)
+        if not closing:
+            return
+        done = [row.id for row in conn.execute(self.q.instance_state, {"iids": closing})
+                if row.open_steps == 0 and row.status == "running"]
+        if not done:
+            return
+        leaves = {sid for i in done for sid, step in batch.definitions[i].steps.items() if not step.children}
+        outputs: dict[int, dict[str, Any]] = {i: {} for i in done}
+        for row in conn.execute(self.q.leaf_outputs, {"iids": done, "leaves": sorted(leaves)}):
+            if not batch.definitions[row.instance_id].steps[row.step_id].children:
+                outputs[row.instance_id][row.step_id] = row.output
+        conn.execute(self.q.finish_instance, [{"iid": i, "status": "completed", "outputs": outputs[i], "error": None}
+                                              for i in done])
+        for instance_id in done:
+            batch.event(instance_id, "instance.completed")
+            batch.progress.finished_instances.append((instance_id, "completed"))
+            definition = batch.definitions[instance_id]
+            self._actions(conn, instance_id, definition, definition.on_success, batch)
 
-    def _fail_instance(self, conn: Connection, instance_id: int, error: str, definition: CompiledDefinition,
-                       progress: Progress, event: Any) -> None:
+    def _fail_instance(self, conn: Connection, instance_id: int, error: str, batch: _Batch) -> None:
         for row in conn.execute(self.q.cancel_open_steps, {"iid": instance_id}).all():
-            event("step.cancelled", {"reason": "the instance failed"}, row.id)
+            batch.event(instance_id, "step.cancelled", {"reason": "the instance failed"}, row.id)
         result = conn.execute(self.q.finish_instance, {"iid": instance_id, "status": "failed",
                                                        "outputs": None, "error": error})
         if result.rowcount:
-            event("instance.failed", {"error": error}, None)
-            progress.finished_instances.append((instance_id, "failed"))
-            self._actions(conn, instance_id, definition, definition.on_failure, progress, event)
-
-    def _final_outputs(self, conn: Connection, instance_id: int, definition: CompiledDefinition) -> dict[str, Any]:
-        """The instance's outputs: the output of each completed step that nothing runs after."""
-        leaves = [sid for sid, step in definition.steps.items() if not step.children]
-        rows = conn.execute(select(S.c.step_id, S.c.output).where(
-            S.c.instance_id == instance_id, S.c.step_id.in_(leaves), S.c.status == _lit("completed"))).all()
-        return {row.step_id: row.output for row in rows}
+            batch.event(instance_id, "instance.failed", {"error": error})
+            batch.progress.finished_instances.append((instance_id, "failed"))
+            definition = batch.definitions[instance_id]
+            self._actions(conn, instance_id, definition, definition.on_failure, batch)
 
     def _actions(self, conn: Connection, instance_id: int, definition: CompiledDefinition,
-                 actions: list[tuple[str, Any]], progress: Progress, event: Any) -> None:
+                 actions: list[tuple[str, Any]], batch: _Batch) -> None:
         if not actions:
             return
         context = template_context(conn, instance_id, definition)
@@ -252,8 +303,8 @@ class ProgressWriter:
                 message = template.render(context)
             except TemplateError as exc:
                 message, level = f"output action failed to render: {exc}", "error"
-            event("action.log", {"level": level, "message": message}, None)
-            progress.action_logs.append((instance_id, level, message))
+            batch.event(instance_id, "action.log", {"level": level, "message": message})
+            batch.progress.action_logs.append((instance_id, level, message))
 
 
 def template_context(conn: Connection, instance_id: int, definition: CompiledDefinition,
