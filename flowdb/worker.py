@@ -92,15 +92,17 @@ class Worker:
         next_heartbeat = time.monotonic() + opts.lease_seconds / 3
         try:
             while not self.stopping:
-                if self.done:
-                    await self._flush()
                 if until is not None and until():
                     break
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + opts.lease_seconds / 3
-                free = opts.concurrency - len(self.inflight)
-                claimed = self._claim(min(free, opts.batch)) if free > 0 else []
+                # Slots free once the finished outcomes are recorded: record them and claim the
+                # next batch in one transaction.
+                free = min(opts.concurrency - len(self.inflight) + len(self.done), opts.batch)
+                claimed = await self._cycle(free) if self.done or free > 0 else []
+                if until is not None and until():
+                    break
                 if claimed:
                     await asyncio.sleep(0)  # let the new handlers start
                     continue
@@ -138,15 +140,22 @@ class Worker:
                 time.sleep(min(0.05 * 2 ** attempt, 2.0))
         raise AssertionError("unreachable")
 
-    def _claim(self, n: int) -> list[Claimed]:
+    async def _cycle(self, claim: int) -> list[Claimed]:
+        """One transaction: record the finished outcomes, then claim up to `claim` steps."""
+        outcomes, self.done = self.done, []
+        definitions = self._definitions_for(outcomes)
         token = uuid.uuid4().hex
         opts = self.options
 
-        def work(conn: Connection) -> list[tuple[Claimed, StepContext | Outcome]]:
-            claimed = self.claims.claim_steps(conn, opts.name, token, n, opts.lease_seconds, opts.instance_id)
-            return [(item, self._prepare(conn, item)) for item in claimed]
+        def work(conn: Connection) -> tuple[Progress | None, list[tuple[Claimed, StepContext | Outcome]]]:
+            progress = self.writer.apply(conn, outcomes, definitions) if outcomes else None
+            claimed = [] if claim <= 0 else self.claims.claim_steps(
+                conn, opts.name, token, claim, opts.lease_seconds, opts.instance_id)
+            return progress, [(item, self._prepare(conn, item)) for item in claimed]
 
-        prepared = self._transaction(work)
+        progress, prepared = self._transaction(work)
+        if progress is not None:
+            await self._recorded(outcomes, progress)
         for item, ready in prepared:
             if isinstance(ready, Outcome):
                 self.inflight[item.id] = (item, None)
@@ -201,17 +210,26 @@ class Worker:
         if self._nudge is not None:
             self._nudge.set()
 
-    async def _flush(self) -> None:
-        outcomes, self.done = self.done, []
+    def _definitions_for(self, outcomes: list[Outcome]) -> dict[int, CompiledDefinition]:
+        """The outcomes' definitions (loaded when their steps were claimed); sets retry delays."""
         definitions: dict[int, CompiledDefinition] = {}
         for outcome in outcomes:
-            definition = self.definitions.cached(outcome.step.definition_id)  # loaded when claimed
+            definition = self.definitions.cached(outcome.step.definition_id)
             definitions[outcome.step.definition_id] = definition
             if outcome.kind == "failed" and outcome.retryable:
                 model = definition.steps[outcome.step.step_id].model
                 policy = model.retry or (DEFAULT_RETRY if isinstance(model, AgentTask) else None)
                 outcome.retry_delay = policy.delay_after(outcome.step.attempt) if policy else 0.0
-        progress: Progress = self._transaction(lambda conn: self.writer.apply(conn, outcomes, definitions))
+        return definitions
+
+    async def _flush(self) -> None:
+        """Record the finished outcomes without claiming (shutdown)."""
+        outcomes, self.done = self.done, []
+        definitions = self._definitions_for(outcomes)
+        progress = self._transaction(lambda conn: self.writer.apply(conn, outcomes, definitions))
+        await self._recorded(outcomes, progress)
+
+    async def _recorded(self, outcomes: list[Outcome], progress: Progress) -> None:
         for outcome in outcomes:
             self.inflight.pop(outcome.step.id, None)
         for late in progress.late:
