@@ -91,7 +91,8 @@ def _peers(instances: int) -> list[dict[str, Any]]:
     out = []
     for name, kind in PEERS:
         try:
-            out.append({"engine": name, "workload": "chain", **run_peer(name, kind, instances)})
+            peer = run_peer(name, kind, instances)
+            out.append({"engine": name, "workload": "chain", **peer, "steps_per_s": round(peer["steps_per_s"])})
         except PeerUnavailable as exc:
             out.append({"engine": name, "kind": kind, "workload": "chain", "error": str(exc)})
     return out
