@@ -10,6 +10,7 @@ from sqlalchemy import inspect, text
 
 from flowdb.db import migrate
 from flowdb.db.claims import ClaimStatements
+from flowdb.db.progress import ProgressStatements
 from flowdb.db.tables import metadata
 
 from conftest import Database
@@ -45,8 +46,8 @@ def _plan(db: Database, statement: Any, values: dict[str, Any]) -> str:
         return "\n".join(r[0] for r in rows)
 
 
-def test_claim_uses_the_claimable_index_even_after_analyze(db: Database) -> None:
-    # 20,000 finished rows and a few ready ones: a table scan would be the planner's mistake.
+def _fill(db: Database) -> None:
+    """20,000 finished rows and a few ready ones, then ANALYZE: a table scan would be the planner's mistake."""
     with db.engine.begin() as conn:
         conn.execute(text("INSERT INTO process_definitions (id, name, version, content_hash, source, parsed, "
                           "created_at) VALUES (1, 'p', 1, 'h', 's', '{}', CURRENT_TIMESTAMP)"))
@@ -59,6 +60,10 @@ def test_claim_uses_the_claimable_index_even_after_analyze(db: Database) -> None
                           "created_at, claimable_at) VALUES (1, 1, :sid, 'agent_task', :st, "
                           "CURRENT_TIMESTAMP, CAST(:ca AS TIMESTAMP))"), rows)
         conn.exec_driver_sql("ANALYZE")
+
+
+def test_claim_uses_the_claimable_index_even_after_analyze(db: Database) -> None:
+    _fill(db)
     claim = ClaimStatements(db.engine.dialect.name).claim
     plan = _plan(db, claim, {"n": 5, "owner": "w", "token": "t", "lease_seconds": 30})
     assert "ix_step_instances_claimable" in plan, plan
@@ -66,3 +71,19 @@ def test_claim_uses_the_claimable_index_even_after_analyze(db: Database) -> None
         assert "SCAN step_instances" not in plan, plan
     else:
         assert "Seq Scan on step_instances" not in plan, plan
+
+
+def test_per_instance_reads_of_the_completion_path_use_the_instance_key(db: Database) -> None:
+    """Reads made while recording outcomes must cost the same however many finished rows there are."""
+    _fill(db)
+    statements = ProgressStatements(db.engine.dialect.name)
+    for statement in (statements.leaf_outputs.params(iids=[1], leaves=["s7"]),
+                      statements.settled_children.params(iids=[1], children=["s3", "s7"])):
+        sql = str(statement.compile(dialect=db.engine.dialect, compile_kwargs={"literal_binds": True}))
+        with db.engine.begin() as conn:
+            if db.kind == "sqlite":
+                plan = "\n".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+                assert "(instance_id=? AND step_id=?)" in plan, plan
+            else:
+                plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql))
+                assert "uq_step_instances_instance_id_step_id" in plan, plan

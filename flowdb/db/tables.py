@@ -122,7 +122,6 @@ step_instances = Table(
         sqlite_where=text(f"status IN {CLAIMABLE}"),
         postgresql_where=text(f"status IN {CLAIMABLE}"),
     ),
-    Index("ix_step_instances_status_type", "status", "type"),
 )
 
 step_edges = Table(
