@@ -14,6 +14,7 @@ from sqlalchemy import BindParameter, Connection, Update, bindparam, case, liter
 from sqlalchemy.sql.elements import ColumnClause
 
 from flowdb.db.clock import Clock
+from flowdb.db.driver import DriverStatement, as_json, from_json
 from flowdb.db.tables import CLAIMABLE, events, step_instances
 
 S = step_instances
@@ -74,8 +75,9 @@ class ClaimStatements:
                 ),
             )
             .returning(S.c.id, S.c.instance_id, S.c.definition_id, S.c.step_id, S.c.type, S.c.attempt,
-                       S.c.max_attempts, S.c.input, S.c.error, S.c.status, S.c.started_at)
+                       S.c.max_attempts, S.c.input, S.c.error)
         )
+        self.claim_raw = DriverStatement(self.claim)
         # RETURNING shows the new row, so a reclaim is told apart by the note the claim writes into
         # `error`, and a woken step by the `wake` state its handler parked in `input`.
         self.heartbeat = (
@@ -91,6 +93,7 @@ class ClaimStatements:
                     attempt=S.c.attempt - 1)
         )
         self.insert_event = events.insert().values(created_at=clock.now)
+        self.insert_events = DriverStatement(self.insert_event, ["instance_id", "step_instance_id", "type", "payload"])
 
     def claim_steps(self, conn: Connection, owner: str, token: str, n: int, lease_seconds: float,
                     instance_id: int | None = None) -> list[Claimed]:
@@ -98,22 +101,21 @@ class ClaimStatements:
         params: dict[str, Any] = {"owner": owner, "token": token, "n": n, "lease_seconds": lease_seconds}
         if instance_id is not None:
             params["iid"] = instance_id
-        rows = conn.execute(self.claim, params).all()
         claimed = []
         started = []
-        for row in rows:
-            expired = row.error if row.error and row.error.startswith("lease of worker ") else None
-            woken = isinstance(row.input, dict) and "wake" in row.input
-            item = Claimed(row.id, row.instance_id, row.definition_id, row.step_id, row.type, row.attempt,
-                           row.max_attempts, token, row.input, woken, expired)
-            claimed.append(item)
-            payload: dict[str, Any] = {"attempt": row.attempt, "worker": owner}
+        for sid, iid, definition_id, step_id, step_type, attempt, max_attempts, raw_input, error \
+                in self.claim_raw.execute(conn, params):
+            expired = error if error and error.startswith("lease of worker ") else None
+            state = from_json(raw_input)
+            woken = isinstance(state, dict) and "wake" in state
+            claimed.append(Claimed(sid, iid, definition_id, step_id, step_type, attempt, max_attempts, token,
+                                   state, woken, expired))
+            payload: dict[str, Any] = {"attempt": attempt, "worker": owner}
             if expired:
                 payload["reclaimed"] = True
-            started.append({"instance_id": row.instance_id, "step_instance_id": row.id,
-                            "type": "step.woken" if woken else "step.started", "payload": payload})
-        if started:
-            conn.execute(self.insert_event, started)
+            started.append({"instance_id": iid, "step_instance_id": sid,
+                            "type": "step.woken" if woken else "step.started", "payload": as_json(payload)})
+        self.insert_events.executemany(conn, started)
         return claimed
 
     def heartbeat_steps(self, conn: Connection, held: list[Claimed], lease_seconds: float) -> set[int]:

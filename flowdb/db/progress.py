@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import BindParameter, Connection, Update, bindparam, case, literal, literal_column, select, update
 
 from flowdb.db.clock import Clock
+from flowdb.db.driver import DriverStatement, as_json
 from flowdb.db.tables import events, process_instances, step_edges, step_instances
 from flowdb.definitions import CompiledDefinition
 from flowdb.errors import TemplateError
@@ -115,7 +116,13 @@ class ProgressStatements:
             .values(status=_lit("cancelled"), finished_at=clock.now, claimable_at=None, **release_lease)
             .returning(S.c.id, S.c.step_id)
         )
-        self.insert_event = events.insert().values(created_at=clock.now)
+        # The statements every step goes through run on the driver's cursor (see db/driver.py).
+        self.complete_many = DriverStatement(self.complete)
+        self.mark_edges = DriverStatement(self.mark_edge)
+        self.count_down_many = DriverStatement(self.count_down)
+        self.account_many = DriverStatement(self.account)
+        self.insert_events = DriverStatement(events.insert().values(created_at=clock.now),
+                                             ["instance_id", "step_instance_id", "type", "payload"])
 
 
 @dataclass
@@ -131,7 +138,7 @@ class _Batch:
     def event(self, instance_id: int, kind: str, payload: dict[str, Any] | None = None,
               step_instance_id: int | None = None) -> None:
         self.events.append({"instance_id": instance_id, "step_instance_id": step_instance_id,
-                            "type": kind, "payload": payload})
+                            "type": kind, "payload": as_json(payload)})
 
     def close(self, instance_id: int, steps: int = 1) -> None:
         self.closed[instance_id] = self.closed.get(instance_id, 0) + steps
@@ -168,8 +175,7 @@ class ProgressWriter:
                             {"attempt": o.step.attempt, "outcome": o.kind}, o.step.id)
         settling = [o for o in live if o.kind in ("completed", "skipped")]
         finals = [o for o in live if o.kind == "failed" and not self._retrying(o)]
-        if settling or finals:
-            conn.execute(self.q.complete, [self._completion(o) for o in settling + finals])
+        self.q.complete_many.executemany(conn, [self._completion(o) for o in settling + finals])
         for o in settling + finals:
             batch.event(o.step.instance_id, f"step.{o.kind}", self._payload(o), o.step.id)
             batch.spend(o.step.instance_id, o.cost_usd)
@@ -185,8 +191,7 @@ class ProgressWriter:
         self._account(conn, batch)
         for o in finals:
             self._fail_instance(conn, o.step.instance_id, f"step {o.step.step_id!r} failed: {o.error}", batch)
-        if batch.events:
-            conn.execute(self.q.insert_event, batch.events)
+        self.q.insert_events.executemany(conn, batch.events)
         return batch.progress
 
     @staticmethod
@@ -195,8 +200,10 @@ class ProgressWriter:
 
     @staticmethod
     def _completion(o: Outcome) -> dict[str, Any]:
-        return {"sid": o.step.id, "token": o.step.lease_token, "status": o.kind, "output": o.output,
-                "input": o.input, "error": o.error, "cost": o.cost_usd, "tin": o.tokens_in, "tout": o.tokens_out}
+        """Parameters of `complete`, driver-ready (JSON as text)."""
+        return {"sid": o.step.id, "token": o.step.lease_token, "status": o.kind, "output": as_json(o.output),
+                "input": as_json(o.input), "error": o.error, "cost": o.cost_usd, "tin": o.tokens_in,
+                "tout": o.tokens_out}
 
     @staticmethod
     def _payload(o: Outcome) -> dict[str, Any]:
@@ -216,7 +223,9 @@ class ProgressWriter:
         batch.event(o.step.instance_id, "step.waiting", {"wake_in_s": o.wake_in}, o.step.id)
 
     def _retry(self, conn: Connection, o: Outcome, batch: _Batch) -> None:
-        conn.execute(self.q.retry, {**self._completion(o), "delay": o.retry_delay})
+        conn.execute(self.q.retry, {"sid": o.step.id, "token": o.step.lease_token, "error": o.error,
+                                    "delay": o.retry_delay, "cost": o.cost_usd, "tin": o.tokens_in,
+                                    "tout": o.tokens_out})
         batch.event(o.step.instance_id, "step.retry_scheduled",
                     {"attempt": o.step.attempt, "error": o.error, "delay_s": o.retry_delay}, o.step.id)
         batch.spend(o.step.instance_id, o.cost_usd)  # a failed attempt may still have cost money
@@ -236,8 +245,8 @@ class ProgressWriter:
                 touched.add((instance_id, child))
         if not counts:
             return
-        conn.execute(self.q.mark_edge, edges)
-        conn.execute(self.q.count_down, counts)
+        self.q.mark_edges.executemany(conn, edges)
+        self.q.count_down_many.executemany(conn, counts)
         # A child counted down here that has no pending parent left was settled by this batch
         # (each child reaches 0 exactly once); the query may return other rows, filtered out here.
         rows = conn.execute(self.q.settled_children, {"iids": sorted({i for i, _ in touched}),
@@ -260,8 +269,8 @@ class ProgressWriter:
         touched = sorted(set(batch.closed) | set(batch.cost))
         if not touched:
             return
-        conn.execute(self.q.account, [{"iid": i, "closed": batch.closed.get(i, 0), "cost": batch.cost.get(i, 0.0)}
-                                      for i in touched])
+        self.q.account_many.executemany(
+            conn, [{"iid": i, "closed": batch.closed.get(i, 0), "cost": batch.cost.get(i, 0.0)} for i in touched])
         closing = sorted(batch.closed)
         if not closing:
             return

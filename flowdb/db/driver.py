@@ -1,0 +1,78 @@
+"""Hot statements run on the driver's cursor: written as Core, compiled once, executed with plain values.
+
+SQLAlchemy's per-execution work (cache lookup, parameter processing per row, result wrapping) costs
+more than SQLite's own execution of these statements (HOTPATH.md: Core ~17-30 µs a statement
+against ~3 µs raw). The statements that run for every step are compiled once per dialect here
+and executed on the DBAPI cursor of the caller's connection, inside the caller's transaction.
+Values must be driver-ready: JSON is passed as text (json.dumps), times are computed in SQL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
+
+from sqlalchemy import Connection
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+
+class DriverStatement:
+    """A Core statement compiled on first use for the connection's dialect, then run on the cursor."""
+
+    def __init__(self, statement: ClauseElement, column_keys: Sequence[str] | None = None) -> None:
+        self.statement = statement
+        self.column_keys = list(column_keys) if column_keys else None
+        self._dialect: str | None = None
+        self._sql = ""
+        self._order: tuple[str, ...] | None = None
+        self._fixed: dict[str, Any] = {}  # values written into the statement itself (e.g. `x=None`)
+
+    def _compile(self, dialect: Dialect) -> str:
+        if self._dialect != dialect.name:
+            compiled = cast(SQLCompiler, self.statement.compile(dialect=dialect, column_keys=self.column_keys))
+            # qmark (SQLite) wants a tuple in the order the parameters appear; pyformat (psycopg) a dict.
+            self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
+            self._fixed = {compiled.bind_names[bind]: bind.effective_value
+                           for bind in compiled.binds.values() if not bind.required}
+            self._sql = compiled.string
+            self._dialect = dialect.name
+        return self._sql
+
+    def _values(self, row: Mapping[str, Any]) -> Any:
+        if self._fixed:
+            row = {**self._fixed, **row}
+        return tuple(row[name] for name in self._order) if self._order is not None else row
+
+    def execute(self, conn: Connection, row: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Run once; return the rows it returns (RETURNING), or [] when it returns none."""
+        sql = self._compile(conn.dialect)
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(sql, self._values(row))
+            return list(cursor.fetchall()) if cursor.description else []
+        finally:
+            cursor.close()
+
+    def executemany(self, conn: Connection, rows: Iterable[Mapping[str, Any]]) -> None:
+        sql = self._compile(conn.dialect)
+        values = [self._values(row) for row in rows]
+        if not values:
+            return
+        cursor = conn.connection.cursor()
+        try:
+            cursor.executemany(sql, values)
+        finally:
+            cursor.close()
+
+
+def as_json(value: Any) -> str | None:
+    """A JSON column's value as the driver takes it (None stays SQL NULL)."""
+    return None if value is None else json.dumps(value, default=str)
+
+
+def from_json(value: Any) -> Any:
+    """A JSON column read raw: SQLite gives text, psycopg gives the decoded value."""
+    return json.loads(value) if isinstance(value, str) else value
