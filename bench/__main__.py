@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             record(run_flowdb(kind, workload, processes, False, instances))
             if workload in plan.redis_workloads:
                 record(run_flowdb(kind, workload, processes, True, instances))
+                record(run_flowdb(kind, workload, processes, False, instances, agent="noop_async"))
         for redis in (False, True):  # hand-off latency on idle workers
             record(run_flowdb(kind, "chain", processes, redis, plan.latency_instances, spacing=0.05))
     for kind in ("sqlite", "postgresql"):
@@ -115,7 +116,8 @@ def _line(row: dict[str, Any]) -> str:
     if row["engine"] == "raw-sql":
         detail = f"batch {row['batch']}"
     elif row["engine"] == "flowdb":
-        detail = ("redis" if row["redis"] else "poll") + (" latency" if row.get("spacing_s") else "")
+        detail = ("redis" if row["redis"] else "poll") + (" latency" if row.get("spacing_s") else "") + (
+            " async" if row.get("agent") == "noop_async" else "")
     else:
         detail = f"v{row.get('version', '?')}"
     procs = row.get("processes", "")
@@ -138,6 +140,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             continue
         mode = {"raw-sql": f"batch {r.get('batch')}",
                 "flowdb": ("redis" if r.get("redis") else "poll") + (" (latency)" if r.get("spacing_s") else "")
+                + (", async agent" if r.get("agent") == "noop_async" else "")
                 }.get(r["engine"], f"v{r.get('version', '?')}")
         cells = [r["engine"], r.get("kind", ""), r.get("workload", ""), r.get("processes", ""), mode,
                  f"{r['steps_per_s']:,}", _fmt(r.get("vs_raw_unbatched")), _fmt(r.get("vs_raw_batched")),

@@ -52,7 +52,9 @@ class ProgressStatements:
         ids: BindParameter[list[int]] = bindparam("ids", expanding=True)
         lock = select(I.c.id).where(I.c.id.in_(ids)).order_by(I.c.id).with_for_update()
         self.lock_instances = lock if postgres else None
-        held = select(S.c.id, S.c.lease_token).where(S.c.id.in_(ids), S.c.status == _lit("running"))
+        # By primary key alone: a status condition here lets PostgreSQL's planner reach for the
+        # claimable index, which on a busy queue table holds many dead entries.
+        held = select(S.c.id, S.c.lease_token, S.c.status).where(S.c.id.in_(ids))
         self.held = held.with_for_update() if postgres else held
         fenced = (S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"), S.c.status == _lit("running"))
         release_lease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
@@ -164,7 +166,8 @@ class ProgressWriter:
         if self.q.lock_instances is not None:
             conn.execute(self.q.lock_instances, {"ids": sorted(batch.definitions)}).all()
         # The lease check for the whole batch: a step is ours if it still runs under our token.
-        tokens = {row.id: row.lease_token for row in conn.execute(self.q.held, {"ids": [o.step.id for o in outcomes]})}
+        tokens = {row.id: row.lease_token for row in conn.execute(self.q.held, {"ids": [o.step.id for o in outcomes]})
+                  if row.status == "running"}
         live = []
         for o in outcomes:
             if tokens.get(o.step.id) == o.step.lease_token:
