@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from sqlalchemy import Connection
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -49,10 +50,13 @@ class DriverStatement:
     def execute(self, conn: Connection, row: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Run once; return the rows it returns (RETURNING), or [] when it returns none."""
         sql = self._compile(conn.dialect)
+        values = self._values(row)
         cursor = conn.connection.cursor()
         try:
-            cursor.execute(sql, self._values(row))
+            cursor.execute(sql, values)
             return list(cursor.fetchall()) if cursor.description else []
+        except conn.dialect.loaded_dbapi.Error as exc:
+            raise _wrapped(conn, cursor, sql, values, exc) from exc
         finally:
             cursor.close()
 
@@ -64,8 +68,21 @@ class DriverStatement:
         cursor = conn.connection.cursor()
         try:
             cursor.executemany(sql, values)
+        except conn.dialect.loaded_dbapi.Error as exc:
+            raise _wrapped(conn, cursor, sql, values, exc) from exc
         finally:
             cursor.close()
+
+
+def _wrapped(conn: Connection, cursor: Any, sql: str, values: Any, exc: Any) -> StatementError:
+    """The driver's error as SQLAlchemy's (IntegrityError, OperationalError, ...), so callers handle
+    errors from these statements exactly as from any other (busy, deadlock, lost connection)."""
+    invalidated = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
+    if invalidated:
+        conn.invalidate(exc)
+    error: StatementError = DBAPIError.instance(sql, values, exc, conn.dialect.loaded_dbapi.Error,
+                                                connection_invalidated=invalidated, dialect=conn.dialect)
+    return error
 
 
 def as_json(value: Any) -> str | None:
