@@ -124,19 +124,22 @@ def _line(row: dict[str, Any]) -> str:
     hand = ""
     if row.get("handoff_p50_ms") is not None:
         hand = f"  hand-off p50 {row['handoff_p50_ms']:.1f} ms p99 {row['handoff_p99_ms']:.1f} ms"
+    if row.get("spacing_s") and row.get("wakeup_p50_ms") is not None:
+        hand += f"  wake-up p50 {row['wakeup_p50_ms']:.1f} ms p99 {row['wakeup_p99_ms']:.1f} ms"
     return (f"{row['engine']:<14} {row.get('kind', ''):<11} {what:<7} {procs!s:>2} {detail:<14} "
             f"{row['steps_per_s']:>8,} steps/s{hand}")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     header = ("| engine | database | workload | procs | mode | steps/s | vs raw (unbatched) | vs raw (batched) "
-              "| hand-off p50 ms | p99 ms |\n|---|---|---|---:|---|---:|---:|---:|---:|---:|")
+              "| hand-off p50 ms | p99 ms | wake-up p50 ms | p99 ms |\n"
+              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [header]
     for r in rows:
         if r["engine"] == "flowdb-claim":
             continue
         if "error" in r:
-            lines.append(f"| {r['engine']} | {r.get('kind', '')} | | | unavailable: {r['error']} | | | | | |")
+            lines.append(f"| {r['engine']} | {r.get('kind', '')} | | | unavailable: {r['error']} | | | | | | | |")
             continue
         mode = {"raw-sql": f"batch {r.get('batch')}",
                 "flowdb": ("redis" if r.get("redis") else "poll") + (" (latency)" if r.get("spacing_s") else "")
@@ -144,7 +147,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                 }.get(r["engine"], f"v{r.get('version', '?')}")
         cells = [r["engine"], r.get("kind", ""), r.get("workload", ""), r.get("processes", ""), mode,
                  f"{r['steps_per_s']:,}", _fmt(r.get("vs_raw_unbatched")), _fmt(r.get("vs_raw_batched")),
-                 _fmt(r.get("handoff_p50_ms")), _fmt(r.get("handoff_p99_ms"))]
+                 _fmt(r.get("handoff_p50_ms")), _fmt(r.get("handoff_p99_ms")),
+                 # the wake-up only means something on idle workers (latency rows)
+                 _fmt(r.get("wakeup_p50_ms") if r.get("spacing_s") else None),
+                 _fmt(r.get("wakeup_p99_ms") if r.get("spacing_s") else None)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

@@ -13,7 +13,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -104,25 +103,27 @@ def _measure(engine: Engine, definition: CompiledDefinition, expected_steps: int
             target = started if kind == "step.started" else completed
             target.setdefault((instance_id, step_id), at)
         failed = conn.execute(select(func.count()).where(process_instances.c.status != "completed")).scalar_one()
+        instance_started = dict(conn.execute(select(events.c.instance_id, events.c.created_at)
+                                             .where(events.c.type == "instance.started")).tuples().all())
     if len(completed) != expected_steps or failed:
         raise RuntimeError(f"expected {expected_steps} completed steps, got {len(completed)} ({failed} bad instances)")
     first, last = min(started.values()), max(completed.values())
     seconds = (last - first).total_seconds()
     parents: dict[str, list[str]] = {sid: step.parents for sid, step in definition.steps.items()}
-    handoffs = []
-    by_instance: dict[int, list[str]] = defaultdict(list)
-    for instance_id, step_id in started:
-        by_instance[instance_id].append(step_id)
+    handoffs = []  # parent completed -> child claimed
+    wakeups = []  # instance started (by another process) -> its first step claimed by a worker
     for (instance_id, step_id), at in started.items():
         if parents[step_id]:
             ready = max(completed[(instance_id, p)] for p in parents[step_id])
             handoffs.append((at - ready).total_seconds() * 1000)
+        else:
+            wakeups.append((at - instance_started[instance_id]).total_seconds() * 1000)
     return {"steps": expected_steps, "seconds": round(seconds, 3), "steps_per_s": round(expected_steps / seconds),
-            **_percentiles(handoffs)}
+            **_percentiles("handoff", handoffs), **_percentiles("wakeup", wakeups)}
 
 
-def _percentiles(samples_ms: list[float]) -> dict[str, float | None]:
+def _percentiles(name: str, samples_ms: list[float]) -> dict[str, float | None]:
     if len(samples_ms) < 2:
-        return {"handoff_p50_ms": None, "handoff_p99_ms": None}
+        return {f"{name}_p50_ms": None, f"{name}_p99_ms": None}
     cuts = statistics.quantiles(samples_ms, n=100, method="inclusive")
-    return {"handoff_p50_ms": round(cuts[49], 2), "handoff_p99_ms": round(cuts[98], 2)}
+    return {f"{name}_p50_ms": round(cuts[49], 2), f"{name}_p99_ms": round(cuts[98], 2)}

@@ -32,7 +32,7 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path: Path, redis_url
     throughput = [r for r in flowdb if not r["spacing_s"]]
     assert all(r["vs_raw_unbatched"] is not None and r["vs_raw_batched"] is not None for r in throughput)
     latency = [r for r in flowdb if r["spacing_s"]]
-    assert latency and all(r["handoff_p50_ms"] is not None for r in latency)
+    assert latency and all(r["handoff_p50_ms"] is not None and r["wakeup_p50_ms"] is not None for r in latency)
     scale = [r for r in rows if r["engine"] == "flowdb-claim"]
     assert {(r["kind"], r["finished_rows"]) for r in scale} == {
         (k, n) for k in ("sqlite", "postgresql") for n in (1_000, 10_000)}
