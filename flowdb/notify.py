@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("flowdb.notify")
 CHANNEL = "flowdb:wake"
 RETRY_SECONDS = 5.0
 
 
+@functools.lru_cache(maxsize=4)
+def _sync_client(redis_url: str) -> Any:
+    import redis
+
+    # One client (and its connection pool) per URL for the life of the process: a connection per
+    # publish would cost a TCP handshake on every start.
+    return redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+
+
 def publish_sync(redis_url: str | None) -> None:
-    """Tell idle workers that steps became ready (used by commands outside the worker loop)."""
+    """Tell idle workers that steps became ready (used by code outside the worker loop)."""
     if not redis_url:
         return
     import redis
 
     try:
-        client = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
-        client.publish(CHANNEL, b"1")
-        client.close()
+        _sync_client(redis_url).publish(CHANNEL, b"1")
     except (redis.RedisError, OSError) as exc:
         log.warning("could not publish a wake-up to Redis (%s); workers will find the work by polling", exc)
 
