@@ -31,7 +31,7 @@ class Plan:
 
 
 FULL = Plan([("sqlite", 1), ("sqlite", 2), ("postgresql", 1), ("postgresql", 2), ("postgresql", 4)],
-            {"chain": 2000, "fanout": 200, "wide": 4000}, ["chain"], 100, 10_000, 500,
+            {"chain": 5000, "fanout": 400, "wide": 8000}, ["chain"], 100, 10_000, 500,
             [1_000, 100_000, 1_000_000])
 QUICK = Plan([("sqlite", 1), ("postgresql", 2)], {"chain": 200, "fanout": 20, "wide": 300}, ["chain"], 20, 1000, 60,
              [1_000, 10_000])
