@@ -33,14 +33,14 @@ class AgentBackend(Protocol):
 
 def as_reply(value: Any, agent: str) -> AgentReply:
     """What an agent returned, as a reply: an AgentReply, or a string / JSON-able value as output."""
-    import json
+    import orjson
 
     if isinstance(value, AgentReply):
         reply = value
     else:
         reply = AgentReply(output=value)
     try:
-        json.dumps(reply.output)
+        orjson.dumps(reply.output, option=orjson.OPT_NON_STR_KEYS)
     except (TypeError, ValueError) as exc:
         from flowdb.errors import StepFailure
 

@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
+import orjson
 from sqlalchemy import Connection
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, StatementError
@@ -86,8 +87,14 @@ def _wrapped(conn: Connection, cursor: Any, sql: str, values: Any, exc: Any) -> 
 
 
 def as_json(value: Any) -> str | None:
-    """A JSON column's value as the driver takes it (None stays SQL NULL)."""
-    return None if value is None else json.dumps(value, default=str)
+    """A JSON column's value as the driver takes it (None stays SQL NULL).
+
+    orjson: the hot path writes about five JSON values a step, and json.dumps costs ~6 µs each.
+    Values it cannot encode natively (Decimal, sets, ...) are written as their str(). Raises
+    TypeError for what cannot be JSON at all (integers past 64 bits, NaN handling aside)."""
+    if value is None:
+        return None
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def from_json(value: Any) -> Any:
