@@ -10,13 +10,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
-from sqlalchemy import Engine
 
 from flowdb import __version__
 from flowdb.agents.registry import AgentRegistry, find_agents_file
+from flowdb.cli_approvals import approvals_group
+from flowdb.cli_common import FlowdbGroup, agents_option, db_option, load_agents, open_database
 from flowdb.db import migrate
 from flowdb.db.engine import make_engine
 from flowdb.db.instances import StartRequest, deploy, find_definition, start_instances
@@ -24,42 +24,11 @@ from flowdb.definitions import CompiledDefinition, load_definition_file
 from flowdb.errors import DefinitionError, FlowdbError
 from flowdb.handlers import check_runnable
 from flowdb.inputs import parse_assignments
+from flowdb.notifications import Notifier
 from flowdb.notify import publish_sync
 from flowdb.settings import load_settings
 from flowdb.status import print_status, status_json
 from flowdb.worker import Worker, WorkerOptions
-
-db_option = click.option("--db", "db_url", envvar="FLOWDB_DATABASE_URL", default=None,
-                         help="Database URL (else FLOWDB_DATABASE_URL, else sqlite:///flowdb.sqlite3).")
-agents_option = click.option("--agents", "agents_file", default=None,
-                             help="Agents file (else FLOWDB_AGENTS, else agents.yaml beside the process file).")
-
-
-def open_database(db_url: str | None, *, migrate_sqlite: bool = True) -> Engine:
-    settings = load_settings(database_url=db_url)
-    engine = make_engine(settings.database_url)
-    if engine.dialect.name == "sqlite" and migrate_sqlite:
-        migrate.ensure_current(engine)  # the embedded default migrates itself on first use
-    elif migrate.current_revision(engine) != migrate.HEAD:
-        raise FlowdbError(f"the database at {engine.url.render_as_string()} is not at the current schema; "
-                          "run: flowdb db upgrade --db URL")
-    return engine
-
-
-def load_agents(agents_file: str | None, process_file: str | None) -> AgentRegistry:
-    path = find_agents_file(agents_file, process_file)
-    return AgentRegistry.from_file(path) if path else AgentRegistry.empty()
-
-
-class FlowdbGroup(click.Group):
-    """Print flowdb's own errors as messages (exit 1), never as tracebacks."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except FlowdbError as exc:
-            click.echo(f"error: {exc}" if not isinstance(exc, DefinitionError) else str(exc), err=True)
-            sys.exit(1)
 
 
 @click.group(cls=FlowdbGroup)
@@ -228,7 +197,7 @@ def worker(db_url: str | None, agents_file: str | None, concurrency: int | None,
         options.concurrency = concurrency
     if grace is not None:
         options.grace_seconds = grace
-    runner = Worker(engine, agents, options)
+    runner = Worker(engine, agents, options, notifier=Notifier.from_settings(settings))
     log = logging.getLogger("flowdb.worker")
     log.info("worker %s started on %s", options.name, engine.url.render_as_string())
 
@@ -272,7 +241,7 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
     view = LiveView(definition, instance_id)
     options = WorkerOptions(lease_seconds=settings.lease_seconds, poll_seconds=min(settings.poll_seconds, 0.2),
                             redis_url=settings.redis_url, instance_id=instance_id)
-    runner = Worker(engine, agents, options, listener=view.on_event)
+    runner = Worker(engine, agents, options, listener=view.on_event, notifier=Notifier.from_settings(settings))
     began = time.monotonic()
     checked = [began]
 
@@ -296,6 +265,20 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
 @main.command()
 @db_option
 @click.argument("instance_id", type=int)
+@click.option("--reason", default="cancelled by an operator", show_default=True, help="Kept as the instance's error.")
+def cancel(db_url: str | None, instance_id: int, reason: str) -> None:
+    """Cancel a running instance: its unfinished steps and pending approvals are cancelled."""
+    from flowdb.control import cancel_instance
+
+    engine = open_database(db_url)
+    steps = cancel_instance(engine, instance_id, reason)
+    click.echo(f"instance {instance_id} cancelled" + (f" ({len(steps)} unfinished step(s): {', '.join(steps)})"
+                                                      if steps else ""))
+
+
+@main.command()
+@db_option
+@click.argument("instance_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(db_url: str | None, instance_id: int, as_json: bool) -> None:
     """Show an instance: its steps, statuses, attempts, durations and outputs."""
@@ -306,3 +289,6 @@ def status(db_url: str | None, instance_id: int, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
         print_status(data)
+
+
+main.add_command(approvals_group)

@@ -8,9 +8,11 @@ from typing import Any
 
 import click
 
+from flowdb.db.approvals import ParkApproval
 from flowdb.db.claims import Claimed
 from flowdb.db.progress import Progress
 from flowdb.definitions import CompiledDefinition
+from flowdb.notifications import decide_command
 from flowdb.outcomes import Outcome
 
 MARKS = {"completed": "✓", "failed": "✗", "skipped": "–", "waiting": "…"}
@@ -54,6 +56,8 @@ class LiveView:
             if outcome.error:
                 line += f"  ({outcome.error})"
             click.echo(line)
+            if isinstance(outcome.approval, ParkApproval) and outcome.approval.notified:
+                click.echo(f"      waiting for a decision: {decide_command(outcome.approval.approval_id)}")
         for _, level, message in progress.action_logs:
             click.echo(f"  [{level}] {message}")
         for instance_id, status in progress.finished_instances:

@@ -97,6 +97,21 @@ class HumanApproval(StepBase):
     title: str | None = None
     instructions: str | None = None
 
+    @field_validator("approvers")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for approver in value:
+            key = approver.strip().lower()
+            if not key:
+                raise ValueError("an approver is empty; list identities such as email addresses")
+            if len(key) > 200:
+                raise ValueError(f"approver {approver[:40]!r}... is longer than 200 characters")
+            if key in seen:
+                raise ValueError(f"{approver!r} is listed twice (identities compare without case)")
+            seen.add(key)
+        return value
+
     @field_validator("quorum")
     @classmethod
     def _quorum(cls, value: int, info: ValidationInfo) -> int:
@@ -151,6 +166,14 @@ class Notification(StepBase):
     message: str
     to: list[str] = []
     title: str | None = None
+
+
+def effective_retry(model: StepBase) -> RetryPolicy | None:
+    """The step's retry policy: its own, or the default for steps that reach outside (agents,
+    approvals and their notices, notifications); None for steps that only compute."""
+    if model.retry is not None:
+        return model.retry
+    return DEFAULT_RETRY if isinstance(model, AgentTask | HumanApproval | Notification) else None
 
 
 Step = Annotated[

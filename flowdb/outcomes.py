@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flowdb.db.claims import Claimed
@@ -24,3 +24,7 @@ class Outcome:
     input: Any = None  # what the step was given (rendered message, ...), kept on the row
     taken: frozenset[str] | None = None  # children whose edge is taken; None = all (gateways choose)
     wake_in: float | None = None  # for `waiting`: seconds until the claim query should wake it
+    # Rows about an approval to write in the same transaction (db/approvals.py); it may turn the
+    # outcome into another (an expiry that lost the race against a human decision parks again).
+    approval: Any = None
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # recorded with the outcome

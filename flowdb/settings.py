@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///flowdb.sqlite3"
@@ -17,6 +19,20 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0)
     claim_batch: int = Field(default=32, ge=1, le=1000)
+
+    # Notifications (flowdb.notifications): email over SMTP, Slack incoming webhook.
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_sender: str | None = None
+    smtp_tls: Literal["none", "starttls", "ssl"] = "starttls"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    slack_webhook_url: str | None = None
+    # Webhook URLs resolving to private, loopback or link-local addresses are refused unless this is set.
+    notify_allow_private: bool = False
+    notify_attempts: int = Field(default=3, ge=1, le=20)
+    notify_backoff_seconds: float = Field(default=1.0, ge=0)
+    notify_timeout_seconds: float = Field(default=10.0, gt=0)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -29,7 +29,8 @@ from flowdb.db.progress import Progress, ProgressStatements, ProgressWriter, tem
 from flowdb.definitions import CompiledDefinition
 from flowdb.errors import TemplateError
 from flowdb.handlers import HANDLERS, StepContext
-from flowdb.models import DEFAULT_RETRY, AgentTask
+from flowdb.models import effective_retry
+from flowdb.notifications import Notifier
 from flowdb.notify import Waker
 from flowdb.outcomes import Outcome
 
@@ -54,9 +55,10 @@ Listener = Callable[[str, Any], None]
 
 class Worker:
     def __init__(self, engine: Engine, agents: AgentRegistry, options: WorkerOptions | None = None,
-                 listener: Listener | None = None) -> None:
+                 listener: Listener | None = None, notifier: Notifier | None = None) -> None:
         self.engine = engine
         self.agents = agents
+        self.notifier = notifier or Notifier.log_only()
         self.options = options or WorkerOptions()
         self.listener = listener or (lambda kind, data: None)
         dialect = engine.dialect.name
@@ -191,7 +193,9 @@ class Worker:
                                    input={"condition": step.condition.source, "value": False})
             except TemplateError as exc:
                 return Outcome(item, "failed", error=str(exc), retryable=False)
-        return StepContext(item, definition, step, context, self.agents, datetime.now(UTC))
+        handler = HANDLERS.get(item.type)
+        loaded = handler.load(conn, item) if handler is not None and hasattr(handler, "load") else None
+        return StepContext(item, definition, step, context, self.agents, datetime.now(UTC), self.notifier, loaded)
 
     async def _execute(self, ctx: StepContext) -> None:
         handler = HANDLERS.get(ctx.claimed.type)
@@ -218,7 +222,7 @@ class Worker:
             definitions[outcome.step.definition_id] = definition
             if outcome.kind == "failed" and outcome.retryable:
                 model = definition.steps[outcome.step.step_id].model
-                policy = model.retry or (DEFAULT_RETRY if isinstance(model, AgentTask) else None)
+                policy = effective_retry(model)
                 outcome.retry_delay = policy.delay_after(outcome.step.attempt) if policy else 0.0
         return definitions
 

@@ -13,7 +13,7 @@ from flowdb.db.tables import events, process_definitions, process_instances, ste
 from flowdb.definitions import CompiledDefinition, parse_definition
 from flowdb.errors import DefinitionConflict, IdempotencyConflict, NotFound
 from flowdb.inputs import validate_inputs
-from flowdb.models import DEFAULT_RETRY, AgentTask
+from flowdb.models import effective_retry
 
 D, I, S, E = process_definitions, process_instances, step_instances, step_edges  # noqa: E741
 
@@ -187,7 +187,7 @@ def _insert_instances(conn: Connection, definition_id: int, version: int, defini
         event_rows.append({"instance_id": instance_id, "step_instance_id": None, "type": "instance.started",
                            "payload": {"process": definition.name, "version": version}})
         for sid, step in definition.steps.items():
-            retry = step.model.retry or (DEFAULT_RETRY if isinstance(step.model, AgentTask) else None)
+            retry = effective_retry(step.model)
             step_rows.append({
                 "instance_id": instance_id, "definition_id": definition_id, "step_id": sid,
                 "type": step.type, "status": "pending" if step.parents else "ready",

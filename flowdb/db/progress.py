@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import BindParameter, Connection, Update, bindparam, case, literal, literal_column, select, update
 
+from flowdb.db.approvals import ApprovalStatements
 from flowdb.db.clock import Clock
 from flowdb.db.driver import DriverStatement, as_json
 from flowdb.db.tables import events, process_instances, step_edges, step_instances
@@ -125,6 +126,7 @@ class ProgressStatements:
         self.account_many = DriverStatement(self.account)
         self.insert_events = DriverStatement(events.insert().values(created_at=clock.now),
                                              ["instance_id", "step_instance_id", "type", "payload"])
+        self.approvals = ApprovalStatements(dialect_name)
 
 
 @dataclass
@@ -170,12 +172,16 @@ class ProgressWriter:
                   if row.status == "running"}
         live = []
         for o in outcomes:
-            if tokens.get(o.step.id) == o.step.lease_token:
-                live.append(o)
-            else:
+            for kind, payload in o.events:  # facts (a notice sent...) whether or not the lease still holds
+                batch.event(o.step.instance_id, kind, payload, o.step.id)
+            if tokens.get(o.step.id) != o.step.lease_token:
                 batch.progress.late.append(o)
                 batch.event(o.step.instance_id, "step.late_result_dropped",
                             {"attempt": o.step.attempt, "outcome": o.kind}, o.step.id)
+            elif o.approval is not None and self._approval(conn, o, batch):
+                batch.progress.made_ready += 1  # parked claimable now, or soon
+            else:
+                live.append(o)
         settling = [o for o in live if o.kind in ("completed", "skipped")]
         finals = [o for o in live if o.kind == "failed" and not self._retrying(o)]
         self.q.complete_many.executemany(conn, [self._completion(o) for o in settling + finals])
@@ -196,6 +202,17 @@ class ProgressWriter:
             self._fail_instance(conn, o.step.instance_id, f"step {o.step.step_id!r} failed: {o.error}", batch)
         self.q.insert_events.executemany(conn, batch.events)
         return batch.progress
+
+    def _approval(self, conn: Connection, o: Outcome, batch: _Batch) -> bool:
+        """Write the outcome's approval rows; True when that also parked the step."""
+        def event(kind: str, payload: dict[str, Any]) -> None:
+            batch.event(o.step.instance_id, kind, payload, o.step.id)
+
+        approval_id = self.q.approvals.apply(conn, o, event)
+        if approval_id is None:
+            return False
+        batch.event(o.step.instance_id, "step.waiting", {"approval_id": approval_id}, o.step.id)
+        return True
 
     @staticmethod
     def _retrying(o: Outcome) -> bool:
@@ -297,6 +314,9 @@ class ProgressWriter:
     def _fail_instance(self, conn: Connection, instance_id: int, error: str, batch: _Batch) -> None:
         for row in conn.execute(self.q.cancel_open_steps, {"iid": instance_id}).all():
             batch.event(instance_id, "step.cancelled", {"reason": "the instance failed"}, row.id)
+        for approval_id in self.q.approvals.cancel_for_instance(conn, instance_id):
+            batch.event(instance_id, "approval.cancelled",
+                        {"approval_id": approval_id, "reason": "the instance failed"})
         result = conn.execute(self.q.finish_instance, {"iid": instance_id, "status": "failed",
                                                        "outputs": None, "error": error})
         if result.rowcount:

@@ -145,3 +145,47 @@ events = Table(
     Column("created_at", Timestamp, nullable=False),
     Index("ix_events_instance_id_id", "instance_id", "id"),
 )
+
+# One row per approval a human_approval step opened. The approvers are a snapshot taken when it
+# opened; `status` is pending → approved | rejected | expired (nobody decided in time; `decision`
+# then holds what on_timeout decided, if anything) | cancelled (the instance stopped).
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("instance_id", Id, ForeignKey("process_instances.id"), nullable=False),
+    Column("step_instance_id", Id, ForeignKey("step_instances.id"), nullable=False),
+    Column("step_id", String(100), nullable=False),
+    Column("approvers", Json, nullable=False),
+    Column("quorum", Integer, nullable=False, server_default="1"),
+    Column("status", String(16), nullable=False),
+    Column("decision", String(16)),
+    Column("decided_by", String(200)),
+    Column("comment", Text),
+    Column("title", Text, nullable=False),
+    Column("instructions", Text),
+    Column("artifacts", Json, nullable=False),
+    Column("on_timeout", String(16), nullable=False),
+    Column("timeout_s", Numeric(18, 3, asdecimal=False)),
+    Column("due_at", Timestamp),
+    Column("reminders", Integer, nullable=False, server_default="0"),
+    Column("created_at", Timestamp, nullable=False),
+    Column("notified_at", Timestamp),
+    Column("decided_at", Timestamp),
+    Index("ix_approvals_status_created_at", "status", "created_at"),
+    Index("ix_approvals_step_instance_id", "step_instance_id"),
+    Index("ix_approvals_instance_id", "instance_id"),
+)
+
+# One row per approver of an approval (the inbox reads it by approver); `decision` is set when that
+# approver decides. `approver` is the identity as listed, trimmed and lower-cased.
+approval_approvers = Table(
+    "approval_approvers",
+    metadata,
+    Column("approval_id", Id, ForeignKey("approvals.id"), primary_key=True),
+    Column("approver", String(200), primary_key=True),
+    Column("decision", String(16)),
+    Column("comment", Text),
+    Column("decided_at", Timestamp),
+    Index("ix_approval_approvers_approver", "approver", "approval_id"),
+)

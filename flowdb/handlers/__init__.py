@@ -7,10 +7,13 @@ from flowdb.errors import DefinitionError, Located
 from flowdb.handlers.agent_task import AgentTaskHandler
 from flowdb.handlers.base import StepContext, StepHandler
 from flowdb.handlers.gateway import GatewayHandler
+from flowdb.handlers.human_approval import HumanApprovalHandler
+from flowdb.handlers.notification import NotificationHandler
 from flowdb.handlers.timer import TimerHandler
 
 HANDLERS: dict[str, StepHandler] = {
-    handler.type: handler for handler in (AgentTaskHandler(), GatewayHandler(), TimerHandler())
+    handler.type: handler for handler in (AgentTaskHandler(), GatewayHandler(), TimerHandler(), HumanApprovalHandler(),
+                                      NotificationHandler())
 }
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
+
+from sqlalchemy import Connection
 
 from flowdb.agents.registry import AgentRegistry
 from flowdb.db.claims import Claimed
 from flowdb.definitions import CompiledDefinition, CompiledStep
+from flowdb.notifications import Notifier
 from flowdb.outcomes import Outcome
 
 
@@ -20,6 +23,8 @@ class StepContext:
     templates: dict[str, Any]  # inputs, process, steps (only what the step's templates read)
     agents: AgentRegistry
     now: datetime  # UTC, for handlers that compute wall-clock times (timers)
+    notifier: Notifier = field(default_factory=Notifier.log_only)
+    loaded: Any = None  # what the handler's load() read in the claim's transaction, if it has one
 
     def outcome(self, kind: Any, **fields: Any) -> Outcome:
         return Outcome(self.claimed, kind, **fields)
@@ -31,3 +36,9 @@ class StepHandler(Protocol):
     type: str
 
     async def run(self, ctx: StepContext) -> Outcome: ...
+
+
+class LoadingHandler(StepHandler, Protocol):
+    """A handler that reads rows of its own (an approval...) in the claim's transaction."""
+
+    def load(self, conn: Connection, claimed: Claimed) -> Any: ...

@@ -1,0 +1,227 @@
+"""Deciding and listing approvals: the one implementation the command line and the HTTP API share.
+
+A decision is one transaction: lock the instance row (PostgreSQL; SQLite's write transactions
+are serial anyway), check the approval is pending and the caller an approver, count the vote, and
+when it decides the approval (quorum reached, or any rejection) close the approval with a
+conditional update and make the waiting step claimable. The first valid decision wins; every
+later one gets AlreadyDecided naming who decided and when. Every attempt, accepted or refused, is
+written as an event (except for an approval id that does not exist: there is no instance to file
+it under).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, func, insert, literal_column, select, update
+
+from flowdb.db.approvals import ApprovalRow, ApprovalStatements, approver_key, row_of
+from flowdb.db.clock import Clock
+from flowdb.db.tables import approval_approvers, approvals, events, process_instances
+from flowdb.errors import FlowdbError, NotFound
+from flowdb.notify import publish_sync
+
+A, AA, I = approvals, approval_approvers, process_instances  # noqa: E741
+DECISION_WORDS = {"approve": "approved", "approved": "approved", "reject": "rejected", "rejected": "rejected"}
+APPROVAL_STATUSES = ("pending", "approved", "rejected", "expired", "cancelled")
+
+
+class ApprovalError(FlowdbError):
+    """A decision that was refused; nothing was changed (the attempt is recorded as an event)."""
+
+    reason = "refused"
+
+
+class ApprovalNotFound(ApprovalError, NotFound):
+    reason = "not_found"
+
+
+class BadDecision(ApprovalError):
+    reason = "bad_decision"
+
+
+class NotAnApprover(ApprovalError):
+    reason = "not_an_approver"
+
+
+class AlreadyDecided(ApprovalError):
+    reason = "already_decided"
+
+
+class AlreadyVoted(ApprovalError):
+    reason = "already_voted"
+
+
+class ApprovalClosed(ApprovalError):
+    """The approval can no longer be decided: expired, cancelled, or its instance stopped."""
+
+    reason = "closed"
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One approver's part in an approval: decision None while they have not decided."""
+
+    approver: str
+    decision: str | None
+    comment: str | None
+    decided_at: datetime | None
+
+
+@dataclass(frozen=True)
+class DecisionResult:
+    approval: ApprovalRow  # as it stands after this decision
+    vote: str  # approved | rejected: what this caller decided
+    decided: bool  # the approval is now decided (quorum reached, or a rejection)
+    approvals_needed: int  # approvals still needed when not decided
+
+
+def normalize_decision(word: str) -> str:
+    decision = DECISION_WORDS.get(word.strip().lower())
+    if decision is None:
+        raise BadDecision(f"decision must be 'approve' or 'reject', not {word!r}")
+    return decision
+
+
+def decide(engine: Engine, approval_id: int, decision: str, identity: str, comment: str | None = None,
+           redis_url: str | None = None) -> DecisionResult:
+    """Record `identity`'s decision on an approval. Raises an ApprovalError subclass when refused."""
+    statements = ApprovalStatements(engine.dialect.name)
+    try:
+        if not identity or not identity.strip():
+            raise NotAnApprover("say who decides (an identity such as an email address)")
+        vote = normalize_decision(decision)
+        if comment is not None and len(comment) > 10_000:
+            raise BadDecision("the comment is longer than 10,000 characters")
+        with engine.begin() as conn:
+            result = _decide(conn, statements, approval_id, vote, identity.strip(), comment)
+    except ApprovalError as refused:
+        _record_refusal(engine, approval_id, identity, decision, refused)
+        raise
+    if result.decided:
+        publish_sync(redis_url)  # the waiting step is claimable: wake idle workers
+    return result
+
+
+def _decide(conn: Connection, q: ApprovalStatements, approval_id: int, vote: str, identity: str,
+            comment: str | None) -> DecisionResult:
+    found = conn.execute(select(A.c.instance_id).where(A.c.id == approval_id)).first()
+    if found is None:
+        raise ApprovalNotFound(f"approval {approval_id} does not exist; `flowdb approvals list` shows the open ones")
+    # The instance row first, as the workers' writers do: a decision and a step's outcome serialize.
+    lock = select(I.c.status).where(I.c.id == found.instance_id)
+    instance_status = conn.execute(lock.with_for_update() if q.postgres else lock).scalar_one()
+    approval = q.get(conn, approval_id)
+    assert approval is not None
+    if approval.status != "pending":
+        raise _closed(approval)
+    if instance_status != "running":
+        raise ApprovalClosed(f"approval {approval_id} belongs to instance {approval.instance_id}, which is "
+                             f"{instance_status}; it can no longer be decided")
+    approver = approver_key(identity)
+    listed = conn.execute(select(AA.c.decision, AA.c.decided_at).where(
+        AA.c.approval_id == approval_id, AA.c.approver == approver)).first()
+    if listed is None:
+        raise NotAnApprover(f"{identity} is not an approver of approval {approval_id} "
+                            f"(approvers: {', '.join(approval.approvers)})")
+    name = next((a for a in approval.approvers if approver_key(a) == approver), identity)  # as listed
+    if listed.decision is not None:
+        raise AlreadyVoted(f"{name} already {listed.decision} approval {approval_id} at "
+                           f"{_when(listed.decided_at)}; {_still_needed(conn, approval)} more approval(s) needed")
+    clock = Clock(conn.dialect.name)
+    conn.execute(update(AA).where(AA.c.approval_id == approval_id, AA.c.approver == approver,
+                                  AA.c.decision.is_(None))
+                 .values(decision=vote, comment=comment, decided_at=clock.now))
+    approved = _approved(conn, approval_id)
+    decided = vote == "rejected" or approved >= approval.quorum
+    payload: dict[str, Any] = {"approval_id": approval_id, "by": name, "decision": vote, "comment": comment}
+    if decided:
+        closed = conn.execute(
+            update(A).where(A.c.id == approval_id, A.c.status == literal_column("'pending'"))
+            .values(status=vote, decision=vote, decided_by=name, comment=comment, decided_at=clock.now))
+        if closed.rowcount != 1:  # cannot happen under the instance lock; refuse rather than guess
+            raise AlreadyDecided(f"approval {approval_id} was decided at the same moment; try `flowdb approvals "
+                                 f"show {approval_id}`")
+        conn.execute(q.wake_step, {"sid": approval.step_instance_id})
+        _event(conn, clock, approval, "approval.decided", payload)
+    else:
+        payload["approvals_needed"] = approval.quorum - approved
+        _event(conn, clock, approval, "approval.voted", payload)
+    after = q.get(conn, approval_id)
+    assert after is not None
+    return DecisionResult(after, vote, decided, 0 if decided else approval.quorum - approved)
+
+
+def _closed(approval: ApprovalRow) -> ApprovalError:
+    if approval.decided:
+        who = f" by {approval.decided_by}" if approval.decided_by else ""
+        return AlreadyDecided(f"approval {approval.id} was already {approval.status}{who} at "
+                              f"{_when(approval.decided_at)}")
+    if approval.status == "expired":
+        what = f" and was {approval.decision} by its on_timeout rule" if approval.decision else ""
+        return ApprovalClosed(f"approval {approval.id} expired at {_when(approval.decided_at)}{what}; "
+                              "it can no longer be decided")
+    return ApprovalClosed(f"approval {approval.id} is {approval.status} (its instance stopped); "
+                          "it can no longer be decided")
+
+
+def _approved(conn: Connection, approval_id: int) -> int:
+    return int(conn.execute(select(func.count()).where(AA.c.approval_id == approval_id,
+                                                       AA.c.decision == "approved")).scalar_one())
+
+
+def _still_needed(conn: Connection, approval: ApprovalRow) -> int:
+    return max(approval.quorum - _approved(conn, approval.id), 0)
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "an unknown time"
+
+
+def _event(conn: Connection, clock: Clock, approval: ApprovalRow, kind: str, payload: dict[str, Any]) -> None:
+    conn.execute(insert(events).values(instance_id=approval.instance_id, step_instance_id=approval.step_instance_id,
+                                       type=kind, payload=payload, created_at=clock.now))
+
+
+def _record_refusal(engine: Engine, approval_id: int, identity: str, decision: str, refused: ApprovalError) -> None:
+    """A refused attempt is an event too (in its own transaction: the decision's was rolled back)."""
+    with engine.begin() as conn:
+        found = conn.execute(select(A.c.instance_id, A.c.step_instance_id).where(A.c.id == approval_id)).first()
+        if found is None:
+            return
+        conn.execute(insert(events).values(
+            instance_id=found.instance_id, step_instance_id=found.step_instance_id, type="approval.refused",
+            payload={"approval_id": approval_id, "by": identity, "decision": decision, "reason": refused.reason,
+                     "error": str(refused)},
+            created_at=Clock(conn.dialect.name).now))
+
+
+def get_approval(engine: Engine, approval_id: int) -> tuple[ApprovalRow, list[Vote]]:
+    statements = ApprovalStatements(engine.dialect.name)
+    with engine.connect() as conn:
+        approval = statements.get(conn, approval_id)
+        if approval is None:
+            raise ApprovalNotFound(f"approval {approval_id} does not exist")
+        votes = [Vote(row.approver, row.decision, row.comment, row.decided_at) for row in conn.execute(
+            select(AA).where(AA.c.approval_id == approval_id).order_by(AA.c.approver))]
+    return approval, votes
+
+
+def list_approvals(engine: Engine, *, approver: str | None = None, status: str | None = None,
+                   instance_id: int | None = None, limit: int = 100) -> list[ApprovalRow]:
+    """Approvals, newest first; `approver` keeps those that list that identity (an inbox)."""
+    if status is not None and status not in APPROVAL_STATUSES:
+        raise BadDecision(f"status must be one of {', '.join(APPROVAL_STATUSES)}, not {status!r}")
+    clock = Clock(engine.dialect.name)
+    is_due = (A.c.due_at <= clock.now).label("is_due")
+    query = select(*A.c, is_due).order_by(A.c.id.desc()).limit(limit)
+    if approver is not None:
+        query = query.join(AA, AA.c.approval_id == A.c.id).where(AA.c.approver == approver_key(approver))
+    if status is not None:
+        query = query.where(A.c.status == status)
+    if instance_id is not None:
+        query = query.where(A.c.instance_id == instance_id)
+    with engine.connect() as conn:
+        return [row_of(row) for row in conn.execute(query).mappings()]

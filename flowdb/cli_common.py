@@ -1,0 +1,47 @@
+"""What every flowdb command shares: the --db and --agents options, opening the database, errors."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+from sqlalchemy import Engine
+
+from flowdb.agents.registry import AgentRegistry, find_agents_file
+from flowdb.db import migrate
+from flowdb.db.engine import make_engine
+from flowdb.errors import DefinitionError, FlowdbError
+from flowdb.settings import load_settings
+
+db_option = click.option("--db", "db_url", envvar="FLOWDB_DATABASE_URL", default=None,
+                         help="Database URL (else FLOWDB_DATABASE_URL, else sqlite:///flowdb.sqlite3).")
+agents_option = click.option("--agents", "agents_file", default=None,
+                             help="Agents file (else FLOWDB_AGENTS, else agents.yaml beside the process file).")
+
+
+def open_database(db_url: str | None, *, migrate_sqlite: bool = True) -> Engine:
+    settings = load_settings(database_url=db_url)
+    engine = make_engine(settings.database_url)
+    if engine.dialect.name == "sqlite" and migrate_sqlite:
+        migrate.ensure_current(engine)  # the embedded default migrates itself on first use
+    elif migrate.current_revision(engine) != migrate.HEAD:
+        raise FlowdbError(f"the database at {engine.url.render_as_string()} is not at the current schema; "
+                          "run: flowdb db upgrade --db URL")
+    return engine
+
+
+def load_agents(agents_file: str | None, process_file: str | None) -> AgentRegistry:
+    path = find_agents_file(agents_file, process_file)
+    return AgentRegistry.from_file(path) if path else AgentRegistry.empty()
+
+
+class FlowdbGroup(click.Group):
+    """Print flowdb's own errors as messages (exit 1), never as tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FlowdbError as exc:
+            click.echo(f"error: {exc}" if not isinstance(exc, DefinitionError) else str(exc), err=True)
+            sys.exit(1)

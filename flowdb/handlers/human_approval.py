@@ -1,0 +1,127 @@
+"""human_approval: open an approval, notify the approvers, wait for a decision or the timeout.
+
+The step comes back to a worker through the claim query at each turn (see db/approvals.py); this
+handler decides what the turn does from the approval row, read in the claim's transaction.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sqlalchemy import Connection
+
+from flowdb.db.approvals import ApprovalRow, ApprovalStatements, ExpireApproval, OpenApproval, ParkApproval
+from flowdb.db.claims import Claimed
+from flowdb.errors import TemplateError
+from flowdb.handlers.base import StepContext
+from flowdb.models import HumanApproval
+from flowdb.notifications import Delivery, Notice, Notifier
+from flowdb.outcomes import Outcome
+
+TIMEOUT_DECISIONS = {"approve": "approved", "reject": "rejected"}
+
+
+@functools.lru_cache(maxsize=2)
+def _statements(dialect_name: str) -> ApprovalStatements:
+    return ApprovalStatements(dialect_name)
+
+
+def decision_output(approval: ApprovalRow, *, timed_out: bool = False) -> dict[str, Any]:
+    """The step's output once decided: `{{steps.review.decision}}` reads it."""
+    return {"decision": approval.decision, "decided_by": approval.decided_by, "comment": approval.comment,
+            "decided_at": approval.decided_at.isoformat() if approval.decided_at else None,
+            "approval_id": approval.id, "timed_out": timed_out}
+
+
+class HumanApprovalHandler:
+    type = "human_approval"
+
+    def load(self, conn: Connection, claimed: Claimed) -> ApprovalRow | None:
+        """The approval a woken step waits on (read in the claim's transaction)."""
+        if not claimed.woken:
+            return None
+        return _statements(conn.dialect.name).get(conn, int(claimed.input["approval_id"]))
+
+    async def run(self, ctx: StepContext) -> Outcome:
+        model = ctx.step.model
+        assert isinstance(model, HumanApproval)
+        if not ctx.claimed.woken:
+            return self._open(ctx, model)
+        approval: ApprovalRow | None = ctx.loaded
+        if approval is None:
+            return ctx.outcome("failed", retryable=False,
+                               error=f"approval {ctx.claimed.input.get('approval_id')} no longer exists")
+        if approval.decided:
+            return ctx.outcome("completed", output=decision_output(approval), input={"approval_id": approval.id})
+        if approval.status != "pending":
+            return ctx.outcome("failed", retryable=False, input={"approval_id": approval.id},
+                               error=f"approval {approval.id} is {approval.status}")
+        if ctx.claimed.input.get("wake") == "notify":
+            events = await self._notify(ctx, approval, reminder=False)
+            return ctx.outcome("waiting", approval=ParkApproval(approval.id, notified=True), events=events)
+        if not approval.is_due:  # woken early (a decision that another turn already took): wait on
+            return ctx.outcome("waiting", approval=ParkApproval(approval.id))
+        return await self._timed_out(ctx, approval)
+
+    def _open(self, ctx: StepContext, model: HumanApproval) -> Outcome:
+        templates = ctx.step.templates
+        try:
+            title = (templates["title"].render(ctx.templates) if "title" in templates
+                     else f"Approval needed: {ctx.definition.name} / {model.id}")
+            instructions = templates["instructions"].render(ctx.templates) if "instructions" in templates else None
+            artifacts = [templates[f"artifacts.{i}"].render(ctx.templates) for i in range(len(model.artifacts))]
+        except TemplateError as exc:
+            return ctx.outcome("failed", error=str(exc), retryable=False)
+        change = OpenApproval(approvers=list(model.approvers), quorum=model.quorum, on_timeout=model.on_timeout,
+                              timeout_s=model.timeout, title=title, instructions=instructions, artifacts=artifacts)
+        return ctx.outcome("waiting", approval=change)
+
+    async def _timed_out(self, ctx: StepContext, approval: ApprovalRow) -> Outcome:
+        waited = f"{approval.timeout_s:g}s" if approval.timeout_s is not None else "its timeout"
+        if approval.on_timeout == "notify":
+            events = await self._notify(ctx, approval, reminder=True)
+            return ctx.outcome("waiting", approval=ParkApproval(approval.id, remind=True), events=events)
+        given = {"approval_id": approval.id}
+        if approval.on_timeout in TIMEOUT_DECISIONS:
+            decision = TIMEOUT_DECISIONS[approval.on_timeout]
+            output = {"decision": decision, "decided_by": None, "approval_id": approval.id, "timed_out": True,
+                      "comment": f"nobody decided within {waited}; on_timeout: {approval.on_timeout}",
+                      "decided_at": ctx.now.isoformat()}
+            return ctx.outcome("completed", output=output, input=given,
+                               approval=ExpireApproval(approval.id, decision))
+        return ctx.outcome("failed", retryable=False, input=given, approval=ExpireApproval(approval.id, None),
+                           error=f"approval {approval.id} expired: nobody decided within {waited} (on_timeout: fail)")
+
+    async def _notify(self, ctx: StepContext, approval: ApprovalRow, *,
+                      reminder: bool) -> list[tuple[str, dict[str, Any]]]:
+        """Send the approval's notices on every configured channel; each delivery becomes an event.
+        A channel that fails after its retries is recorded and does not hold the approval up."""
+        events = []
+        for notice in approval_notices(ctx.notifier, approval, reminder=reminder):
+            delivery: Delivery = await ctx.notifier.send(notice)
+            events.append(("approval.notified", {
+                "approval_id": approval.id, "channel": delivery.channel, "ok": delivery.ok,
+                "attempts": delivery.attempts, "error": delivery.error, "reminder": reminder}))
+        return events
+
+
+def approval_notices(notifier: Notifier, approval: ApprovalRow, *, reminder: bool) -> list[Notice]:
+    """One notice per configured channel: the log always, email to approvers that are addresses, Slack."""
+    title = f"Reminder: {approval.title}" if reminder else approval.title
+    text = approval.instructions or (f"Instance {approval.instance_id} waits for your decision on step "
+                                     f"{approval.step_id!r}.")
+    if approval.quorum > 1:
+        text += f" {approval.quorum} approvals are needed."
+
+    def notice(channel: str, to: tuple[str, ...] = ()) -> Notice:
+        return Notice(channel, title, text, to=to, artifacts=tuple(approval.artifacts), approval_id=approval.id,
+                      instance_id=approval.instance_id)
+
+    notices = [notice("log")]
+    emails = tuple(a for a in approval.approvers if "@" in a)
+    if emails and notifier.configured("email"):
+        notices.append(notice("email", emails))
+    if notifier.configured("slack"):
+        notices.append(notice("slack"))
+    return notices
