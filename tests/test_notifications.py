@@ -6,26 +6,17 @@ No database. Backoffs are tiny so the whole file runs in a few seconds.
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
 import ipaddress
 import json
 import logging
 import socket
 import ssl
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from email.message import EmailMessage
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import trustme
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP as SMTPServer
-from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from flowdb.notifications import (
     ChannelNotConfigured,
@@ -40,13 +31,9 @@ from flowdb.notifications.notifier import backoff_delay
 from flowdb.notifications.outbound import check_address, check_url
 from flowdb.settings import Settings
 
+from servers import Collecting, Webhook, free_port
+
 DECIDE_42 = "flowdb approvals decide 42 approve|reject --as <you>"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def send(notifier: Notifier, notice: Notice, attempts: int | None = None) -> Delivery:
@@ -54,51 +41,6 @@ def send(notifier: Notifier, notice: Notice, attempts: int | None = None) -> Del
 
 
 # --- SMTP -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Collecting:
-    """aiosmtpd handler: keeps every message; answers DATA with `reply`."""
-
-    reply: str = "250 Message accepted for delivery"
-    envelopes: list[Envelope] = field(default_factory=list)
-    data_calls: int = 0
-
-    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
-        self.data_calls += 1
-        if self.reply.startswith("250"):
-            self.envelopes.append(envelope)
-        return self.reply
-
-    def bodies(self) -> list[str]:
-        """Message bodies with the wire's CRLF line ends turned back into newlines."""
-        return [str(m.get_content()).replace("\r\n", "\n") for m in self.messages()]
-
-    def messages(self) -> list[EmailMessage]:
-        out = []
-        for env in self.envelopes:
-            assert isinstance(env.content, bytes)
-            msg = email.message_from_bytes(env.content, policy=email.policy.default)
-            assert isinstance(msg, EmailMessage)
-            out.append(msg)
-        return out
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[Callable[..., tuple[Collecting, int]]]:
-    controllers: list[Controller] = []
-
-    def start(handler: Collecting | None = None, **kwargs: Any) -> tuple[Collecting, int]:
-        handler = handler or Collecting()
-        port = free_port()
-        controller = Controller(handler, hostname="127.0.0.1", port=port, **kwargs)
-        controller.start()
-        controllers.append(controller)
-        return handler, port
-
-    yield start
-    for c in controllers:
-        c.stop()
 
 
 def email_config(port: int, **overrides: Any) -> NotifierConfig:
@@ -220,68 +162,6 @@ def test_bad_recipients_fail_at_once(smtp_server: Any, to: tuple[str, ...], mess
 
 
 # --- Slack webhook ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Recorded:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-class Webhook:
-    """A ThreadingHTTPServer on 127.0.0.1 answering POSTs from a script of (status, headers, body)."""
-
-    def __init__(
-        self, script: list[tuple[int, dict[str, str], bytes]] | None = None, tls: ssl.SSLContext | None = None
-    ) -> None:
-        self.script = list(script or [])
-        self.requests: list[Recorded] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                hook.requests.append(Recorded(self.path, dict(self.headers.items()), body))
-                status, headers, reply = hook.script.pop(0) if hook.script else (200, {}, b"ok")
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str = "/services/T000/B000/secret") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def webhook() -> Iterator[Callable[..., Webhook]]:
-    servers: list[Webhook] = []
-
-    def start(
-        script: list[tuple[int, dict[str, str], bytes]] | None = None, tls: ssl.SSLContext | None = None
-    ) -> Webhook:
-        servers.append(Webhook(script, tls))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
 
 
 def slack_config(url: str, **overrides: Any) -> NotifierConfig:
