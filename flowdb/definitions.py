@@ -23,6 +23,7 @@ from flowdb.expressions import ROOT_NAMES, Condition, References, Template, comp
 from flowdb.inputs import check_defaults
 from flowdb.models import (
     COMMON_FIELDS,
+    Action,
     AgentTask,
     Document,
     Gateway,
@@ -89,8 +90,8 @@ class CompiledDefinition:
     content_hash: str
     steps: dict[str, CompiledStep]
     edges: list[Edge]
-    on_success: list[tuple[str, Template]]
-    on_failure: list[tuple[str, Template]]
+    on_success: list[tuple[Action, Template]]  # each output action with its compiled message
+    on_failure: list[tuple[Action, Template]]
     filename: str = "<definition>"
 
     @property
@@ -184,7 +185,7 @@ def _merge_config(data: dict[str, Any], locator: Locator) -> dict[str, Any]:
 
 def _compile(
     process: Process, locator: Locator, problems: list[Located]
-) -> tuple[dict[str, CompiledStep], list[Edge], list[tuple[str, Template]], list[tuple[str, Template]]]:
+) -> tuple[dict[str, CompiledStep], list[Edge], list[tuple[Action, Template]], list[tuple[Action, Template]]]:
     step_path: dict[str, Path] = {}
     steps: dict[str, CompiledStep] = {}
     for index, model in enumerate(process.steps):
@@ -233,14 +234,14 @@ def _compile(
     for name, problem in check_defaults(process.inputs):
         problems.append(locator.value(("process", "inputs", name, "default"), problem))
 
-    def actions(kind: str) -> list[tuple[str, Template]]:
+    def actions(kind: str) -> list[tuple[Action, Template]]:
         out = []
         for i, action in enumerate(getattr(process.output, kind)):
             where: Path = ("process", "output", kind, i, "message")
             template = _template(action.message, where, locator, problems)
             if template is not None:
                 _check_refs(template.refs, where, None, frozenset(steps), process, steps, locator, problems)
-                out.append((action.level, template))
+                out.append((action, template))
         return out
 
     return steps, edges, actions("on_success"), actions("on_failure")

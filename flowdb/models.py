@@ -62,9 +62,23 @@ class LogAction(Strict):
     level: Literal["info", "warning", "error"] = "info"
 
 
+class NotifyAction(Strict):
+    """Send a notice when the instance finishes (after the commit; see worker.py)."""
+
+    type: Literal["notify"]
+    channel: Literal["log", "email", "slack"]
+    message: str
+    title: str | None = None
+    to: list[str] = []
+
+
+Action = Annotated[LogAction | NotifyAction, Field(discriminator="type")]
+ACTION_TYPES = ("log", "notify")
+
+
 class OutputActions(Strict):
-    on_success: list[LogAction] = []
-    on_failure: list[LogAction] = []
+    on_success: list[Action] = []
+    on_failure: list[Action] = []
 
 
 class StepBase(Strict):

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from flowdb.errors import Located
-from flowdb.models import STEP_TYPES, AgentTask, Gateway, HumanApproval, Notification, SubProcess, Timer
+from flowdb.models import ACTION_TYPES, STEP_TYPES, AgentTask, Gateway, HumanApproval, Notification, SubProcess, Timer
 from flowdb.yamlsafe import Path, Positions
 
 
@@ -102,6 +102,9 @@ def _strip_tags(loc: tuple[Any, ...]) -> Path:
     out: list[Any] = []
     for index, part in enumerate(loc):
         if part in STEP_TYPES and index >= 1 and isinstance(loc[index - 1], int):
+            continue
+        if part in ACTION_TYPES and index >= 2 and isinstance(loc[index - 1], int) \
+                and loc[index - 2] in ("on_success", "on_failure"):
             continue
         if isinstance(part, str) and part.startswith(("function-", "union[")):
             continue
@@ -234,6 +237,9 @@ def _describe(error: Any, loc: Path, data: Any) -> str:
         return f"unknown field {name!r} {where}{belongs}{suggest(name, allowed)}{hint}"
     if kind == "missing":
         return f"missing required field {name!r} {where}"
+    if kind == "union_tag_invalid" and {"on_success", "on_failure"} & set(loc):
+        tag = str(error.get("ctx", {}).get("tag"))
+        return f"unknown action type {tag!r}{suggest(tag, ACTION_TYPES)}; expected one of: {', '.join(ACTION_TYPES)}"
     if kind == "union_tag_invalid":
         tag = str(error.get("ctx", {}).get("tag"))
         return f"unknown step type {tag!r}{suggest(tag, STEP_TYPES)}; expected one of: {', '.join(STEP_TYPES)}"

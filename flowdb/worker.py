@@ -19,18 +19,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from flowdb.agents.registry import AgentRegistry
 from flowdb.db.claims import Claimed, ClaimStatements
 from flowdb.db.instances import DefinitionCache
 from flowdb.db.progress import Progress, ProgressStatements, ProgressWriter, template_context
+from flowdb.db.tables import events
 from flowdb.definitions import CompiledDefinition
 from flowdb.errors import TemplateError
 from flowdb.handlers import HANDLERS, StepContext
 from flowdb.models import effective_retry
-from flowdb.notifications import Notifier
+from flowdb.notifications import Notice, Notifier
 from flowdb.notify import Waker
 from flowdb.outcomes import Outcome
 
@@ -70,6 +71,7 @@ class Worker:
         self.stopping = False
         self.finished: list[tuple[int, str]] = []
         self.abandoned = 0  # handlers still running when shutdown released their steps
+        self.sending: set[asyncio.Task[None]] = set()  # output-action notices on their way
         self._conn: Connection | None = None
         self._nudge: asyncio.Event | None = None
         self._waker: Waker | None = None
@@ -241,10 +243,27 @@ class Worker:
                         late.step.step_id, late.step.instance_id)
         for instance_id, level, message in progress.action_logs:
             log.log(logging.getLevelNamesMapping()[level.upper()], "[instance %s] %s", instance_id, message)
+        for instance_id, notice in progress.action_notices:
+            task = asyncio.create_task(self._send_action_notice(instance_id, notice))
+            self.sending.add(task)
+            task.add_done_callback(self.sending.discard)
         self.finished.extend(progress.finished_instances)
         self.listener("progress", (outcomes, progress))
         if progress.made_ready and self._waker is not None:
             await self._waker.publish()
+
+    async def _send_action_notice(self, instance_id: int, notice: Notice) -> None:
+        """An output action's notice, sent after its instance's end was committed (best effort: a
+        worker killed in between does not send it; the `action.notify` event shows it was due)."""
+        delivery = await self.notifier.send(notice)
+        payload = {"channel": delivery.channel, "ok": delivery.ok, "attempts": delivery.attempts,
+                   "error": delivery.error}
+        try:
+            self._transaction(lambda conn: conn.execute(
+                insert(events).values(instance_id=instance_id, type="action.notified", payload=payload,
+                                      created_at=self.claims.clock.now)))
+        except (OperationalError, DBAPIError) as exc:
+            log.warning("could not record the delivery of a notice for instance %s: %s", instance_id, exc.orig)
 
     def _heartbeat(self) -> None:
         held = [item for item, task in self.inflight.values() if task is not None and not task.done()]
@@ -263,6 +282,7 @@ class Worker:
 
     async def _shutdown(self) -> None:
         tasks = [task for _, task in self.inflight.values() if task is not None and not task.done()]
+        tasks += list(self.sending)
         if tasks:
             await asyncio.wait(tasks, timeout=self.options.grace_seconds)
             self.abandoned = sum(not task.done() for task in tasks)

@@ -169,3 +169,47 @@ def test_notification_step_retries_a_failing_server_then_fails(db: Database, smt
     assert step.status == "failed" and step.attempt == 2 and "451" in step.error
     assert refusing.data_calls == 2  # one delivery per step attempt: the step's retry policy spaces them
     assert instance(db.engine, iid).status == "failed"
+
+
+ACTIONS = """
+process:
+  name: actions-{agent}
+  steps:
+    - id: work
+      type: agent_task
+      agent: {agent}
+      message: "do it"
+      retry: {{max_attempts: 1}}
+  output:
+    on_success:
+      - {{type: notify, channel: email, to: [boss@example.com], message: "{{{{process.name}}}} done"}}
+    on_failure:
+      - {{type: notify, channel: slack, title: "flowdb alert", message: "{{{{process.name}}}} failed"}}
+"""
+
+
+def test_output_actions_notify_when_the_instance_ends(db: Database, smtp_server: Any, webhook: Any) -> None:
+    import time
+
+    mailbox, port = smtp_server()
+    hook: Webhook = webhook()
+    notifier = Notifier(config(**smtp(port), slack_webhook_url=hook.url(), allow_private=True))
+    [ok] = start(db.engine, ACTIONS.format(agent="writer"))
+    [bad] = start(db.engine, ACTIONS.format(agent="missing-agent"))
+
+    def sent() -> bool:
+        with db.engine.connect() as conn:
+            return len(conn.execute(select(events.c.id).where(events.c.type == "action.notified")).all()) == 2
+
+    deadline = time.monotonic() + 20
+    drive(db.engine, notifier, lambda: sent() or time.monotonic() > deadline)
+    assert (instance(db.engine, ok).status, instance(db.engine, bad).status) == ("completed", "failed")
+    [mail] = mailbox.messages()
+    assert mail["To"] == "boss@example.com" and mail["Subject"] == f"actions-writer: instance {ok} completed"
+    assert "actions-writer done" in mailbox.bodies()[0]
+    [posted] = hook.requests
+    assert "flowdb alert" in json.loads(posted.body)["text"] and "actions-missing-agent failed" in posted.body.decode()
+    with db.engine.connect() as conn:
+        rows = conn.execute(select(events.c.instance_id, events.c.payload).where(events.c.type == "action.notified"))
+        assert {row.instance_id: (row.payload["channel"], row.payload["ok"]) for row in rows} == {
+            ok: ("email", True), bad: ("slack", True)}

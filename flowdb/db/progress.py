@@ -24,6 +24,8 @@ from flowdb.db.tables import events, process_instances, step_edges, step_instanc
 from flowdb.definitions import CompiledDefinition
 from flowdb.errors import TemplateError
 from flowdb.expressions import StepView
+from flowdb.models import Action, LogAction
+from flowdb.notifications import Notice
 from flowdb.outcomes import Outcome
 
 log = logging.getLogger("flowdb.progress")
@@ -43,6 +45,7 @@ class Progress:
     made_ready: int = 0
     finished_instances: list[tuple[int, str]] = field(default_factory=list)
     action_logs: list[tuple[int, str, str]] = field(default_factory=list)  # (instance, level, message)
+    action_notices: list[tuple[int, Notice]] = field(default_factory=list)  # to send once committed
 
 
 class ProgressStatements:
@@ -326,17 +329,25 @@ class ProgressWriter:
             self._actions(conn, instance_id, definition, definition.on_failure, batch)
 
     def _actions(self, conn: Connection, instance_id: int, definition: CompiledDefinition,
-                 actions: list[tuple[str, Any]], batch: _Batch) -> None:
+                 actions: list[tuple[Action, Any]], batch: _Batch) -> None:
         if not actions:
             return
         context = template_context(conn, instance_id, definition)
-        for level, template in actions:
+        for action, template in actions:
+            level = action.level if isinstance(action, LogAction) else "info"
             try:
                 message = template.render(context)
             except TemplateError as exc:
                 message, level = f"output action failed to render: {exc}", "error"
-            batch.event(instance_id, "action.log", {"level": level, "message": message})
-            batch.progress.action_logs.append((instance_id, level, message))
+                action = LogAction(type="log", message=message, level="error")
+            if isinstance(action, LogAction):
+                batch.event(instance_id, "action.log", {"level": level, "message": message})
+                batch.progress.action_logs.append((instance_id, level, message))
+                continue
+            title = action.title or f"{definition.name}: instance {instance_id} {context['process']['status']}"
+            batch.event(instance_id, "action.notify", {"channel": action.channel, "title": title, "message": message})
+            batch.progress.action_notices.append(
+                (instance_id, Notice(action.channel, title, message, to=tuple(action.to), instance_id=instance_id)))
 
 
 def template_context(conn: Connection, instance_id: int, definition: CompiledDefinition,
