@@ -7,6 +7,7 @@ again while instances run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -66,7 +67,7 @@ class CompiledStep:
     def type(self) -> str:
         return str(self.model.type)
 
-    @property
+    @functools.cached_property
     def references(self) -> References:
         """Union of what this step's templates and condition read (to load only that)."""
         parts = [t.refs for t in self.templates.values()]

@@ -48,7 +48,6 @@ process:
       config:
         approvers: [{", ".join(APPROVERS)}]
         quorum: 1
-        title: "Review instance {{{{process.instance_id}}}}"
     - id: publish
       type: agent_task
       agent: counted
@@ -229,6 +228,7 @@ def test_fifty_approvers_deciding_at_once_from_five_processes(db: Database, tmp_
 
 def test_worker_killed_while_approvals_wait_and_a_new_one_takes_the_decisions(db: Database, tmp_path: Path) -> None:
     call_log = tmp_path / "calls.log"
+    expected = {"approve": ("approved", "completed"), "reject": ("rejected", "skipped")}
     ids = start(db.engine, REVIEWED, count=3)
     fleet = Fleet(fleet_env(db, FLOWDB_TEST_CALL_LOG=str(call_log)), tmp_path)
     try:
@@ -241,7 +241,7 @@ def test_worker_killed_while_approvals_wait_and_a_new_one_takes_the_decisions(db
         decisions = dict(zip(ids, ["approve", "approve", "reject"], strict=True))
         for iid, decision in decisions.items():
             result = decide(db.engine, rows[iid].id, decision, MANAGER, comment=f"{decision} {iid}")
-            assert result.decided and result.approval.status == f"{decision}d"
+            assert result.decided and result.approval.status == expected[decision][0]
         assert {iid: {sid: r.status for sid, r in steps(db.engine, iid).items()} for iid in ids} == {
             iid: {"draft": "completed", "review": "waiting", "publish": "pending"} for iid in ids}
         assert instance_statuses(db.engine) == {"running": 3}
@@ -254,7 +254,6 @@ def test_worker_killed_while_approvals_wait_and_a_new_one_takes_the_decisions(db
     finally:
         fleet.close()
 
-    expected = {"approve": ("approved", "completed"), "reject": ("rejected", "skipped")}
     calls = read_call_log(call_log)
     for iid, decision in decisions.items():
         rows_now = steps(db.engine, iid)
@@ -333,16 +332,19 @@ def test_sigterm_during_the_notify_turn_releases_the_step_and_a_decision_still_l
     [iid] = start(db.engine, REVIEWED)
     env = fleet_env(db, FLOWDB_TEST_CALL_LOG=str(call_log), FLOWDB_SLACK_WEBHOOK_URL=hanging_webhook.url(),
                     FLOWDB_NOTIFY_ALLOW_PRIVATE="true", FLOWDB_NOTIFY_ATTEMPTS="1")
-    fleet = Fleet(env, tmp_path, "--grace", "0.5")
+    # One fleet per worker: a worker that exited on SIGTERM must not count as a crash later.
+    for name in ("before", "after"):
+        (tmp_path / name).mkdir()
+    before, after = Fleet(env, tmp_path / "before", "--grace", "0.5"), Fleet(env, tmp_path / "after")
     try:
-        [first] = fleet.start(1)
-        wait_until(lambda: hanging_webhook.received == 1, 30, "the notify turn to reach the webhook", 0.05, fleet)
+        [first] = before.start(1)
+        wait_until(lambda: hanging_webhook.received == 1, 30, "the notify turn to reach the webhook", 0.05, before)
         review = steps(db.engine, iid)["review"]
         assert (review.status, int(review.lease_owner.split(":")[-2])) == ("running", first)
         began = time.monotonic()
-        assert fleet.terminate(20) == {first: 0}, fleet.all_output()[-5000:]
+        assert before.terminate(20) == {first: 0}, before.all_output()[-5000:]
         assert time.monotonic() - began < 8
-        assert "released 1 step(s)" in fleet.output(first)
+        assert "released 1 step(s)" in before.output(first)
 
         review = steps(db.engine, iid)["review"]
         assert (review.status, review.attempt, review.lease_token) == ("ready", 0, None)
@@ -352,12 +354,13 @@ def test_sigterm_during_the_notify_turn_releases_the_step_and_a_decision_still_l
         assert result.decided and steps(db.engine, iid)["review"].status == "ready"
 
         hanging_webhook.release.set()
-        [second] = fleet.start(1)
+        [second] = after.start(1)
         wait_until(lambda: instance(db.engine, iid).status == "completed", 20, "the instance to complete",
-                   0.05, fleet)
-        assert fleet.terminate(20) == {second: 0}, fleet.all_output()[-5000:]
+                   0.05, after)
+        assert after.terminate(20) == {second: 0}, after.all_output()[-5000:]
     finally:
-        fleet.close()
+        before.close()
+        after.close()
 
     rows = steps(db.engine, iid)
     review = rows["review"]

@@ -65,7 +65,8 @@ class ClaimStatements:
                 lease_expires_at=clock.plus(lease),
                 claimable_at=clock.plus(lease),
                 heartbeat_at=clock.now,
-                started_at=clock.now,
+                # A woken step (timer, approval) keeps the start of its attempt: the wait is part of it.
+                started_at=case((was_waiting, S.c.started_at), else_=clock.now),
                 attempt=S.c.attempt + case((was_waiting, literal(0)), else_=literal(1)),
                 error=case(
                     (S.c.status == RUNNING, literal("lease of worker ") + S.c.lease_owner

@@ -10,7 +10,8 @@ Values must be driver-ready: JSON is passed as text (json.dumps), times are comp
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, cast
 
 import orjson
@@ -30,6 +31,7 @@ class DriverStatement:
         self._dialect: str | None = None
         self._sql = ""
         self._order: tuple[str, ...] | None = None
+        self._getter: Callable[[Mapping[str, Any]], Any] | None = None
         self._fixed: dict[str, Any] = {}  # values written into the statement itself (e.g. `x=None`)
 
     def _compile(self, dialect: Dialect) -> str:
@@ -37,6 +39,9 @@ class DriverStatement:
             compiled = cast(SQLCompiler, self.statement.compile(dialect=dialect, column_keys=self.column_keys))
             # qmark (SQLite) wants a tuple in the order the parameters appear; pyformat (psycopg) a dict.
             self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
+            if self._order:  # itemgetter builds the tuple in C (a row per step: this is hot)
+                getter = itemgetter(*self._order)
+                self._getter = getter if len(self._order) > 1 else (lambda row: (getter(row),))
             self._fixed = {compiled.bind_names[bind]: bind.effective_value
                            for bind in compiled.binds.values() if not bind.required}
             self._sql = compiled.string
@@ -46,7 +51,9 @@ class DriverStatement:
     def _values(self, row: Mapping[str, Any]) -> Any:
         if self._fixed:
             row = {**self._fixed, **row}
-        return tuple(row[name] for name in self._order) if self._order is not None else row
+        if self._getter is not None:
+            return self._getter(row)
+        return () if self._order is not None else row
 
     def execute(self, conn: Connection, row: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Run once; return the rows it returns (RETURNING), or [] when it returns none."""
