@@ -21,7 +21,7 @@ from flowdb.db.approvals import ApprovalRow, ApprovalStatements, approver_key, r
 from flowdb.db.clock import Clock
 from flowdb.db.tables import approval_approvers, approvals, events, process_instances
 from flowdb.errors import FlowdbError, NotFound
-from flowdb.notify import publish_sync
+from flowdb.notify import publish_events_sync, publish_sync
 
 A, AA, I = approvals, approval_approvers, process_instances  # noqa: E741
 DECISION_WORDS = {"approve": "approved", "approved": "approved", "reject": "rejected", "rejected": "rejected"}
@@ -99,7 +99,9 @@ def decide(engine: Engine, approval_id: int, decision: str, identity: str, comme
             result = _decide(conn, statements, approval_id, vote, identity.strip(), comment)
     except ApprovalError as refused:
         _record_refusal(engine, approval_id, identity, decision, refused)
+        publish_events_sync(redis_url)  # the refusal is an event: live streams show it
         raise
+    publish_events_sync(redis_url)
     if result.decided:
         publish_sync(redis_url)  # the waiting step is claimable: wake idle workers
     return result

@@ -17,6 +17,7 @@ from flowdb import __version__
 from flowdb.agents.registry import AgentRegistry, find_agents_file
 from flowdb.cli_approvals import approvals_group
 from flowdb.cli_common import FlowdbGroup, agents_option, db_option, load_agents, open_database
+from flowdb.cli_tokens import tokens_group
 from flowdb.db import migrate
 from flowdb.db.engine import make_engine
 from flowdb.db.instances import StartRequest, deploy, find_definition, start_instances
@@ -25,7 +26,7 @@ from flowdb.errors import DefinitionError, FlowdbError
 from flowdb.handlers import check_runnable
 from flowdb.inputs import parse_assignments
 from flowdb.notifications import Notifier
-from flowdb.notify import publish_sync
+from flowdb.notify import publish_events_sync, publish_sync
 from flowdb.settings import load_settings
 from flowdb.status import print_status, status_json
 from flowdb.worker import Worker, WorkerOptions
@@ -158,7 +159,9 @@ def start(db_url: str | None, name: str, inputs: tuple[str, ...], inputs_file: s
             [(instance_id, _)] = start_instances(conn, definition_id, version, definition, [request],
                                                  from_text=True)
         click.echo(instance_id)
-    publish_sync(load_settings().redis_url)
+    redis_url = load_settings().redis_url
+    publish_sync(redis_url)
+    publish_events_sync(redis_url)
 
 
 def _read_inputs_file(path: str) -> list[StartRequest]:
@@ -292,3 +295,16 @@ def status(db_url: str | None, instance_id: int, as_json: bool) -> None:
 
 
 main.add_command(approvals_group)
+main.add_command(tokens_group)
+
+
+def _add_plugin_commands() -> None:
+    """Commands other packages register under the `flowdb.commands` entry point (api/ adds `serve`):
+    flowdb itself never imports them."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="flowdb.commands"):
+        main.add_command(entry.load(), entry.name)
+
+
+_add_plugin_commands()

@@ -81,6 +81,7 @@ class CompiledStep:
             frozenset().union(*(p.steps for p in parts)),
             frozenset(),
             any(p.dynamic_steps for p in parts),
+            frozenset().union(*(p.roots for p in parts)),
         )
 
 

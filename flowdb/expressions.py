@@ -39,10 +39,11 @@ class References:
     steps: frozenset[str] = frozenset()
     unknown_roots: frozenset[str] = frozenset()
     dynamic_steps: bool = False
+    roots: frozenset[str] = frozenset()  # which of inputs, steps, process it reads at all
 
     @property
     def needs_context(self) -> bool:
-        return bool(self.inputs or self.steps or self.dynamic_steps)
+        return bool(self.roots or self.inputs or self.steps or self.dynamic_steps)
 
 
 ROOT_NAMES = frozenset({"inputs", "steps", "process"})
@@ -74,7 +75,7 @@ def _references(ast: nodes.Node) -> References:
         isinstance(n, nodes.Name) and n.name == "steps" for n in _names_not_subscripted(ast)
     )
     return References(frozenset(inputs), frozenset(steps), frozenset(roots - ROOT_NAMES),
-                      dynamic or bare_steps)
+                      dynamic or bare_steps, frozenset(roots & ROOT_NAMES))
 
 
 def _names_not_subscripted(ast: nodes.Node) -> list[nodes.Name]:

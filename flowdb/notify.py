@@ -1,4 +1,9 @@
-"""Wake-ups over Redis pub/sub. Optional: without Redis (or when it goes away) workers just poll."""
+"""Wake-ups over Redis pub/sub. Optional: without Redis (or when it goes away) workers just poll.
+
+Two channels: CHANNEL ("flowdb:wake") tells idle workers that steps became ready; EVENTS_CHANNEL
+("flowdb:events") tells the API's event streams that rows were added to the events table. A message
+carries no data: the tables are the truth, a message only says "read them now".
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Any
 
 log = logging.getLogger("flowdb.notify")
 CHANNEL = "flowdb:wake"
+EVENTS_CHANNEL = "flowdb:events"
 RETRY_SECONDS = 5.0
 
 
@@ -25,14 +31,23 @@ def _sync_client(redis_url: str) -> Any:
 
 def publish_sync(redis_url: str | None) -> None:
     """Tell idle workers that steps became ready (used by code outside the worker loop)."""
+    _publish(redis_url, CHANNEL, "workers will find the work by polling")
+
+
+def publish_events_sync(redis_url: str | None) -> None:
+    """Tell the API's event streams that events were committed (call after the commit)."""
+    _publish(redis_url, EVENTS_CHANNEL, "event streams will find the events by polling")
+
+
+def _publish(redis_url: str | None, channel: str, fallback: str) -> None:
     if not redis_url:
         return
     import redis
 
     try:
-        _sync_client(redis_url).publish(CHANNEL, b"1")
+        _sync_client(redis_url).publish(channel, b"1")
     except (redis.RedisError, OSError) as exc:
-        log.warning("could not publish a wake-up to Redis (%s); workers will find the work by polling", exc)
+        log.warning("could not publish to Redis channel %s (%s); %s", channel, exc, fallback)
 
 
 class Waker:
@@ -52,10 +67,18 @@ class Waker:
         self._task = asyncio.create_task(self._listen())
 
     async def publish(self) -> None:
+        """Wake idle workers: steps became ready."""
+        await self._publish(CHANNEL)
+
+    async def publish_events(self) -> None:
+        """Wake the API's event streams: events were committed."""
+        await self._publish(EVENTS_CHANNEL)
+
+    async def _publish(self, channel: str) -> None:
         if time.monotonic() < self._down_until:
             return
         try:
-            await self._client.publish(CHANNEL, b"1")
+            await self._client.publish(channel, b"1")
         except (self._aredis.RedisError, OSError) as exc:
             self._went_away(exc)
 

@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(default=1.0, gt=0)
     claim_batch: int = Field(default=32, ge=1, le=1000)
 
+    # HTTP API (api/, `flowdb serve`).
+    api_max_body_bytes: int = Field(default=1_048_576, ge=1024)  # larger bodies get 413
+    api_stream_poll_seconds: float = Field(default=0.5, gt=0)  # event stream without Redis
+
     # Notifications (flowdb.notifications): email over SMTP, Slack incoming webhook.
     smtp_host: str | None = None
     smtp_port: int = Field(default=587, ge=1, le=65535)

@@ -249,8 +249,11 @@ class Worker:
             task.add_done_callback(self.sending.discard)
         self.finished.extend(progress.finished_instances)
         self.listener("progress", (outcomes, progress))
-        if progress.made_ready and self._waker is not None:
-            await self._waker.publish()
+        if self._waker is not None:
+            if progress.made_ready:
+                await self._waker.publish()
+            if outcomes:  # the batch wrote events: one message for the API's event streams
+                await self._waker.publish_events()
 
     async def _send_action_notice(self, instance_id: int, notice: Notice) -> None:
         """An output action's notice, sent after its instance's end was committed (best effort: a

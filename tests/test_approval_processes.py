@@ -188,7 +188,7 @@ def test_fifty_approvers_deciding_at_once_from_five_processes(db: Database, tmp_
     [winner] = [r["approver"] for r in results if r["outcome"] == "decided"]
     losers = {r["approver"] for r in results if r["outcome"] == "AlreadyDecided"}
     assert all(f"was already approved by {winner} at " in r["message"] for r in results if r["approver"] in losers)
-    # The race was run: calls from every process were under way together.
+    # The race was run: calls from different processes were in flight at once (usually all 50 are).
     first_end = min(r["ended"] for r in results)
     assert len({r["pid"] for r in results if r["began"] < first_end}) >= 2, sorted(
         (r["began"], r["ended"], r["pid"]) for r in results)

@@ -193,3 +193,22 @@ process:
     assert row.status == "completed" and row.attempt == 1
     assert row.heartbeat_at > row.started_at
     assert event_types(db.engine, iid).count("step.started") == 1
+
+
+def test_templates_that_read_only_process_or_whole_inputs(db: Database) -> None:
+    """A template reading only `process` (or `inputs` as a whole) still gets its context."""
+    [iid] = start(db.engine, """
+process:
+  name: only-process
+  inputs:
+    topic: {type: string, default: agents}
+  steps:
+    - {id: a, type: agent_task, agent: noop, message: "x"}
+    - {id: b, type: agent_task, agent: echo, message: "run {{process.instance_id}} of {{process.name}}",
+       depends_on: [a]}
+    - {id: c, type: agent_task, agent: echo, message: "{{inputs}}", depends_on: [a]}
+""")
+    work(db.engine)
+    rows = steps(db.engine, iid)
+    assert rows["b"].status == "completed" and rows["b"].input["message"] == f"run {iid} of only-process"
+    assert rows["c"].status == "completed" and rows["c"].input["message"] == '{"topic": "agents"}'

@@ -189,3 +189,15 @@ approval_approvers = Table(
     Column("decided_at", Timestamp),
     Index("ix_approval_approvers_approver", "approver", "approval_id"),
 )
+
+# Bearer tokens of the HTTP API: only a hash of each token is kept (the token is shown once).
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("identity", String(200), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("revoked_at", Timestamp),
+)

@@ -1,0 +1,48 @@
+"""The Starlette application: every endpoint from the route modules, errors as problem documents."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy import Engine
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+
+from api import openapi, problems
+from api.endpoints import Endpoint, route_of
+from api.routes import approvals, definitions, events, health, instances
+from flowdb.db.engine import make_engine
+from flowdb.errors import FlowdbError
+from flowdb.settings import Settings, load_settings
+
+ENDPOINTS: list[Endpoint] = [*health.ENDPOINTS, *definitions.ENDPOINTS, *instances.ENDPOINTS,
+                             *approvals.ENDPOINTS, *events.ENDPOINTS]
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Starlette:
+    """The API over the database in `settings` (or the given engine)."""
+    settings = settings or load_settings()
+    engine = engine or make_engine(settings.database_url)
+    document = openapi.build(ENDPOINTS)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    routes = [route_of(endpoint, engine, settings) for endpoint in ENDPOINTS]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            problems.ApiError: problems.on_api_error,
+            FlowdbError: problems.on_flowdb_error,
+            HTTPException: problems.on_http_exception,
+            Exception: problems.on_unexpected,
+        },
+    )
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.openapi = document  # served by GET /openapi.json (routes/health.py)
+    return app

@@ -1,0 +1,113 @@
+"""One table of endpoints: it builds the Starlette routes and the OpenAPI document, so the two agree.
+
+Each endpoint says who may call it (a role, or None for no token), what body it takes and what it
+answers. The wrapper authenticates the bearer token and checks the role before the handler runs;
+database work runs in a thread (SQLAlchemy is synchronous).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api.body import json_body
+from api.problems import ApiError
+from flowdb.settings import Settings
+from flowdb.tokens import Principal, authenticate
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Query:
+    """A query parameter, for validation and the OpenAPI document."""
+
+    name: str
+    schema: dict[str, Any]
+    description: str
+
+
+@dataclass(frozen=True)
+class Header:
+    name: str
+    description: str
+
+
+@dataclass
+class Call:
+    """What a handler gets."""
+
+    request: Request
+    principal: Principal | None
+    engine: Engine
+    settings: Settings
+
+    async def db(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await run_in_threadpool(work, *args, **kwargs)
+
+    async def body(self, model: type[M]) -> M:
+        return await json_body(self.request, model, self.settings.api_max_body_bytes)
+
+    def path_int(self, name: str) -> int:
+        value = self.request.path_params[name]
+        return int(value)
+
+    @property
+    def who(self) -> Principal:
+        assert self.principal is not None  # endpoints with a role always have one
+        return self.principal
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str  # Starlette syntax: /v1/instances/{instance_id:int}
+    handler: Callable[[Call], Awaitable[Response]]
+    summary: str
+    role: str | None  # approver | operator | admin; None: no token needed
+    tag: str
+    body: type[BaseModel] | None = None
+    raw_body: str | None = None  # media type of a text body read by the handler itself (YAML)
+    responses: dict[int, type[BaseModel] | None] = field(default_factory=dict)  # success statuses
+    errors: tuple[int, ...] = ()  # problem statuses beyond the ones every endpoint can give
+    query: tuple[Query, ...] = ()
+    headers: tuple[Header, ...] = ()
+    stream: bool = False  # text/event-stream
+
+
+def json_response(model: BaseModel | list[Any] | dict[str, Any], status: int = 200) -> JSONResponse:
+    content = model.model_dump(mode="json") if isinstance(model, BaseModel) else model
+    return JSONResponse(content, status_code=status)
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "use Authorization: Bearer <token>", kind="unauthorized",
+                       headers={"WWW-Authenticate": 'Bearer realm="flowdb"'})
+    return token.strip()
+
+
+def route_of(endpoint: Endpoint, engine: Engine, settings: Settings) -> Route:
+    async def endpoint_fn(request: Request) -> Response:
+        principal = None
+        if endpoint.role is not None:
+            principal = await run_in_threadpool(authenticate, engine, bearer(request))
+            if not principal.has(endpoint.role):
+                raise ApiError(403, f"this needs the {endpoint.role} role; the token of {principal.identity} "
+                               f"has the {principal.role} role", kind="forbidden")
+        return await endpoint.handler(Call(request, principal, engine, settings))
+
+    return Route(endpoint.path, endpoint_fn, methods=[endpoint.method], name=f"{endpoint.method} {endpoint.path}")

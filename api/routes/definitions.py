@@ -1,0 +1,107 @@
+"""Definitions: deploy (YAML body), list, show a process's versions, show one version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from starlette.responses import Response
+
+from api.body import read_body
+from api.convert import utc
+from api.endpoints import Call, Endpoint, Query, json_response
+from api.problems import ApiError
+from api.schemas import DefinitionDetail, DefinitionList, DefinitionOut, DefinitionSummary, DefinitionVersion
+from flowdb.db.instances import deploy
+from flowdb.db.tables import process_definitions
+from flowdb.definitions import parse_definition
+from flowdb.errors import NotFound
+from flowdb.handlers import check_runnable
+
+D = process_definitions
+YAML_TYPES = {"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain"}
+
+
+async def post_definition(call: Call) -> Response:
+    kind = call.request.headers.get("content-type", "application/yaml").split(";")[0].strip().lower()
+    raw = await read_body(call.request, call.settings.api_max_body_bytes)
+    if kind not in YAML_TYPES:
+        raise ApiError(415, f"send the definition as application/yaml, not {kind}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(422, f"the body is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                       kind="invalid-definition") from None
+    filename = call.request.query_params.get("filename") or "definition.yaml"
+    if len(filename) > 200:
+        raise ApiError(422, "filename is longer than 200 characters")
+    definition = parse_definition(text, filename)  # DefinitionError → 422 with FILE:LINE:COL errors
+    check_runnable(definition)
+
+    def store(engine: Engine) -> DefinitionOut:
+        with engine.begin() as conn:
+            deployed = deploy(conn, definition)
+            created_at = conn.execute(select(D.c.created_at).where(D.c.id == deployed.id)).scalar_one()
+        return DefinitionOut(name=deployed.name, version=deployed.version, content_hash=deployed.content_hash,
+                             created_at=utc(created_at), created=deployed.created)
+
+    out = await call.db(store, call.engine)
+    return json_response(out, 201 if out.created else 200)
+
+
+async def list_definitions(call: Call) -> Response:
+    def load(engine: Engine) -> DefinitionList:
+        query = (select(D.c.name, func.max(D.c.version).label("latest"), func.count().label("versions"),
+                        func.max(D.c.created_at).label("updated_at"))
+                 .group_by(D.c.name).order_by(D.c.name))
+        with engine.connect() as conn:
+            return DefinitionList(items=[DefinitionSummary(name=r.name, latest_version=r.latest, versions=r.versions,
+                                                           updated_at=utc(r.updated_at)) for r in conn.execute(query)])
+
+    return json_response(await call.db(load, call.engine))
+
+
+async def get_definition(call: Call) -> Response:
+    name = call.request.path_params["name"]
+
+    def load(engine: Engine) -> DefinitionDetail:
+        with engine.connect() as conn:
+            rows = conn.execute(select(D.c.name, D.c.version, D.c.content_hash, D.c.created_at)
+                                .where(D.c.name == name).order_by(D.c.version)).all()
+        if not rows:
+            raise NotFound(f"process {name!r} is not deployed")
+        return DefinitionDetail(name=name, latest_version=rows[-1].version, versions=[
+            DefinitionOut(name=r.name, version=r.version, content_hash=r.content_hash, created_at=utc(r.created_at),
+                          created=True) for r in rows])
+
+    return json_response(await call.db(load, call.engine))
+
+
+async def get_version(call: Call) -> Response:
+    name = call.request.path_params["name"]
+    version = call.path_int("version")
+
+    def load(engine: Engine) -> DefinitionVersion:
+        with engine.connect() as conn:
+            row = conn.execute(select(D).where(D.c.name == name, D.c.version == version)).first()
+        if row is None:
+            raise NotFound(f"process {name!r} has no version {version}")
+        parsed: dict[str, Any] = row.parsed
+        return DefinitionVersion(name=row.name, version=row.version, content_hash=row.content_hash,
+                                 created_at=utc(row.created_at), source=row.source, parsed=parsed)
+
+    return json_response(await call.db(load, call.engine))
+
+
+ENDPOINTS = [
+    Endpoint("POST", "/v1/definitions", post_definition, "Deploy a definition (YAML body)", "admin", "definitions",
+             raw_body="application/yaml", responses={201: DefinitionOut, 200: DefinitionOut}, errors=(409,),
+             query=(Query("filename", {"type": "string", "maxLength": 200},
+                          "name used in FILE:LINE:COL error locations (default definition.yaml)"),)),
+    Endpoint("GET", "/v1/definitions", list_definitions, "List deployed processes", "operator", "definitions",
+             responses={200: DefinitionList}),
+    Endpoint("GET", "/v1/definitions/{name}", get_definition, "A process's versions", "operator", "definitions",
+             responses={200: DefinitionDetail}, errors=(404,)),
+    Endpoint("GET", "/v1/definitions/{name}/versions/{version:int}", get_version, "One version, with its YAML",
+             "operator", "definitions", responses={200: DefinitionVersion}, errors=(404,)),
+]

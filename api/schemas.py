@@ -1,0 +1,172 @@
+"""Bodies the API takes and gives, as pydantic models (they validate input and feed openapi.json)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DefinitionOut(Strict):
+    name: str
+    version: int
+    content_hash: str
+    created_at: datetime | None
+    created: bool = Field(description="false when identical content was already deployed")
+
+
+class DefinitionSummary(Strict):
+    name: str
+    latest_version: int
+    versions: int
+    updated_at: datetime | None
+
+
+class DefinitionList(Strict):
+    items: list[DefinitionSummary]
+
+
+class DefinitionVersion(Strict):
+    name: str
+    version: int
+    content_hash: str
+    created_at: datetime | None
+    source: str = Field(description="the YAML as deployed")
+    parsed: dict[str, Any]
+
+
+class DefinitionDetail(Strict):
+    name: str
+    latest_version: int
+    versions: list[DefinitionOut]
+
+
+class StartIn(Strict):
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    version: int | None = Field(default=None, ge=1)
+
+
+class StepOut(Strict):
+    step_id: str
+    type: str
+    status: str
+    attempt: int
+    max_attempts: int
+    agent: str | None
+    ready_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    input: Any
+    output: Any
+    error: str | None
+    cost_usd: float
+    tokens_in: int
+    tokens_out: int
+
+
+class InstanceOut(Strict):
+    id: int
+    process: str
+    version: int
+    status: str
+    trigger: str
+    idempotency_key: str | None
+    inputs: Any
+    outputs: Any
+    error: str | None
+    cost_usd: float
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class InstanceDetail(InstanceOut):
+    steps: list[StepOut]
+
+
+class InstancePage(Strict):
+    items: list[InstanceOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
+
+
+class EventOut(Strict):
+    id: int
+    instance_id: int
+    step_instance_id: int | None
+    type: str
+    payload: Any
+    created_at: datetime | None
+
+
+class EventPage(Strict):
+    items: list[EventOut]
+    next_cursor: str | None
+
+
+class CancelOut(Strict):
+    id: int
+    status: Literal["cancelled"]
+    cancelled_steps: list[str]
+
+
+class RetryOut(Strict):
+    id: int
+    status: str
+    step_id: str
+    step_status: str
+
+
+class VoteOut(Strict):
+    approver: str
+    decision: str | None
+    comment: str | None
+    decided_at: datetime | None
+
+
+class ApprovalOut(Strict):
+    id: int
+    instance_id: int
+    step_id: str
+    status: str
+    decision: str | None
+    decided_by: str | None
+    comment: str | None
+    title: str
+    instructions: str | None
+    artifacts: list[str]
+    approvers: list[str]
+    quorum: int
+    on_timeout: str
+    timeout_s: float | None
+    reminders: int
+    requested_at: datetime | None
+    due_at: datetime | None
+    notified_at: datetime | None
+    decided_at: datetime | None
+    votes: list[VoteOut] | None = None
+
+
+class ApprovalList(Strict):
+    items: list[ApprovalOut]
+
+
+class DecisionIn(Strict):
+    decision: Literal["approve", "reject"]
+    comment: str | None = Field(default=None, max_length=10_000)
+
+
+class DecisionOut(Strict):
+    approval: ApprovalOut
+    decided: bool
+    approvals_needed: int
+
+
+class Health(Strict):
+    status: Literal["ok", "degraded"]
+    database: str
+    redis: str

@@ -1,0 +1,115 @@
+"""The HTTP API on a real uvicorn server (127.0.0.1, a free port, a background thread) for tests.
+
+    with serve(app) as url: ...                    # any ASGI app
+    with api_for(db, redis_url=...) as api: ...   # the flowdb API over a test database, settings overridden
+    def test_x(api_server: ApiServer) -> None:     # the same as a fixture, default settings
+        httpx.get(api_server.url + "/v1/...", headers=api_server.auth("operator"))
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import uvicorn
+from sqlalchemy import Engine
+from starlette.applications import Starlette
+from starlette.types import ASGIApp
+
+from api.app import create_app
+from flowdb.settings import Settings
+from flowdb.tokens import create_token
+
+if TYPE_CHECKING:  # conftest loads this module as a plugin: no import back at run time
+    from conftest import Database
+
+START_SECONDS = 10.0
+STOP_SECONDS = 10.0
+
+
+@contextmanager
+def serve(app: ASGIApp, *, graceful_seconds: int = 2) -> Iterator[str]:
+    """Run `app` under uvicorn until the block ends; yields the base URL (http://127.0.0.1:PORT).
+
+    Streams still open at the end are cut after `graceful_seconds`.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # the kernel picks a free port; the socket is handed over, so no race
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=graceful_seconds,
+                            access_log=False)
+    server = uvicorn.Server(config)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as exc:  # reported to the test thread below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=f"uvicorn:{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_SECONDS
+    while not server.started:
+        if failure or not thread.is_alive():
+            sock.close()
+            raise RuntimeError(f"the test API server did not start: {failure[0] if failure else 'it exited'}")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the test API server did not start within {START_SECONDS:g} s")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(STOP_SECONDS)
+        sock.close()
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join(STOP_SECONDS)
+            raise RuntimeError("the test API server did not stop")
+
+
+@dataclass
+class ApiServer:
+    url: str
+    engine: Engine
+    settings: Settings
+    app: Starlette  # app.state: engine, settings, openapi (and what routes keep there)
+
+    def token(self, role: str = "operator", identity: str | None = None) -> str:
+        """A new bearer token for `identity` (default: `<role>@example.com`) with `role`."""
+        _, token = create_token(self.engine, identity or f"{role}@example.com", role)
+        return token
+
+    def auth(self, role: str = "operator", identity: str | None = None) -> dict[str, str]:
+        """Authorization headers with a new token."""
+        return {"Authorization": f"Bearer {self.token(role, identity)}"}
+
+
+def settings_for(db: Database, **overrides: Any) -> Settings:
+    """Settings for the API over `db`: no Redis unless given; nothing read from FLOWDB_* variables."""
+    return Settings.model_construct(**{"database_url": db.url, "redis_url": None, **overrides})
+
+
+@contextmanager
+def api_for(db: Database, **overrides: Any) -> Iterator[ApiServer]:
+    """The flowdb API over `db` (its engine), with settings overridden (redis_url=..., api_stream_poll_seconds=...)."""
+    settings = settings_for(db, **overrides)
+    app = create_app(settings, db.engine)
+    with serve(app) as url:
+        yield ApiServer(url, db.engine, settings, app)
+
+
+@pytest.fixture
+def api_server(db: Database) -> Iterator[ApiServer]:
+    """The flowdb API over the test database (both backends, through `db`), without Redis."""
+    with api_for(db) as server:
+        yield server
