@@ -268,6 +268,22 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
 @main.command()
 @db_option
 @click.argument("instance_id", type=int)
+@click.argument("step_id")
+def retry(db_url: str | None, instance_id: int, step_id: str) -> None:
+    """Run a failed step again with fresh attempts; its failed instance resumes from there."""
+    from flowdb.control import retry_step
+
+    settings = load_settings(database_url=db_url)
+    engine = open_database(db_url)
+    status = retry_step(engine, instance_id, step_id)
+    publish_sync(settings.redis_url)
+    publish_events_sync(settings.redis_url)
+    click.echo(f"step {step_id} of instance {instance_id} is ready again; the instance is {status}")
+
+
+@main.command()
+@db_option
+@click.argument("instance_id", type=int)
 @click.option("--reason", default="cancelled by an operator", show_default=True, help="Kept as the instance's error.")
 def cancel(db_url: str | None, instance_id: int, reason: str) -> None:
     """Cancel a running instance: its unfinished steps and pending approvals are cancelled."""

@@ -375,3 +375,33 @@ def test_sigterm_during_the_notify_turn_releases_the_step_and_a_decision_still_l
     assert [(kind, step, pid) for kind, _, step, _, pid in read_call_log(call_log)] == [
         ("start", "draft", first), ("end", "draft", first), ("start", "publish", second),
         ("end", "publish", second)]
+
+
+def test_timeouts_fire_exactly_once_with_several_workers(db: Database, tmp_path: Path) -> None:
+    """Approval deadlines are rows claimed like ready steps: with three workers polling, each
+    expired approval is closed once and its downstream step runs once."""
+    timed = REVIEWED.replace("reviewed-report", "timed-report").replace("timeout: 48h", "timeout: 1s") \
+        .replace("on_timeout: notify", "on_timeout: approve")
+    assert "timeout: 1s" in timed and "on_timeout: approve" in timed
+    call_log = tmp_path / "calls.log"
+    ids = start(db.engine, timed, count=6)
+    fleet = Fleet(fleet_env(db, FLOWDB_TEST_CALL_LOG=str(call_log)), tmp_path)
+    try:
+        fleet.start(3)
+        wait_until(lambda: instance_statuses(db.engine) == {"completed": 6}, 60, "the instances to complete",
+                   0.05, fleet)
+    finally:
+        fleet.terminate(20)
+        fleet.close()
+    rows = approval_rows(db.engine)
+    assert len(rows) == 6 and {(r.status, r.decision, r.decided_by) for r in rows} == {("expired", "approved", None)}
+    with db.engine.connect() as conn:
+        expired = Counter(row.payload["approval_id"] if isinstance(row.payload, dict)
+                          else json.loads(row.payload)["approval_id"] for row in conn.execute(
+                              select(events.c.payload).where(events.c.type == "approval.expired")))
+    assert expired == Counter({r.id: 1 for r in rows})
+    for iid in ids:
+        rows_now = steps(db.engine, iid)
+        assert rows_now["review"].output["timed_out"] is True and rows_now["publish"].status == "completed"
+    published = [step for kind, _, step, _, _ in read_call_log(call_log) if kind == "end" and step == "publish"]
+    assert len(published) == 6

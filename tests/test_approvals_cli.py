@@ -84,3 +84,28 @@ def test_cancel_command(db: Database) -> None:
     assert status["status"] == "cancelled" and status["error"] == "duplicate request"
     missing = flowdb_cli("cancel", "999", env=env)
     assert missing.returncode == 1 and "instance 999 does not exist" in missing.stderr
+
+
+def test_tokens_and_retry_commands(db: Database, tmp_path: Path) -> None:
+    env = db.cli_env()
+    created = flowdb_cli("tokens", "create", "--identity", "Ops@Company.com", "--role", "operator", env=env)
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert token.startswith("fdb_") and len(token) > 40 and token not in flowdb_cli("tokens", "list", env=env).stdout
+    assert "shown only now" in created.stderr
+    listed = flowdb_cli("tokens", "list", env=env).stdout
+    assert "operator" in listed and "ops@company.com" in listed and "active" in listed
+    token_id = listed.split()[0]
+    assert flowdb_cli("tokens", "revoke", token_id, env=env).stdout.strip() == f"token {token_id} revoked"
+    assert "revoked 20" in flowdb_cli("tokens", "list", env=env).stdout
+    bad_role = flowdb_cli("tokens", "create", "--identity", "x@y.z", "--role", "root", env=env)
+    assert bad_role.returncode == 2 and "'root' is not one of" in bad_role.stderr
+
+    missing = flowdb_cli("retry", "1", "draft", env=env)
+    assert missing.returncode == 1 and "instance 1 does not exist" in missing.stderr
+    flowdb_cli("deploy", str(EXAMPLES / "reviewed-report.yaml"), env=env)
+    instance_id = flowdb_cli("start", "reviewed-report", env=env).stdout.strip()
+    not_failed = flowdb_cli("retry", instance_id, "draft", env=env)
+    assert not_failed.returncode == 1
+    assert not_failed.stderr.strip() == (f"error: step 'draft' of instance {instance_id} is ready; only failed "
+                                         "steps can be retried")
