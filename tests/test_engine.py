@@ -212,3 +212,50 @@ process:
     rows = steps(db.engine, iid)
     assert rows["b"].status == "completed" and rows["b"].input["message"] == f"run {iid} of only-process"
     assert rows["c"].status == "completed" and rows["c"].input["message"] == '{"topic": "agents"}'
+
+
+def test_cancel_while_a_handler_runs_drops_its_late_result(db: Database, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The cancelled step's lease is cleared: the worker's result, arriving later, is dropped."""
+    import asyncio
+    import threading
+    import time
+
+    from sqlalchemy import select
+
+    from flowdb.agents.registry import AgentRegistry
+    from flowdb.control import cancel_instance
+    from flowdb.db.tables import step_instances
+    from flowdb.worker import Worker, WorkerOptions
+
+    from helpers import AGENTS_FILE
+
+    monkeypatch.setenv("FLOWDB_TEST_SLEEP", "1.0")
+    [iid] = start(db.engine, """
+process:
+  name: slow
+  steps:
+    - {id: slow, type: agent_task, agent: sleepy, message: "x"}
+    - {id: after, type: agent_task, agent: noop, message: "y", depends_on: [slow]}
+""")
+    worker = Worker(db.engine, AgentRegistry.from_file(AGENTS_FILE), WorkerOptions(poll_seconds=0.05))
+
+    def running() -> bool:
+        with db.engine.connect() as conn:
+            return conn.execute(select(step_instances.c.status).where(
+                step_instances.c.instance_id == iid, step_instances.c.step_id == "slow")).scalar_one() == "running"
+
+    def cancel_when_running() -> None:
+        deadline = time.monotonic() + 10
+        while not running() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        cancel_instance(db.engine, iid, "changed my mind")
+
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    late = time.monotonic() + 3.0
+    asyncio.run(asyncio.wait_for(worker.run(until=lambda: time.monotonic() > late), 20))
+    canceller.join()
+    assert instance(db.engine, iid).status == "cancelled"
+    assert {sid: r.status for sid, r in steps(db.engine, iid).items()} == {"slow": "cancelled", "after": "cancelled"}
+    types = event_types(db.engine, iid)
+    assert types.count("step.late_result_dropped") == 1 and "step.completed" not in types
