@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from sqlalchemy import Engine, select
 
 from flowdb.agents.registry import AgentRegistry
 from flowdb.db.instances import StartRequest, deploy, start_instances
-from flowdb.db.tables import events, process_instances, step_instances
+from flowdb.db.tables import approvals, events, process_instances, step_instances
 from flowdb.definitions import CompiledDefinition, load_definition_file, parse_definition
 from flowdb.worker import Worker, WorkerOptions
 
@@ -68,3 +69,24 @@ def event_types(engine: Engine, instance_id: int) -> list[str]:
     with engine.connect() as conn:
         return list(conn.execute(select(events.c.type).where(events.c.instance_id == instance_id)
                                  .order_by(events.c.id)).scalars())
+
+
+def drive(engine: Engine, until: Callable[[], bool], agents_file: Path = AGENTS_FILE, timeout: float = 30.0) -> Worker:
+    """Run one in-process worker until `until()` holds."""
+    worker = Worker(engine, AgentRegistry.from_file(agents_file), WorkerOptions(poll_seconds=0.05))
+    asyncio.run(asyncio.wait_for(worker.run(until=until), timeout))
+    return worker
+
+
+def approval_rows(engine: Engine) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(approvals).order_by(approvals.c.id)))
+
+
+def waiting_for_decision(engine: Engine, count: int = 1) -> Callable[[], bool]:
+    """`count` approvals, every one notified and its step parked (waiting)."""
+    def check() -> bool:
+        rows = approval_rows(engine)
+        return len(rows) == count and all(r.notified_at is not None for r in rows) and all(
+            steps(engine, r.instance_id)[r.step_id].status == "waiting" for r in rows)
+    return check

@@ -6,14 +6,13 @@ The in-process behaviour of approvals (quorum, refusals, timeouts...) is tested 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
-from flowdb.agents.registry import AgentRegistry
 from flowdb.approvals import decide
-from flowdb.db.tables import approval_approvers, approvals, events, step_instances
-from flowdb.worker import Worker, WorkerOptions
+from flowdb.db.tables import approval_approvers, events, step_instances
 
 from conftest import Database
-from helpers import AGENTS_FILE, TESTS, instance, start, steps
+from helpers import TESTS, approval_rows, drive, instance, start, steps, waiting_for_decision
 from processes import Fleet, instance_statuses, read_call_log, wait_until
 
 DECIDE_MANY = TESTS / "decide_many.py"
@@ -86,27 +83,6 @@ MANAGER = "manager@company.com"
 
 
 # -- helpers (as in test_approvals.py, with the test agents) ---------------------------------------
-
-def drive(engine: Engine, until: Callable[[], bool], timeout: float = 30.0) -> Worker:
-    """Run one in-process worker until `until()` holds."""
-    worker = Worker(engine, AgentRegistry.from_file(AGENTS_FILE), WorkerOptions(poll_seconds=0.05))
-    asyncio.run(asyncio.wait_for(worker.run(until=until), timeout))
-    return worker
-
-
-def approval_rows(engine: Engine) -> list[Any]:
-    with engine.connect() as conn:
-        return list(conn.execute(select(approvals).order_by(approvals.c.id)))
-
-
-def waiting_for_decision(engine: Engine, count: int = 1) -> Callable[[], bool]:
-    """`count` approvals, every one notified and its step parked (waiting)."""
-    def check() -> bool:
-        rows = approval_rows(engine)
-        return len(rows) == count and all(r.notified_at is not None for r in rows) and all(
-            steps(engine, r.instance_id)[r.step_id].status == "waiting" for r in rows)
-    return check
-
 
 def step_events(engine: Engine, step_instance_id: int) -> list[tuple[str, dict[str, Any]]]:
     with engine.connect() as conn:

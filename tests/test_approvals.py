@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
 
-from flowdb.agents.registry import AgentRegistry
 from flowdb.approvals import (
     AlreadyDecided,
     AlreadyVoted,
@@ -24,34 +22,18 @@ from flowdb.approvals import (
 from flowdb.control import cancel_instance
 from flowdb.db.tables import approval_approvers, approvals, events
 from flowdb.errors import DefinitionError
-from flowdb.worker import Worker, WorkerOptions
+from flowdb.worker import Worker
 
+import helpers
 from conftest import EXAMPLES, Database
-from helpers import definition_from, instance, start, steps
+from helpers import approval_rows, definition_from, instance, start, steps, waiting_for_decision
 
 EXAMPLE_AGENTS = EXAMPLES / "agents.yaml"
 MANAGER = "manager@company.com"
 
 
 def drive(engine: Engine, until: Callable[[], bool], timeout: float = 30.0) -> Worker:
-    """Run one in-process worker until `until()` holds."""
-    worker = Worker(engine, AgentRegistry.from_file(EXAMPLE_AGENTS), WorkerOptions(poll_seconds=0.05))
-    asyncio.run(asyncio.wait_for(worker.run(until=until), timeout))
-    return worker
-
-
-def approval_rows(engine: Engine) -> list[Any]:
-    with engine.connect() as conn:
-        return list(conn.execute(select(approvals).order_by(approvals.c.id)))
-
-
-def waiting_for_decision(engine: Engine, count: int = 1) -> Callable[[], bool]:
-    """Every approval notified and its step parked (waiting)."""
-    def check() -> bool:
-        rows = approval_rows(engine)
-        return len(rows) >= count and all(r.notified_at is not None for r in rows) and all(
-            steps(engine, r.instance_id)[r.step_id].status == "waiting" for r in rows)
-    return check
+    return helpers.drive(engine, until, EXAMPLE_AGENTS, timeout)
 
 
 def finished(engine: Engine, instance_id: int) -> Callable[[], bool]:
