@@ -41,6 +41,10 @@ async def json_body(request: Request, model: type[M], limit: int) -> M:
         data: Any = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the body's JSON is nested too deeply") from None
+    if _holds_nul(data):
+        raise ApiError(422, "the body holds a NUL character (\\u0000), which cannot be stored", kind="invalid-body")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -48,3 +52,13 @@ async def json_body(request: Request, model: type[M], limit: int) -> M:
                   for e in exc.errors(include_url=False)]
         raise ApiError(422, "; ".join(f"{e['location']}: {e['message']}" for e in errors), kind="invalid-body",
                        extra={"errors": errors}) from None
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False

@@ -24,6 +24,8 @@ from flowdb.settings import Settings
 from flowdb.tokens import Principal, authenticate
 
 T = TypeVar("T")
+MAX_ID = 2**63 - 1  # ids are 64-bit
+MAX_INT = 2**31 - 1  # versions are 32-bit
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -57,9 +59,12 @@ class Call:
     async def body(self, model: type[M]) -> M:
         return await json_body(self.request, model, self.settings.api_max_body_bytes)
 
-    def path_int(self, name: str) -> int:
-        value = self.request.path_params[name]
-        return int(value)
+    def path_int(self, name: str, maximum: int = MAX_ID) -> int:
+        """An integer path parameter; past what the column can hold nothing can match: 404."""
+        value = int(self.request.path_params[name])
+        if value > maximum:
+            raise ApiError(404, f"{name} {value} does not exist", kind="not-found")
+        return value
 
     @property
     def who(self) -> Principal:
@@ -102,6 +107,11 @@ def bearer(request: Request) -> str | None:
 
 def route_of(endpoint: Endpoint, engine: Engine, settings: Settings) -> Route:
     async def endpoint_fn(request: Request) -> Response:
+        # Text columns cannot hold NUL (PostgreSQL refuses it): nothing with one can exist or be valid.
+        if any("\x00" in str(v) for v in request.path_params.values()):
+            raise ApiError(404, "no such resource (the path holds a NUL character)", kind="not-found")
+        if any("\x00" in k or "\x00" in v for k, v in request.query_params.multi_items()):
+            raise ApiError(422, "a query parameter holds a NUL character", kind="invalid-query")
         principal = None
         if endpoint.role is not None:
             principal = await run_in_threadpool(authenticate, engine, bearer(request))

@@ -42,7 +42,8 @@ def build(endpoints: list[Endpoint], title: str = "flowdb") -> dict[str, Any]:
         path = PATH_PARAM.sub(lambda m: "{" + m.group(1) + "}", ep.path)
         parameters: list[dict[str, Any]] = []
         for name, converter in PATH_PARAM.findall(ep.path):
-            schema = {"type": "integer", "minimum": 0} if converter == "int" else {"type": "string", "minLength": 1}
+            schema = ({"type": "integer", "minimum": 0, "maximum": 2**63 - 1} if converter == "int"
+                      else {"type": "string", "minLength": 1})
             parameters.append({"name": name, "in": "path", "required": True, "schema": schema})
         for q in ep.query:
             parameters.append({"name": q.name, "in": "query", "required": False, "schema": q.schema,

@@ -48,7 +48,7 @@ class DefinitionDetail(Strict):
 
 class StartIn(Strict):
     inputs: dict[str, Any] = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1)
 
 
 class StepOut(Strict):

@@ -75,15 +75,24 @@ def load_yaml(text: str, filename: str) -> tuple[Any, Positions]:
     """Parse one YAML document; return its data and the (line, col) of every path in it."""
     if len(text.encode()) > MAX_BYTES:
         raise DefinitionError([Located(filename, 1, 1, f"file is larger than {MAX_BYTES} bytes")])
-    loader = _Loader(text)
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        col = nul - (text.rfind("\n", 0, nul) + 1) + 1
+        raise DefinitionError([Located(filename, line, col, "the text holds a NUL character; remove it")])
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)  # the reader refuses control characters YAML does not allow: inside the try
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         raise DefinitionError([_syntax_error(exc, text, filename)]) from None
     except yaml.YAMLError as exc:
         raise DefinitionError([Located(filename, 1, 1, _one_line(f"YAML error: {exc}"))]) from None
+    except RecursionError:
+        raise DefinitionError([Located(filename, 1, 1, "the YAML is nested too deeply; flatten it")]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if node is None:
         raise DefinitionError([Located(filename, 1, 1, "the file is empty; expected a 'process:' mapping")])
     _check_size(node, filename)
@@ -178,11 +187,15 @@ def _build(node: Node, path: Path, positions: Positions, filename: str, loader: 
                                        "write plain mappings, lists and scalars")])
     if isinstance(node, ScalarNode):
         try:
-            return loader.construct_object(node, deep=True)
+            value = loader.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
             line, col = _mark(node)
             problem = _one_line(f"bad YAML value: {exc}")
             raise DefinitionError([Located(filename, line, col, problem)]) from None
+        if isinstance(value, str) and "\x00" in value:  # a "\0" escape: no database text column takes it
+            line, col = _mark(node)
+            raise DefinitionError([Located(filename, line, col, "the value holds a NUL character (\\0); remove it")])
+        return value
     if isinstance(node, SequenceNode):
         items = []
         for index, child in enumerate(node.value):
@@ -199,6 +212,8 @@ def _build(node: Node, path: Path, positions: Positions, filename: str, loader: 
         key = loader.construct_object(key_node)
         if not isinstance(key, str):
             key = str(key).lower() if isinstance(key, bool) else str(key)
+        if "\x00" in key:
+            raise DefinitionError([Located(filename, line, col, "the key holds a NUL character (\\0); remove it")])
         if key in result:
             first = positions[(*path, key)]
             raise DefinitionError([Located(filename, line, col, f"duplicate key {key!r} (first given at "

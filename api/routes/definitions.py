@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from api.body import read_body
 from api.convert import utc
-from api.endpoints import Call, Endpoint, Query, json_response
+from api.endpoints import MAX_INT, Call, Endpoint, Query, json_response
 from api.problems import ApiError
 from api.schemas import DefinitionDetail, DefinitionList, DefinitionOut, DefinitionSummary, DefinitionVersion
 from flowdb.db.instances import deploy
@@ -79,7 +79,7 @@ async def get_definition(call: Call) -> Response:
 
 async def get_version(call: Call) -> Response:
     name = call.request.path_params["name"]
-    version = call.path_int("version")
+    version = call.path_int("version", MAX_INT)
 
     def load(engine: Engine) -> DefinitionVersion:
         with engine.connect() as conn:

@@ -9,7 +9,7 @@ from sqlalchemy import Connection, Engine, select
 from starlette.responses import Response
 
 from api.convert import instance_out, step_out, utc
-from api.endpoints import Call, Endpoint, Header, Query, json_response
+from api.endpoints import MAX_ID, Call, Endpoint, Header, Query, json_response
 from api.problems import ApiError
 from api.schemas import (
     CancelOut,
@@ -34,7 +34,7 @@ def _limit(call: Call, default: int = 50) -> int:
     raw = call.request.query_params.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
         raise ApiError(422, f"limit must be a whole number from 1 to {MAX_LIMIT}", kind="invalid-query")
     return int(raw)
 
@@ -46,7 +46,8 @@ def _cursor(call: Call) -> int | None:
         return None
     try:
         value = base64.urlsafe_b64decode(raw.encode() + b"=" * (-len(raw) % 4)).decode()
-        if not value.startswith("id:") or not value[3:].isdigit():
+        if not value.startswith("id:") or not (value[3:].isascii() and value[3:].isdigit()) \
+                or int(value[3:]) > MAX_ID:
             raise ValueError
         return int(value[3:])
     except (ValueError, binascii.Error, UnicodeDecodeError):
