@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, inspect, text
 
+from flowdb.db import views
+
 if TYPE_CHECKING:
     from alembic.config import Config
 
 # The newest revision in migrations/versions (a test checks it against Alembic's own view).
-HEAD = "0004"
+HEAD = "0005"
 
 
 def _config() -> Config:
@@ -27,19 +29,25 @@ def _config() -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate to `revision`; at the head, (re)create the reporting views from sql/ (db/views.py)."""
     from alembic import command
 
     config = _config()
     with engine.begin() as connection:
+        views.drop_views(connection)  # a migration may rebuild a table a view reads
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+        if connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == HEAD:
+            views.create_views(connection)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
+    """Downgrade to `revision`; the views go first (they are recreated by the next upgrade)."""
     from alembic import command
 
     config = _config()
     with engine.begin() as connection:
+        views.drop_views(connection)
         config.attributes["connection"] = connection
         command.downgrade(config, revision)
 
