@@ -1,13 +1,29 @@
-"""Operator actions on instances that the command line and the HTTP API share: cancel."""
+"""Operator actions on instances that the command line and the HTTP API share: cancel, retry a step."""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, insert, select
+from typing import Any
+
+from sqlalchemy import Connection, Engine, case, func, insert, literal, literal_column, select, update
 
 from flowdb.db.clock import Clock
+from flowdb.db.instances import DefinitionCache
 from flowdb.db.progress import ProgressStatements
 from flowdb.db.tables import events, process_instances, step_instances
 from flowdb.errors import FlowdbError, NotFound
+from flowdb.models import effective_retry
+
+I, S = process_instances, step_instances  # noqa: E741
+
+
+def _locked_instance(conn: Connection, instance_id: int) -> Any:
+    """The instance's status and definition, its row locked on PostgreSQL (as the workers' writers
+    lock it), so an operator action and a step's outcome serialize."""
+    query = select(I.c.status, I.c.definition_id).where(I.c.id == instance_id)
+    row = conn.execute(query.with_for_update() if conn.dialect.name == "postgresql" else query).first()
+    if row is None:
+        raise NotFound(f"instance {instance_id} does not exist")
+    return row
 
 
 class InstanceNotRunning(FlowdbError):
@@ -19,13 +35,9 @@ def cancel_instance(engine: Engine, instance_id: int, reason: str = "cancelled b
     become `cancelled`, their leases are cleared (a worker still running one of its handlers loses
     the lease; its late result is dropped). Returns the ids of the steps that were cancelled."""
     q = ProgressStatements(engine.dialect.name)
-    I = process_instances  # noqa: E741
     clock = Clock(engine.dialect.name)
     with engine.begin() as conn:
-        lock = select(I.c.status).where(I.c.id == instance_id)
-        status = conn.execute(lock.with_for_update() if engine.dialect.name == "postgresql" else lock).scalar()
-        if status is None:
-            raise NotFound(f"instance {instance_id} does not exist")
+        status = _locked_instance(conn, instance_id).status
         if status != "running":
             raise InstanceNotRunning(f"instance {instance_id} is already {status}; only running instances can be "
                                      "cancelled")
@@ -51,18 +63,9 @@ def retry_step(engine: Engine, instance_id: int, step_id: str) -> str:
     """Make a failed step ready again, with a fresh set of attempts, and its failed instance running
     again from that step on: the steps the failure cancelled go back to pending (parents still
     open) or ready. Returns the instance's status afterwards."""
-    from sqlalchemy import case, func, literal, literal_column, update
-
-    from flowdb.db.instances import DefinitionCache
-    from flowdb.models import effective_retry
-
-    I, S = process_instances, step_instances  # noqa: E741
     clock = Clock(engine.dialect.name)
     with engine.begin() as conn:
-        lock = select(I.c.status, I.c.definition_id).where(I.c.id == instance_id)
-        found = conn.execute(lock.with_for_update() if engine.dialect.name == "postgresql" else lock).first()
-        if found is None:
-            raise NotFound(f"instance {instance_id} does not exist")
+        found = _locked_instance(conn, instance_id)
         step = conn.execute(select(S.c.id, S.c.status, S.c.attempt).where(
             S.c.instance_id == instance_id, S.c.step_id == step_id)).first()
         if step is None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from flowdb.db.claims import Claimed
@@ -27,4 +28,4 @@ class Outcome:
     # Rows about an approval to write in the same transaction (db/approvals.py); it may turn the
     # outcome into another (an expiry that lost the race against a human decision parks again).
     approval: Any = None
-    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # recorded with the outcome
+    events: Sequence[tuple[str, dict[str, Any]]] = ()  # facts recorded with the outcome (a notice sent...)

@@ -29,7 +29,7 @@ from flowdb.db.progress import Progress, ProgressStatements, ProgressWriter, tem
 from flowdb.db.tables import events
 from flowdb.definitions import CompiledDefinition
 from flowdb.errors import TemplateError
-from flowdb.handlers import HANDLERS, StepContext
+from flowdb.handlers import HANDLERS, LOADERS, StepContext
 from flowdb.models import effective_retry
 from flowdb.notifications import Notice, Notifier
 from flowdb.notify import Waker
@@ -195,8 +195,8 @@ class Worker:
                                    input={"condition": step.condition.source, "value": False})
             except TemplateError as exc:
                 return Outcome(item, "failed", error=str(exc), retryable=False)
-        handler = HANDLERS.get(item.type)
-        loaded = handler.load(conn, item) if handler is not None and hasattr(handler, "load") else None
+        load = LOADERS.get(item.type)
+        loaded = load(conn, item) if load is not None else None
         return StepContext(item, definition, step, context, self.agents, datetime.now(UTC), self.notifier, loaded)
 
     async def _execute(self, ctx: StepContext) -> None:

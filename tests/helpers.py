@@ -13,6 +13,7 @@ from flowdb.agents.registry import AgentRegistry
 from flowdb.db.instances import StartRequest, deploy, start_instances
 from flowdb.db.tables import approvals, events, process_instances, step_instances
 from flowdb.definitions import CompiledDefinition, load_definition_file, parse_definition
+from flowdb.notifications import Notifier
 from flowdb.worker import Worker, WorkerOptions
 
 TESTS = Path(__file__).resolve().parent
@@ -71,9 +72,11 @@ def event_types(engine: Engine, instance_id: int) -> list[str]:
                                  .order_by(events.c.id)).scalars())
 
 
-def drive(engine: Engine, until: Callable[[], bool], agents_file: Path = AGENTS_FILE, timeout: float = 30.0) -> Worker:
+def drive(engine: Engine, until: Callable[[], bool], agents_file: Path = AGENTS_FILE, timeout: float = 30.0,
+          notifier: Notifier | None = None) -> Worker:
     """Run one in-process worker until `until()` holds."""
-    worker = Worker(engine, AgentRegistry.from_file(agents_file), WorkerOptions(poll_seconds=0.05))
+    worker = Worker(engine, AgentRegistry.from_file(agents_file), WorkerOptions(poll_seconds=0.05),
+                    notifier=notifier)
     asyncio.run(asyncio.wait_for(worker.run(until=until), timeout))
     return worker
 

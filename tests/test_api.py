@@ -20,6 +20,7 @@ from flowdb.worker import Worker, WorkerOptions
 
 from apiserver import ApiServer, api_for
 from conftest import EXAMPLES, Database
+from helpers import approval_rows, drive
 
 PROBLEM = "application/problem+json"
 REVIEWED = (EXAMPLES / "reviewed-report.yaml").read_text()
@@ -46,19 +47,12 @@ def deploy_reviewed(http: httpx.Client) -> None:
 
 
 def drive_until_waiting(server: ApiServer) -> None:
-    """Work in-process until every instance is finished or parked on an approval."""
-    from sqlalchemy import select
-
-    from flowdb.db.tables import approvals
-
-    worker = Worker(server.engine, AgentRegistry.from_file(EXAMPLES / "agents.yaml"), WorkerOptions(poll_seconds=0.05))
-
+    """Work in-process until every approval is notified."""
     def parked() -> bool:
-        with server.engine.connect() as conn:
-            rows = conn.execute(select(approvals.c.notified_at)).all()
+        rows = approval_rows(server.engine)
         return bool(rows) and all(r.notified_at is not None for r in rows)
 
-    asyncio.run(asyncio.wait_for(worker.run(until=parked), 30))
+    drive(server.engine, parked, EXAMPLES / "agents.yaml")
 
 
 def test_definitions(api_server: ApiServer) -> None:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, select
 
-from flowdb.agents.registry import AgentRegistry
 from flowdb.approvals import decide
 from flowdb.db.tables import approvals, events
 from flowdb.notifications import Notifier, NotifierConfig
-from flowdb.worker import Worker, WorkerOptions
 
+import helpers
 from conftest import EXAMPLES, Database
 from helpers import instance, start, steps
 from servers import Collecting, Webhook, free_port
@@ -23,9 +21,7 @@ MANAGER = "manager@company.com"
 
 
 def drive(engine: Engine, notifier: Notifier, until: Callable[[], bool], timeout: float = 30.0) -> None:
-    worker = Worker(engine, AgentRegistry.from_file(EXAMPLES / "agents.yaml"), WorkerOptions(poll_seconds=0.05),
-                    notifier=notifier)
-    asyncio.run(asyncio.wait_for(worker.run(until=until), timeout))
+    helpers.drive(engine, until, EXAMPLES / "agents.yaml", timeout, notifier)
 
 
 def config(**given: Any) -> NotifierConfig:

@@ -67,6 +67,12 @@ ApprovalChange = OpenApproval | ParkApproval | ExpireApproval
 
 
 @dataclass(frozen=True)
+class Parked:
+    approval_id: int
+    claimable_now: bool  # the next turn follows at once (other workers may be woken for it)
+
+
+@dataclass(frozen=True)
 class ApprovalRow:
     """An approval as a handler or a command sees it."""
 
@@ -150,9 +156,9 @@ class ApprovalStatements:
         row = conn.execute(self.load, {"aid": approval_id}).mappings().first()
         return None if row is None else row_of(row)
 
-    def apply(self, conn: Connection, o: Outcome, event: Callable[[str, dict[str, Any]], None]) -> int | None:
-        """Write the outcome's approval change. When that parked the step too, the approval's id;
-        None when the caller still records the outcome as it stands (an expiry that went through)."""
+    def apply(self, conn: Connection, o: Outcome, event: Callable[[str, dict[str, Any]], None]) -> Parked | None:
+        """Write the outcome's approval change. When that parked the step too, where it waits; None
+        when the caller still records the outcome as it stands (an expiry that went through)."""
         change = o.approval
         step = o.step
         if isinstance(change, OpenApproval):
@@ -168,21 +174,21 @@ class ApprovalStatements:
             event("approval.requested", {"approval_id": approval_id, "approvers": change.approvers,
                                          "quorum": change.quorum, "timeout_s": change.timeout_s})
             self._park(conn, o, approval_id, "notify")
-            return int(approval_id)
+            return Parked(int(approval_id), claimable_now=True)
         if isinstance(change, ParkApproval):
             if change.notified:
                 conn.execute(self.mark_notified, {"aid": change.approval_id})
             if change.remind and conn.execute(self.remind, {"aid": change.approval_id}).rowcount:
                 event("approval.reminded", {"approval_id": change.approval_id})
             self._park(conn, o, change.approval_id, "wait")
-            return change.approval_id
+            return Parked(change.approval_id, claimable_now=False)  # a decision meanwhile publishes its own wake
         if isinstance(change, ExpireApproval):
             if conn.execute(self.expire, {"aid": change.approval_id, "decision": change.decision}).rowcount:
                 event("approval.expired", {"approval_id": change.approval_id, "decision": change.decision})
                 return None
             # A human decided between this step's claim and now: wake again and take that decision.
             self._park(conn, o, change.approval_id, "wait")
-            return change.approval_id
+            return Parked(change.approval_id, claimable_now=True)
         raise TypeError(f"unknown approval change {change!r}")
 
     def _park(self, conn: Connection, o: Outcome, approval_id: int, phase: str) -> None:

@@ -181,9 +181,7 @@ class ProgressWriter:
                 batch.progress.late.append(o)
                 batch.event(o.step.instance_id, "step.late_result_dropped",
                             {"attempt": o.step.attempt, "outcome": o.kind}, o.step.id)
-            elif o.approval is not None and self._approval(conn, o, batch):
-                batch.progress.made_ready += 1  # parked claimable now, or soon
-            else:
+            elif o.approval is None or not self._approval(conn, o, batch):
                 live.append(o)
         settling = [o for o in live if o.kind in ("completed", "skipped")]
         finals = [o for o in live if o.kind == "failed" and not self._retrying(o)]
@@ -211,10 +209,11 @@ class ProgressWriter:
         def event(kind: str, payload: dict[str, Any]) -> None:
             batch.event(o.step.instance_id, kind, payload, o.step.id)
 
-        approval_id = self.q.approvals.apply(conn, o, event)
-        if approval_id is None:
+        parked = self.q.approvals.apply(conn, o, event)
+        if parked is None:
             return False
-        batch.event(o.step.instance_id, "step.waiting", {"approval_id": approval_id}, o.step.id)
+        batch.event(o.step.instance_id, "step.waiting", {"approval_id": parked.approval_id}, o.step.id)
+        batch.progress.made_ready += parked.claimable_now
         return True
 
     @staticmethod

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Connection
+
+from flowdb.db.claims import Claimed
 from flowdb.definitions import CompiledDefinition
 from flowdb.errors import DefinitionError, Located
 from flowdb.handlers.agent_task import AgentTaskHandler
-from flowdb.handlers.base import StepContext, StepHandler
+from flowdb.handlers.base import LoadingHandler, StepContext, StepHandler
 from flowdb.handlers.gateway import GatewayHandler
 from flowdb.handlers.human_approval import HumanApprovalHandler
 from flowdb.handlers.notification import NotificationHandler
@@ -14,6 +20,10 @@ from flowdb.handlers.timer import TimerHandler
 HANDLERS: dict[str, StepHandler] = {
     handler.type: handler for handler in (AgentTaskHandler(), GatewayHandler(), TimerHandler(), HumanApprovalHandler(),
                                       NotificationHandler())
+}
+# Step types whose handler reads rows of its own in the claim's transaction (an approval...).
+LOADERS: dict[str, Callable[[Connection, Claimed], Any]] = {
+    kind: handler.load for kind, handler in HANDLERS.items() if isinstance(handler, LoadingHandler)
 }
 
 
@@ -29,4 +39,4 @@ def check_runnable(definition: CompiledDefinition) -> None:
         raise DefinitionError(problems)
 
 
-__all__ = ["HANDLERS", "StepContext", "StepHandler", "check_runnable"]
+__all__ = ["HANDLERS", "LOADERS", "StepContext", "StepHandler", "check_runnable"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import Connection
 
@@ -38,6 +38,7 @@ class StepHandler(Protocol):
     async def run(self, ctx: StepContext) -> Outcome: ...
 
 
+@runtime_checkable
 class LoadingHandler(StepHandler, Protocol):
     """A handler that reads rows of its own (an approval...) in the claim's transaction."""
 

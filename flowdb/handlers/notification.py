@@ -27,15 +27,14 @@ class NotificationHandler:
         except TemplateError as exc:
             return ctx.outcome("failed", error=str(exc), retryable=False)
         given = {"channel": model.channel, "title": title, "message": text, "to": list(model.to)}
-        if not ctx.notifier.configured(model.channel):
-            delivery = await ctx.notifier.send(Notice(model.channel, title, text, to=tuple(model.to)), attempts=1)
-            return ctx.outcome("failed", error=delivery.error, retryable=False, input=given)
         notice = Notice(model.channel, title, text, to=tuple(model.to), instance_id=ctx.claimed.instance_id)
         delivery = await ctx.notifier.send(notice, attempts=1)
         event = {"channel": delivery.channel, "ok": delivery.ok, "attempts": ctx.claimed.attempt,
                  "error": delivery.error}
         if not delivery.ok:
+            # A channel that is not configured will not be by the next attempt: fail at once.
             return ctx.outcome("failed", error=f"{model.channel} notice not delivered: {delivery.error}",
-                               input=given, events=[("notification.failed", event)])
+                               retryable=ctx.notifier.configured(model.channel), input=given,
+                               events=[("notification.failed", event)])
         return ctx.outcome("completed", output={"channel": model.channel, "delivered": True, **delivery.detail},
                            input=given, events=[("notification.sent", event)])
