@@ -47,10 +47,10 @@ def _time(kind: str, seconds: str) -> str:
 
 
 def _fill_statements(kind: str, instances: int) -> list[str]:
-    # Instance i starts i·spacing s after the base (the last one 29 days later) and lasts 5..604 s;
-    # its steps share that time in thirds.
+    # Instance i starts i·spacing s after the base (the last one 29 days later) and lasts 5..605 s
+    # to the millisecond; its steps share that time in thirds, each first queued 0..1.999 s.
     start = f"i * {2_505_600 / instances:.6f}"
-    duration = "(5 + (i * 7919) % 600)"
+    duration = "(5 + (i * 7919) % 600 + (i * 7717) % 1000 / 1000.0)"
     status = (f"CASE WHEN i % 50 = 0 THEN 'failed' WHEN i % 97 = 0 THEN 'cancelled' "
               f"WHEN i > {instances} - 2000 THEN 'running' ELSE 'completed' END")
     numbers = f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {instances})"
@@ -79,7 +79,7 @@ def _fill_statements(kind: str, instances: int) -> list[str]:
         "CASE WHEN j = 1 THEN 1 ELSE 3 END, agent, "
         f"CASE WHEN st = 'pending' OR (st = 'cancelled' AND j > 0) THEN NULL ELSE {_time(kind, ready)} END, "
         f"CASE WHEN st = 'pending' OR (st = 'cancelled' AND j > 0) THEN NULL "
-        f"     ELSE {_time(kind, f'{ready} + (i % 5) * 0.2')} END, "
+        f"     ELSE {_time(kind, f'{ready} + (i * 31) % 2000 / 1000.0')} END, "
         f"CASE WHEN st IN ('pending', 'waiting') THEN NULL ELSE {_time(kind, f'{ready} + ({duration}) / 3.0')} END, "
         "CASE WHEN j = 1 THEN 0 ELSE (i % 13) * 0.005 END, CASE WHEN j = 1 THEN 0 ELSE 100 + i % 900 END, "
         "CASE WHEN j = 1 THEN 0 ELSE 50 + i % 400 END, CASE WHEN st = 'failed' THEN 'timeout' END, created_at "
@@ -103,6 +103,41 @@ def _fill_statements(kind: str, instances: int) -> list[str]:
         "'Review', '[]', 'approve', NULL, 0, s.started_at, s.finished_at "
         "FROM step_instances s WHERE s.step_id = 'review' AND s.instance_id % 5 = 0 AND s.started_at IS NOT NULL")
     return [definitions, instance_rows, step_rows, approval_rows]
+
+
+# The same percentiles by brute force: every value sorted in one window, as v_step_stats avoids.
+REFERENCE_P95 = """
+SELECT process, step_id, MIN(CASE WHEN metric = 'run' THEN ms END), MIN(CASE WHEN metric = 'queued' THEN ms END)
+FROM (
+    SELECT process, step_id, metric, ms,
+        CUME_DIST() OVER (PARTITION BY process, step_id, metric ORDER BY ms) AS share
+    FROM (
+        SELECT d.name AS process, s.step_id, 'run' AS metric, s.run_ms AS ms
+        FROM step_instances s JOIN process_definitions d ON d.id = s.definition_id WHERE s.run_ms IS NOT NULL
+        UNION ALL
+        SELECT d.name, s.step_id, 'queued', s.queued_ms
+        FROM step_instances s JOIN process_definitions d ON d.id = s.definition_id WHERE s.queued_ms IS NOT NULL
+    ) AS timings
+) AS ranked
+WHERE share >= 0.95
+GROUP BY process, step_id
+ORDER BY process, step_id
+"""
+
+
+def check_step_stats(conn: Connection) -> None:
+    """v_step_stats' p95s, read through the buckets, equal a sort of every value."""
+    began = time.perf_counter()
+    expected = [tuple(row) for row in conn.exec_driver_sql(REFERENCE_P95).all()]
+    reference_ms = (time.perf_counter() - began) * 1000
+    got = [tuple(row) for row in conn.exec_driver_sql(
+        "SELECT process, step_id, CAST(ROUND(p95_run_s * 1000) AS INTEGER), "
+        "CAST(ROUND(p95_queued_s * 1000) AS INTEGER) FROM v_step_stats "
+        "WHERE p95_run_s IS NOT NULL OR p95_queued_s IS NOT NULL ORDER BY process, step_id").all()]
+    if got != expected:
+        raise SystemExit(f"v_step_stats' p95s differ from a full sort:\n{got}\n{expected}")
+    print(f"  v_step_stats' {len(got)} rows of p95s equal a full sort of every value "
+          f"(which takes {reference_ms:.0f} ms)", flush=True)
 
 
 def fill(conn: Connection, kind: str, instances: int) -> None:
@@ -136,6 +171,7 @@ def run_reporting(kind: str, instances: int, repeats: int = 5) -> list[dict[str,
                 print(f"  {row['median_ms']:>8.1f} ms (max {row['max_ms']:.1f})  {len(got):>6} rows  {sql}",
                       flush=True)
                 out.append(row)
+            check_step_stats(conn)
         engine.dispose()
     return out
 

@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from flowdb.db.engine import make_engine
+from flowdb.db.migrate import migrating
 from flowdb.db.tables import metadata
 
 config = context.config
@@ -26,8 +27,10 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
+    # `alembic` run by hand: the transaction flowdb's own upgrade uses (views dropped and recreated,
+    # SQLite's foreign keys checked at the end so that a table can be rebuilt).
     engine = make_engine(config.get_main_option("sqlalchemy.url") or "")
-    with engine.connect() as conn:
+    with migrating(engine) as conn:
         _run(conn)
 
 

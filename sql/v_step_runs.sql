@@ -18,13 +18,16 @@
 --   max_attempts      attempts its retry policy allows
 --   retries           attempts beyond the first (attempts - 1, never below 0)
 --   day               UTC day its latest attempt was claimed, 'YYYY-MM-DD' (NULL if never claimed)
---   ready_at          when the latest attempt became claimable
+--   ready_at          when the latest attempt became claimable (for a step taken over from a
+--                     worker that died, when that worker's lease expired)
 --   started_at        when the latest attempt was claimed
 --   finished_at       when it reached a final status
 --   queued_s          started_at - ready_at: how long the latest attempt waited for a worker
---                     (NULL unless that attempt was claimed: pending, ready, never claimed)
+--                     (step_instances.queued_ms / 1000; NULL unless that attempt was claimed)
 --   run_s             finished_at - started_at: how long the latest attempt ran, waits included
---                     (NULL until it finished, and unless that attempt was claimed)
+--                     (step_instances.run_ms / 1000, or for a cancelled step until it was
+--                     cancelled; NULL until it finished, unless that attempt was claimed, and
+--                     when the clock went backwards)
 --   cost_usd          cost of all its attempts
 --   tokens_in         tokens sent to the agent, all attempts
 --   tokens_out        tokens received from the agent, all attempts
@@ -47,10 +50,10 @@ SELECT
     s.ready_at,
     s.started_at,
     s.finished_at,
-    CASE WHEN s.status NOT IN ('pending', 'ready') AND s.started_at >= s.ready_at
-        THEN ROUND((julianday(s.started_at) - julianday(s.ready_at)) * 86400.0, 3) END AS queued_s,
-    CASE WHEN s.status NOT IN ('pending', 'ready') AND s.started_at >= s.ready_at
-        THEN ROUND((julianday(s.finished_at) - julianday(s.started_at)) * 86400.0, 3) END AS run_s,
+    CAST(s.queued_ms AS DOUBLE PRECISION) / 1000 AS queued_s,
+    CASE WHEN s.status = 'cancelled' AND s.started_at >= s.ready_at AND s.finished_at >= s.started_at
+        THEN ROUND((julianday(s.finished_at) - julianday(s.started_at)) * 86400.0, 3)
+        ELSE CAST(s.run_ms AS DOUBLE PRECISION) / 1000 END AS run_s,
     ROUND(CAST(s.cost_usd AS DOUBLE PRECISION), 6) AS cost_usd,
     s.tokens_in,
     s.tokens_out,

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, text
 
 from flowdb.db import migrate
 from flowdb.db.tables import approvals, process_definitions, process_instances, step_instances
-from flowdb.db.views import load_views, view_names
+from flowdb.db.views import load_views, stale_views, view_names
 
 from conftest import ROOT, Database, flowdb_cli
 from helpers import start, work
@@ -443,6 +443,33 @@ def test_db_upgrade_recreates_a_view_dropped_by_hand(db: Database) -> None:
     result = flowdb_cli("db", "upgrade", env=db.cli_env())
     assert result.returncode == 0, result.stderr
     assert _view_names_in(db.engine) == set(VIEWS)
+
+
+def test_a_database_at_head_gets_views_its_files_changed_on_first_use(db: Database) -> None:
+    """A new release may change a view's file without a migration: the embedded default picks it up
+    when a command opens the database, as `flowdb db upgrade` does on PostgreSQL."""
+    with db.engine.begin() as conn:
+        conn.execute(text("DROP VIEW v_step_stats"))
+        conn.execute(text("CREATE VIEW v_step_stats AS SELECT 1 AS an_older_column"))
+        conn.execute(text("DROP VIEW v_cost_by_agent"))
+    with db.engine.connect() as conn:
+        # SQLite keeps each view's text as written, so it also sees the changed one
+        assert stale_views(conn) == (["v_cost_by_agent", "v_step_stats"] if db.kind == "sqlite"
+                                     else ["v_cost_by_agent"])
+    if db.kind == "sqlite":
+        result = flowdb_cli("report", "step_stats", "--format", "json", env=db.cli_env())
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == []
+    else:
+        migrate.ensure_current(db.engine)
+    assert _view_names_in(db.engine) == set(VIEWS)
+    with db.engine.connect() as conn:
+        assert stale_views(conn) == []
+    columns, _ = rows(db.engine, "SELECT * FROM v_cost_by_agent")
+    assert columns[0] == "agent"
+    if db.kind == "sqlite":
+        columns, _ = rows(db.engine, "SELECT * FROM v_step_stats")
+        assert columns[:2] == ["process", "step_id"]
 
 
 def test_downgrade_drops_the_views_and_upgrade_brings_them_back(db: Database) -> None:

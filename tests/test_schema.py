@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import Connection, DateTime, bindparam, inspect, text
 
 from flowdb.db import migrate
 from flowdb.db.claims import ClaimStatements
 from flowdb.db.progress import ProgressStatements
 from flowdb.db.tables import metadata
 
-from conftest import Database
+from conftest import ROOT, Database
 
 TABLES = {"process_definitions", "process_instances", "step_instances", "step_edges", "events"}
 
@@ -46,14 +50,19 @@ def _plan(db: Database, statement: Any, values: dict[str, Any]) -> str:
         return "\n".join(r[0] for r in rows)
 
 
+def _one_instance(conn: Connection) -> None:
+    """Definition 1 and its instance 1, completed."""
+    conn.execute(text("INSERT INTO process_definitions (id, name, version, content_hash, source, parsed, "
+                      "created_at) VALUES (1, 'p', 1, 'h', 's', '{}', CURRENT_TIMESTAMP)"))
+    conn.execute(text("INSERT INTO process_instances (id, definition_id, process_name, version, status, "
+                      "inputs, open_steps, created_at) VALUES (1, 1, 'p', 1, 'completed', '{}', 0, "
+                      "CURRENT_TIMESTAMP)"))
+
+
 def _fill(db: Database) -> None:
     """20,000 finished rows and a few ready ones, then ANALYZE: a table scan would be the planner's mistake."""
     with db.engine.begin() as conn:
-        conn.execute(text("INSERT INTO process_definitions (id, name, version, content_hash, source, parsed, "
-                          "created_at) VALUES (1, 'p', 1, 'h', 's', '{}', CURRENT_TIMESTAMP)"))
-        conn.execute(text("INSERT INTO process_instances (id, definition_id, process_name, version, status, "
-                          "inputs, open_steps, created_at) VALUES (1, 1, 'p', 1, 'completed', '{}', 0, "
-                          "CURRENT_TIMESTAMP)"))
+        _one_instance(conn)
         rows = [{"sid": f"s{n}", "st": "completed" if n > 5 else "ready", "ca": None if n > 5 else "2026-01-01"}
                 for n in range(20_000)]
         conn.execute(text("INSERT INTO step_instances (instance_id, definition_id, step_id, type, status, "
@@ -87,3 +96,50 @@ def test_per_instance_reads_of_the_completion_path_use_the_instance_key(db: Data
             else:
                 plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql))
                 assert "uq_step_instances_instance_id_step_id" in plan, plan
+
+
+def _history_at_0005(db: Database) -> None:
+    """A database at revision 0005 with an approval pointing at a step (what 0006 rebuilds)."""
+    migrate.downgrade(db.engine, "0005")
+    with db.engine.begin() as conn:
+        _one_instance(conn)
+        ready = datetime(2026, 11, 20, 10, tzinfo=UTC)
+        conn.execute(text("INSERT INTO step_instances (id, instance_id, definition_id, step_id, type, status, "
+                          "created_at, ready_at, started_at, finished_at) VALUES (7, 1, 1, 'review', "
+                          "'human_approval', 'completed', CURRENT_TIMESTAMP, :r, :s, :f)").bindparams(
+            *(bindparam(name, type_=DateTime(timezone=True)) for name in "rsf")),
+            {"r": ready, "s": ready + timedelta(milliseconds=1250), "f": ready + timedelta(seconds=301.25)})
+        conn.execute(text("INSERT INTO approvals (id, instance_id, step_instance_id, step_id, approvers, quorum, "
+                          "status, decision, title, artifacts, on_timeout, reminders, created_at) VALUES (1, 1, 7, "
+                          "'review', '[]', 1, 'approved', 'approved', 'Review', '[]', 'approve', 0, "
+                          "CURRENT_TIMESTAMP)"))
+
+
+def _timings_after_upgrade(db: Database) -> None:
+    assert migrate.current_revision(db.engine) == migrate.HEAD
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT queued_ms, run_ms FROM step_instances WHERE id = 7")).one() == (1250, 300000)
+        assert conn.execute(text("SELECT step_instance_id FROM approvals")).scalar() == 7
+        assert conn.execute(text("SELECT run_s FROM v_step_runs")).scalar() == 300.0
+        if db.kind == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
+
+
+def test_0006_keeps_every_row_and_computes_their_timings(db: Database) -> None:
+    _history_at_0005(db)
+    migrate.upgrade(db.engine)
+    _timings_after_upgrade(db)
+
+
+def test_alembic_run_by_hand_migrates_the_same_way(db: Database, tmp_path: Path) -> None:
+    """`alembic upgrade head` with an alembic.ini of one's own: SQLite's table rebuild works (foreign
+    keys are checked at the end), and the views come back."""
+    _history_at_0005(db)
+    ini = tmp_path / "alembic.ini"
+    ini.write_text(f"[alembic]\nscript_location = {ROOT / 'migrations'}\nsqlalchemy.url = {db.url}\n")
+    for args in (["upgrade", "head"], ["current"]):
+        result = subprocess.run([sys.executable, "-m", "alembic", "-c", str(ini), *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+    _timings_after_upgrade(db)

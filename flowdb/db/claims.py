@@ -67,6 +67,9 @@ class ClaimStatements:
                 heartbeat_at=clock.now,
                 # A woken step (timer, approval) keeps the start of its attempt: the wait is part of it.
                 started_at=case((was_waiting, S.c.started_at), else_=clock.now),
+                # A step taken over from a dead worker became claimable when that lease expired, so
+                # its queue time (step_instances.queued_ms) counts from then, not from its first claim.
+                ready_at=case((S.c.status == RUNNING, S.c.claimable_at), else_=S.c.ready_at),
                 attempt=S.c.attempt + case((was_waiting, literal(0)), else_=literal(1)),
                 error=case(
                     (S.c.status == RUNNING, literal("lease of worker ") + S.c.lease_owner

@@ -74,6 +74,20 @@ def drop_views(connection: Connection) -> None:
         connection.exec_driver_sql(f"DROP VIEW IF EXISTS {name}", execution_options=_NO_PARAMETERS)
 
 
+def stale_views(connection: Connection) -> list[str]:
+    """The views missing, or (on SQLite, which keeps each view's text as written) not as today's files
+    write them: what an upgrade of flowdb that changed a file but added no migration leaves behind."""
+    found: dict[str, str | None]  # name -> its CREATE VIEW text, where the database keeps it as written
+    if connection.dialect.name == "sqlite":
+        found = {name: sql for name, sql in connection.exec_driver_sql(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'view'")}
+    else:
+        found = {name: None for (name,) in connection.exec_driver_sql(
+            "SELECT viewname FROM pg_views WHERE schemaname = current_schema()")}
+    return [view.name for view in load_views()
+            if view.name not in found or found[view.name] not in (None, view.sql)]
+
+
 def create_views(connection: Connection) -> None:
     """(Re)create every view from today's files, in the current transaction."""
     drop_views(connection)
