@@ -10,6 +10,7 @@ from flowdb.db.clock import Clock
 from flowdb.db.instances import DefinitionCache
 from flowdb.db.progress import ProgressStatements
 from flowdb.db.tables import events, process_instances, step_instances
+from flowdb.db.timings import CLEARED
 from flowdb.errors import FlowdbError, NotFound
 from flowdb.models import effective_retry
 
@@ -81,7 +82,7 @@ def retry_step(engine: Engine, instance_id: int, step_id: str) -> str:
         fresh = policy.max_attempts if policy else 1
         conn.execute(update(S).where(S.c.id == step.id).values(
             status=literal_column("'ready'"), max_attempts=S.c.attempt + fresh, error=None, finished_at=None,
-            ready_at=clock.now, claimable_at=clock.now))
+            ready_at=clock.now, claimable_at=clock.now, **CLEARED))
         rows: list[dict[str, object]] = [{"step_instance_id": step.id, "type": "step.retry_requested",
                                           "payload": {"attempt": step.attempt, "fresh_attempts": fresh}}]
         if found.status == "failed":
@@ -92,7 +93,7 @@ def retry_step(engine: Engine, instance_id: int, step_id: str) -> str:
                                     else_=literal_column("'ready'")),
                         claimable_at=case((S.c.pending_parents > literal(0), None), else_=clock.now),
                         ready_at=case((S.c.pending_parents > literal(0), S.c.ready_at), else_=clock.now),
-                        finished_at=None, input=None)
+                        finished_at=None, input=None, **CLEARED)
                 .returning(S.c.id, S.c.step_id)).all()
             for row in restored:
                 rows.append({"step_instance_id": row.id, "type": "step.restored", "payload": {"reason": "retry"}})

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, text
 
 from flowdb.db import migrate
 from flowdb.db.tables import approvals, process_definitions, process_instances, step_instances
+from flowdb.db.timings import refresh_timings
 from flowdb.db.views import load_views, stale_views, view_names
 
 from conftest import ROOT, Database, flowdb_cli
@@ -146,6 +147,7 @@ def fill(engine: Engine) -> None:
         conn.execute(process_instances.insert(), instance_rows)
         conn.execute(step_instances.insert(), step_rows)
         conn.execute(approvals.insert(), approval_rows)
+        refresh_timings(conn)  # what the engine writes with the timestamps
 
 
 def t(day: int, clock: str) -> str:

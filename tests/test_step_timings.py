@@ -1,5 +1,5 @@
-"""Step timings (migration 0006): queued_ms and run_ms computed by the database, and v_step_stats'
-percentiles read through their buckets, checked against a plain sort of the same values."""
+"""Step timings (migration 0006): queued_ms and run_ms written by the engine with the timestamps,
+and v_step_stats' percentiles read through their buckets, checked against a plain sort."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, bindparam, select, text, update
 
+from flowdb.approvals import decide
+from flowdb.control import cancel_instance, retry_step
 from flowdb.db.claims import ClaimStatements
 from flowdb.db.tables import process_definitions, process_instances, step_instances
+from flowdb.db.timings import TIMING_COLUMNS, refresh_timings
 
 from conftest import Database
+from helpers import approval_rows, drive, start, waiting_for_decision, work
 
 BASE = datetime(2026, 11, 20, tzinfo=UTC)
 
@@ -74,6 +78,7 @@ def _fill(engine: Engine, timings: dict[str, tuple[list[int], list[int]]]) -> No
              "created_at": BASE} for d, name, v in definitions])
         conn.execute(process_instances.insert(), instances)
         conn.execute(step_instances.insert(), steps)
+        refresh_timings(conn)
 
 
 def test_step_stats_percentiles_equal_a_sort_of_every_value(db: Database) -> None:
@@ -111,32 +116,94 @@ def _timing_columns(engine: Engine, step_row: int) -> tuple[Any, ...]:
                                   .where(step_instances.c.id == step_row)).one())
 
 
-def test_timings_follow_the_latest_attempt(db: Database) -> None:
-    """Whatever writes the timestamps, the values follow: claimed, finished, retried, cancelled."""
+def test_refresh_follows_the_latest_attempt(db: Database) -> None:
+    """The rules, applied to timestamps written by hand: claimed, finished, retried, cancelled."""
     _fill(db.engine, {"one": ([2_500], [300])})
     S = step_instances
+
+    def after(**values: Any) -> tuple[Any, ...]:
+        with db.engine.begin() as conn:
+            conn.execute(update(S).where(S.c.id == 1).values(**values))
+            refresh_timings(conn)
+        return _timing_columns(db.engine, 1)
+
     assert _timing_columns(db.engine, 1) == (300, 2_500)
-    with db.engine.begin() as conn:  # a retry: ready again after a backoff, the old claim stays in started_at
-        conn.execute(update(S).where(S.c.id == 1).values(
-            status="ready", ready_at=BASE + timedelta(hours=1), finished_at=None))
-    assert _timing_columns(db.engine, 1) == (None, None)
-    with db.engine.begin() as conn:  # claimed again 1.5 s after it became ready: running
-        conn.execute(update(S).where(S.c.id == 1).values(
-            status="running", started_at=BASE + timedelta(hours=1, milliseconds=1_500)))
-    assert _timing_columns(db.engine, 1) == (1_500, None)
-    with db.engine.begin() as conn:  # completed 4 s into the run
-        conn.execute(update(S).where(S.c.id == 1).values(
-            status="completed", finished_at=BASE + timedelta(hours=1, milliseconds=5_500)))
-    assert _timing_columns(db.engine, 1) == (1_500, 4_000)
-    with db.engine.begin() as conn:  # cancelled instead: where the cancellation cut it is no run time
-        conn.execute(update(S).where(S.c.id == 1).values(status="cancelled"))
-    assert _timing_columns(db.engine, 1) == (1_500, None)
-    with db.engine.begin() as conn:  # failed, with a clock that went backwards: no run time either
-        conn.execute(update(S).where(S.c.id == 1).values(status="failed", finished_at=BASE))
-    assert _timing_columns(db.engine, 1) == (1_500, None)
-    with db.engine.begin() as conn:  # a pending step never claimed has neither
-        conn.execute(update(S).where(S.c.id == 1).values(status="pending", started_at=None, finished_at=None))
-    assert _timing_columns(db.engine, 1) == (None, None)
+    # a retry: ready again after a backoff, the old claim stays in started_at
+    assert after(status="ready", ready_at=BASE + timedelta(hours=1), finished_at=None) == (None, None)
+    # claimed again 1.5 s after it became ready: running
+    assert after(status="running", started_at=BASE + timedelta(hours=1, milliseconds=1_500)) == (1_500, None)
+    # completed 4 s into the run
+    assert after(status="completed", finished_at=BASE + timedelta(hours=1, milliseconds=5_500)) == (1_500, 4_000)
+    # cancelled instead: where the cancellation cut it is no run time
+    assert after(status="cancelled") == (1_500, None)
+    # failed, with a clock that went backwards: no run time either
+    assert after(status="failed", finished_at=BASE) == (1_500, None)
+    # a pending step never claimed has neither
+    assert after(status="pending", started_at=None, finished_at=None) == (None, None)
+
+
+TIMED_PROCESS = """
+process:
+  name: timed-by-the-engine
+  steps:
+    - {id: pay, type: agent_task, agent: pricey, message: "pay"}
+    - id: wobble
+      type: agent_task
+      agent: flaky
+      message: "again"
+      depends_on: [pay]
+      retry: {max_attempts: 3, initial_interval: 0.01s, backoff: 1}
+    - id: review
+      type: human_approval
+      depends_on: [wobble]
+      config: {approvers: [ann@example.com], title: "Check"}
+    - {id: nap, type: agent_task, agent: sleepy, message: "nap", depends_on: [pay]}
+"""
+FAILING_PROCESS = """
+process:
+  name: failing
+  steps:
+    - id: doomed
+      type: agent_task
+      agent: broken
+      message: "fail"
+      retry: {max_attempts: 2, initial_interval: 0.01s, backoff: 1}
+"""
+
+
+def _all_timings(engine: Engine) -> dict[tuple[int, str], tuple[Any, ...]]:
+    S = step_instances
+    with engine.connect() as conn:
+        rows = conn.execute(select(S.c.instance_id, S.c.step_id, S.c.status, *(S.c[c] for c in TIMING_COLUMNS)))
+        return {(r.instance_id, r.step_id): (r.status, r.queued_ms, r.queued_bucket, r.run_ms, r.run_bucket)
+                for r in rows}
+
+
+def test_the_engine_writes_what_the_timestamps_give(db: Database) -> None:
+    """A real run through every path that moves a step's timestamps (claims, retries, a failure,
+    approvals woken by a decision, a cancellation, a retry asked for by hand) leaves exactly the
+    timings the rules compute from those timestamps."""
+    approved, cancelled = start(db.engine, TIMED_PROCESS, count=2)
+    (failed,) = start(db.engine, FAILING_PROCESS)
+    drive(db.engine, waiting_for_decision(db.engine, count=2))
+    (to_approve,) = [row for row in approval_rows(db.engine) if row.instance_id == approved]
+    decide(db.engine, to_approve.id, "approved", "ann@example.com")
+    cancel_instance(db.engine, cancelled)
+    work(db.engine)
+    retry_step(db.engine, failed, "doomed")  # back to ready: its timings are cleared
+    written = _all_timings(db.engine)
+    assert written[(failed, "doomed")] == ("ready", None, None, None, None)
+    assert written[(approved, "review")][0] == "completed" and written[(approved, "review")][3] is not None
+    assert written[(cancelled, "review")][0] == "cancelled" and written[(cancelled, "review")][3] is None
+    for key in [(approved, "pay"), (approved, "wobble"), (approved, "nap"), (approved, "review")]:
+        status, queued_ms, queued_bucket, run_ms, run_bucket = written[key]
+        assert status == "completed" and None not in (queued_ms, queued_bucket, run_ms, run_bucket), key
+    with db.engine.begin() as conn:
+        refresh_timings(conn)
+    assert _all_timings(db.engine) == written
+    work(db.engine)  # the retried step fails again and gets its timings back
+    assert _all_timings(db.engine)[(failed, "doomed")][0] == "failed"
+    assert None not in _all_timings(db.engine)[(failed, "doomed")]
 
 
 def test_a_step_taken_over_from_a_dead_worker_queues_from_its_lease_expiry(db: Database) -> None:

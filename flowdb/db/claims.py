@@ -16,6 +16,7 @@ from sqlalchemy.sql.elements import ColumnClause
 from flowdb.db.clock import Clock
 from flowdb.db.driver import DriverStatement, as_json, from_json
 from flowdb.db.tables import CLAIMABLE, events, step_instances
+from flowdb.db.timings import CLEARED, timing
 
 S = step_instances
 RUNNING: ColumnClause[str] = literal_column("'running'")
@@ -55,6 +56,11 @@ class ClaimStatements:
         if dialect_name == "postgresql":
             due = due.with_for_update(skip_locked=True)
         was_waiting = S.c.status == literal_column("'waiting'")
+        # A step taken over from a dead worker became claimable when that lease expired, so its
+        # queue time counts from then, not from its first claim (db/timings.py).
+        taken_over = S.c.status == RUNNING
+        became_ready = case((taken_over, S.c.claimable_at), else_=S.c.ready_at)
+        queued = timing("queued", clock.milliseconds_since(became_ready))
         self.claim: Update = (
             update(S)
             .where(S.c.id.in_(due.scalar_subquery()))
@@ -67,9 +73,8 @@ class ClaimStatements:
                 heartbeat_at=clock.now,
                 # A woken step (timer, approval) keeps the start of its attempt: the wait is part of it.
                 started_at=case((was_waiting, S.c.started_at), else_=clock.now),
-                # A step taken over from a dead worker became claimable when that lease expired, so
-                # its queue time (step_instances.queued_ms) counts from then, not from its first claim.
-                ready_at=case((S.c.status == RUNNING, S.c.claimable_at), else_=S.c.ready_at),
+                ready_at=became_ready,
+                **{column: case((was_waiting, S.c[column]), else_=value) for column, value in queued.items()},
                 attempt=S.c.attempt + case((was_waiting, literal(0)), else_=literal(1)),
                 error=case(
                     (S.c.status == RUNNING, literal("lease of worker ") + S.c.lease_owner
@@ -94,7 +99,7 @@ class ClaimStatements:
             .where(S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"), S.c.status == RUNNING)
             .values(status=READY, lease_owner=None, lease_token=None, lease_expires_at=None,
                     claimable_at=clock.now, ready_at=clock.now,
-                    attempt=S.c.attempt - 1)
+                    attempt=S.c.attempt - 1, **CLEARED)
         )
         self.insert_event = events.insert().values(created_at=clock.now)
         self.insert_events = DriverStatement(self.insert_event, ["instance_id", "step_instance_id", "type", "payload"])

@@ -30,6 +30,20 @@ class Clock:
                                  func.printf(literal_column("'%+.6f seconds'"), seconds))
         return literal_column("statement_timestamp()") + seconds * literal_column("interval '1 second'")
 
+    def milliseconds_since(self, start: ColumnElement[Any], end: ColumnElement[Any] | None = None
+                           ) -> ColumnElement[int]:
+        """Whole milliseconds from timestamp `start` to `end` (default: now); NULL if `end` is before
+        `start` (a clock that went backwards)."""
+        from sqlalchemy import BigInteger, case, cast, extract, func
+
+        if self.sqlite:
+            later = func.julianday(literal_column("'now'") if end is None else end)
+            elapsed = (later - func.julianday(start)) * literal_column("86400000.0")
+        else:
+            elapsed = extract("epoch", (literal_column("statement_timestamp()") if end is None else end) - start
+                              ) * literal_column("1000")
+        return case(((self.now if end is None else end) >= start, cast(func.round(elapsed), BigInteger)))
+
     @classmethod
     def of(cls, engine: Engine) -> Clock:
         return cls(engine.dialect.name)

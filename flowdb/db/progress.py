@@ -15,12 +15,24 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import BindParameter, Connection, Update, bindparam, case, literal, literal_column, select, update
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    Update,
+    bindparam,
+    case,
+    literal,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 
 from flowdb.db.approvals import ApprovalStatements
 from flowdb.db.clock import Clock
 from flowdb.db.driver import DriverStatement, as_json
 from flowdb.db.tables import events, process_instances, step_edges, step_instances
+from flowdb.db.timings import CLEARED, timing
 from flowdb.definitions import CompiledDefinition
 from flowdb.errors import TemplateError
 from flowdb.expressions import StepView
@@ -64,12 +76,16 @@ class ProgressStatements:
         release_lease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
         usage = {"cost_usd": S.c.cost_usd + bindparam("cost"), "tokens_in": S.c.tokens_in + bindparam("tin"),
                  "tokens_out": S.c.tokens_out + bindparam("tout")}
+        # A run time for the steps that completed or failed (db/timings.py); a skipped one has none.
+        ran = or_(bindparam("status") == _lit("completed"), bindparam("status") == _lit("failed"))
+        run = {column: case((ran, value)) for column, value in
+               timing("run", clock.milliseconds_since(S.c.started_at)).items()}
         self.complete: Update = update(S).where(*fenced).values(
             status=bindparam("status"), output=bindparam("output"), input=bindparam("input"),
-            error=bindparam("error"), finished_at=clock.now, claimable_at=None, **usage, **release_lease)
+            error=bindparam("error"), finished_at=clock.now, claimable_at=None, **run, **usage, **release_lease)
         self.retry: Update = update(S).where(*fenced).values(
             status=_lit("ready"), error=bindparam("error"), ready_at=clock.plus(bindparam("delay")),
-            claimable_at=clock.plus(bindparam("delay")), **usage, **release_lease)
+            claimable_at=clock.plus(bindparam("delay")), **CLEARED, **usage, **release_lease)
         self.park: Update = update(S).where(*fenced).values(
             status=_lit("waiting"), input=bindparam("input"), claimable_at=None, **release_lease)
         self.park_timed: Update = update(S).where(*fenced).values(

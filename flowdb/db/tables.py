@@ -10,7 +10,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
-    Computed,
     DateTime,
     ForeignKey,
     Index,
@@ -24,8 +23,6 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-
-from flowdb.db.dialect_sql import DialectSQL
 
 metadata = MetaData(
     naming_convention={
@@ -84,33 +81,6 @@ process_instances = Table(
     Index("ix_process_instances_created_at", "created_at"),
 )
 
-# Step timings the database computes from the timestamps (migration 0006 says why and how):
-# whole milliseconds the latest attempt waited for a worker and ran, and the same cut to three
-# significant digits so that they sort like the values (the index key of the percentiles).
-_QUEUED_WHEN = "status NOT IN ('pending', 'ready') AND started_at >= ready_at"
-_RUN_WHEN = "status IN ('completed', 'failed') AND started_at >= ready_at AND finished_at >= started_at"
-_MILLISECONDS = {
-    "sqlite": "CAST(ROUND((julianday({b}) - julianday({a})) * 86400000.0) AS INTEGER)",
-    "postgresql": "CAST(ROUND(EXTRACT(EPOCH FROM {b} - {a}) * 1000) AS BIGINT)",
-}
-_BUCKET = ("CASE WHEN {v} < 1000 THEN {v} "
-           "ELSE LENGTH(CAST({v} AS TEXT)) * 1000 + CAST(SUBSTR(CAST({v} AS TEXT), 1, 3) AS INTEGER) END")
-
-
-def _timing(when: str, a: str, b: str) -> dict[str, str]:
-    return {dialect: f"CASE WHEN {when} THEN {between.format(a=a, b=b)} END"
-            for dialect, between in _MILLISECONDS.items()}
-
-
-_QUEUED_MS = _timing(_QUEUED_WHEN, "ready_at", "started_at")
-_RUN_MS = _timing(_RUN_WHEN, "started_at", "finished_at")
-
-
-def _bucket(column: str, value: dict[str, str]) -> DialectSQL:
-    # SQLite may read a generated column in another one; PostgreSQL may not.
-    return DialectSQL(sqlite=_BUCKET.format(v=column), postgresql=_BUCKET.format(v=f"({value['postgresql']})"))
-
-
 step_instances = Table(
     "step_instances",
     metadata,
@@ -143,10 +113,12 @@ step_instances = Table(
     Column("created_at", Timestamp, nullable=False),
     Column("started_at", Timestamp),
     Column("finished_at", Timestamp),
-    Column("queued_ms", BigInteger, Computed(DialectSQL(**_QUEUED_MS), persisted=True)),
-    Column("run_ms", BigInteger, Computed(DialectSQL(**_RUN_MS), persisted=True)),
-    Column("queued_bucket", BigInteger, Computed(_bucket("queued_ms", _QUEUED_MS), persisted=True)),
-    Column("run_bucket", BigInteger, Computed(_bucket("run_ms", _RUN_MS), persisted=True)),
+    # How long the latest attempt waited for a worker and ran, in ms, with their buckets: written
+    # by the statements that move the timestamps (db/timings.py).
+    Column("queued_ms", BigInteger),
+    Column("queued_bucket", BigInteger),
+    Column("run_ms", BigInteger),
+    Column("run_bucket", BigInteger),
     UniqueConstraint("instance_id", "step_id"),
     # Only claimable rows are in this index, so the claim costs the same with a million finished rows.
     Index(
