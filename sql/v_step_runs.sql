@@ -25,9 +25,9 @@
 --   queued_s          started_at - ready_at: how long the latest attempt waited for a worker
 --                     (step_instances.queued_ms / 1000; NULL unless that attempt was claimed)
 --   run_s             finished_at - started_at: how long the latest attempt ran, waits included
---                     (step_instances.run_ms / 1000, or for a cancelled step until it was
---                     cancelled; NULL until it finished, unless that attempt was claimed, and
---                     when the clock went backwards)
+--                     (step_instances.run_ms / 1000; for a step cancelled, or skipped by its
+--                     condition, after it was claimed: until then; NULL until it finished,
+--                     unless that attempt was claimed, and when the clock went backwards)
 --   cost_usd          cost of all its attempts
 --   tokens_in         tokens sent to the agent, all attempts
 --   tokens_out        tokens received from the agent, all attempts
@@ -51,7 +51,8 @@ SELECT
     s.started_at,
     s.finished_at,
     CAST(s.queued_ms AS DOUBLE PRECISION) / 1000 AS queued_s,
-    CASE WHEN s.status = 'cancelled' AND s.started_at >= s.ready_at AND s.finished_at >= s.started_at
+    CASE WHEN s.status IN ('cancelled', 'skipped') AND s.started_at >= s.ready_at
+            AND s.finished_at >= s.started_at
         THEN ROUND((julianday(s.finished_at) - julianday(s.started_at)) * 86400.0, 3)
         ELSE CAST(s.run_ms AS DOUBLE PRECISION) / 1000 END AS run_s,
     ROUND(CAST(s.cost_usd AS DOUBLE PRECISION), 6) AS cost_usd,

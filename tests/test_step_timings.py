@@ -13,6 +13,7 @@ from sqlalchemy import Engine, bindparam, select, text, update
 from flowdb.approvals import decide
 from flowdb.control import cancel_instance, retry_step
 from flowdb.db.claims import ClaimStatements
+from flowdb.db.progress import ProgressStatements
 from flowdb.db.tables import process_definitions, process_instances, step_instances
 from flowdb.db.timings import TIMING_COLUMNS, refresh_timings
 
@@ -225,3 +226,35 @@ def test_a_step_taken_over_from_a_dead_worker_queues_from_its_lease_expiry(db: D
         ready_at, queued_ms = conn.execute(select(S.c.ready_at, S.c.queued_ms).where(S.c.id == 1)).one()
     assert norm_utc(ready_at) == norm_utc(lease_expiry)
     assert 59_000 <= queued_ms <= 65_000  # a minute since the lease expired, not days
+
+
+def test_a_completion_after_a_clock_that_went_backwards_has_no_run_time(db: Database) -> None:
+    """Claimed (by the database's clock) before it was ready: the rule gives no timings, and the
+    completion writes none either."""
+    _fill(db.engine, {"one": ([2_500], [300])})
+    S = step_instances
+    with db.engine.begin() as conn:
+        conn.execute(update(S).where(S.c.id == 1).values(
+            status="running", lease_token="t", finished_at=None, queued_ms=None, queued_bucket=None,
+            run_ms=None, run_bucket=None, ready_at=datetime(2099, 1, 1, tzinfo=UTC)))
+        conn.execute(ProgressStatements(db.kind).complete, {
+            "sid": 1, "token": "t", "status": "completed", "output": None, "input": None, "error": None,
+            "cost": 0, "tin": 0, "tout": 0})
+    assert _timing_columns(db.engine, 1) == (None, None)
+    with db.engine.begin() as conn:
+        refresh_timings(conn)
+    assert _timing_columns(db.engine, 1) == (None, None)
+
+
+def test_a_step_skipped_after_its_claim_shows_how_long_it_took(db: Database) -> None:
+    """A step whose condition turned out false is claimed, then skipped: no run time in the stats,
+    but v_step_runs says how long the claim took, as for a cancelled one."""
+    _fill(db.engine, {"one": ([2_500], [300])})
+    S = step_instances
+    with db.engine.begin() as conn:
+        conn.execute(update(S).where(S.c.id == 1).values(status="skipped"))
+        refresh_timings(conn)
+        run_s, stats_runs = conn.execute(text(
+            "SELECT (SELECT run_s FROM v_step_runs WHERE step_instance_id = 1), "
+            "(SELECT mean_run_s FROM v_step_stats WHERE process = 'timed')")).one()
+    assert (run_s, stats_runs) == (2.5, None)

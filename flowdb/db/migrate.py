@@ -109,8 +109,9 @@ def head_revision() -> str | None:
 
 
 def ensure_current(engine: Engine) -> None:
-    """Migrate a database that is behind, and bring its views up to today's files (used by the
-    embedded default on first use)."""
+    """Migrate a database that is behind, and recreate views that are missing or, on SQLite (which
+    keeps a view's text as written), not as today's files write them (used by the embedded default
+    on first use). On PostgreSQL a changed view file takes `flowdb db upgrade`."""
     if current_revision(engine) != HEAD:
         upgrade(engine)
         return

@@ -76,8 +76,10 @@ class ProgressStatements:
         release_lease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
         usage = {"cost_usd": S.c.cost_usd + bindparam("cost"), "tokens_in": S.c.tokens_in + bindparam("tin"),
                  "tokens_out": S.c.tokens_out + bindparam("tout")}
-        # A run time for the steps that completed or failed (db/timings.py); a skipped one has none.
-        ran = or_(bindparam("status") == _lit("completed"), bindparam("status") == _lit("failed"))
+        # A run time for the steps that completed or failed (db/timings.py); a skipped one has none,
+        # nor one whose claim came before its ready time (a clock that went backwards).
+        ran = or_(bindparam("status") == _lit("completed"), bindparam("status") == _lit("failed")) & (
+            S.c.started_at >= S.c.ready_at)
         run = {column: case((ran, value)) for column, value in
                timing("run", clock.milliseconds_since(S.c.started_at)).items()}
         self.complete: Update = update(S).where(*fenced).values(

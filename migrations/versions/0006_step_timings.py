@@ -18,7 +18,8 @@ statement that writes the row (a quarter of a millisecond a step, measured), and
 3.41.2 answers some joins on an index over a virtual column wrongly (its Bloom filter reads the
 wrong value; v_step_stats' join is one).
 
-Adding nullable columns is instant on both databases; filling them rewrites step_instances once.
+Adding nullable columns is instant on both databases; filling them rewrites the rows of steps
+that were claimed, once.
 
 Revision ID: 0006
 Revises: 0005
@@ -65,9 +66,10 @@ def upgrade() -> None:
     between = MILLISECONDS[dialect]
     queued = f"CASE WHEN {QUEUED_WHEN} THEN {between.format(a='ready_at', b='started_at')} END"
     run = f"CASE WHEN {RUN_WHEN} THEN {between.format(a='started_at', b='finished_at')} END"
-    op.execute(f"UPDATE step_instances SET queued_ms = {queued}, run_ms = {run}")
-    op.execute(f"UPDATE step_instances SET queued_bucket = {BUCKET.format(v='queued_ms')}, "
-               f"run_bucket = {BUCKET.format(v='run_ms')} WHERE queued_ms IS NOT NULL OR run_ms IS NOT NULL")
+    # One UPDATE of only the rows that get a value (a claimed latest attempt): each is rewritten once.
+    op.execute(f"UPDATE step_instances SET queued_ms = {queued}, run_ms = {run}, "
+               f"queued_bucket = {BUCKET.format(v=f'({queued})')}, run_bucket = {BUCKET.format(v=f'({run})')} "
+               f"WHERE {QUEUED_WHEN}")
     for name, prefix in INDEXES.items():
         op.create_index(name, "step_instances", ["definition_id", "step_id", f"{prefix}_bucket", f"{prefix}_ms"],
                         sqlite_where=sa.text(f"{prefix}_ms IS NOT NULL"),
