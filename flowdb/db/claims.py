@@ -60,7 +60,7 @@ class ClaimStatements:
         # queue time counts from then, not from its first claim (db/timings.py).
         taken_over = S.c.status == RUNNING
         became_ready = case((taken_over, S.c.claimable_at), else_=S.c.ready_at)
-        queued = timing("queued", clock.milliseconds_since(became_ready))
+        queued = timing("queued", clock.milliseconds_between(became_ready))
         self.claim: Update = (
             update(S)
             .where(S.c.id.in_(due.scalar_subquery()))

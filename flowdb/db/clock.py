@@ -30,7 +30,7 @@ class Clock:
                                  func.printf(literal_column("'%+.6f seconds'"), seconds))
         return literal_column("statement_timestamp()") + seconds * literal_column("interval '1 second'")
 
-    def milliseconds_since(self, start: ColumnElement[Any], end: ColumnElement[Any] | None = None
+    def milliseconds_between(self, start: ColumnElement[Any], end: ColumnElement[Any] | None = None
                            ) -> ColumnElement[int]:
         """Whole milliseconds from timestamp `start` to `end` (default: now); NULL if `end` is before
         `start` (a clock that went backwards)."""

@@ -81,7 +81,7 @@ class ProgressStatements:
         ran = or_(bindparam("status") == _lit("completed"), bindparam("status") == _lit("failed")) & (
             S.c.started_at >= S.c.ready_at)
         run = {column: case((ran, value)) for column, value in
-               timing("run", clock.milliseconds_since(S.c.started_at)).items()}
+               timing("run", clock.milliseconds_between(S.c.started_at)).items()}
         self.complete: Update = update(S).where(*fenced).values(
             status=bindparam("status"), output=bindparam("output"), input=bindparam("input"),
             error=bindparam("error"), finished_at=clock.now, claimable_at=None, **run, **usage, **release_lease)

@@ -50,8 +50,6 @@ def refresh_timings(conn: Connection) -> None:
     clock = Clock(conn.dialect.name)
     claimed = S.c.status.notin_(["pending", "ready"]) & (S.c.started_at >= S.c.ready_at)
     ran = S.c.status.in_(["completed", "failed"]) & (S.c.started_at >= S.c.ready_at)
-    conn.execute(update(S).values(
-        queued_ms=case((claimed, clock.milliseconds_since(S.c.ready_at, S.c.started_at))),
-        run_ms=case((ran, clock.milliseconds_since(S.c.started_at, S.c.finished_at)))))
-    # (SET reads the old row: the buckets follow from the values just written.)
-    conn.execute(update(S).values(queued_bucket=bucket(S.c.queued_ms), run_bucket=bucket(S.c.run_ms)))
+    queued = case((claimed, clock.milliseconds_between(S.c.ready_at, S.c.started_at)))
+    run = case((ran, clock.milliseconds_between(S.c.started_at, S.c.finished_at)))
+    conn.execute(update(S).values(**timing("queued", queued), **timing("run", run)))
