@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from flowdb import __version__
 from flowdb.agents.registry import AgentRegistry, find_agents_file
@@ -196,7 +197,8 @@ def worker(db_url: str | None, agents_file: str | None, concurrency: int | None,
     engine = open_database(db_url)
     agents = load_agents(agents_file or settings.agents, None)
     options = WorkerOptions(lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
-                            redis_url=settings.redis_url, batch=batch or settings.claim_batch)
+                            redis_url=settings.redis_url, batch=batch or settings.claim_batch,
+                            free_releases=settings.free_releases)
     if concurrency:
         options.concurrency = concurrency
     if grace is not None:
@@ -256,8 +258,11 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
         if time.monotonic() - checked[0] < 1.0:
             return False
         checked[0] = time.monotonic()
-        with engine.connect() as conn:
-            return bool(status_json(conn, instance_id)["status"] != "running")
+        try:
+            with engine.connect() as conn:
+                return bool(status_json(conn, instance_id)["status"] != "running")
+        except DBAPIError:  # the database is away: the worker waits for it, and so does this check
+            return False
 
     asyncio.run(runner.run(until=finished))
     with engine.connect() as conn:

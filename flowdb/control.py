@@ -82,7 +82,7 @@ def retry_step(engine: Engine, instance_id: int, step_id: str) -> str:
         fresh = policy.max_attempts if policy else 1
         conn.execute(update(S).where(S.c.id == step.id).values(
             status=literal_column("'ready'"), max_attempts=S.c.attempt + fresh, error=None, finished_at=None,
-            ready_at=clock.now, claimable_at=clock.now, **CLEARED))
+            ready_at=clock.now, claimable_at=clock.now, releases=literal(0), **CLEARED))
         rows: list[dict[str, object]] = [{"step_instance_id": step.id, "type": "step.retry_requested",
                                           "payload": {"attempt": step.attempt, "fresh_attempts": fresh}}]
         if found.status == "failed":

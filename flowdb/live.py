@@ -35,6 +35,10 @@ class LiveView:
         elif kind == "progress":
             outcomes, progress = data
             self._progress(outcomes, progress)
+        elif kind == "actions":
+            for action in data:
+                if action.notice is None:
+                    click.echo(f"  [{action.level}] {action.message}")
 
     def _claimed(self, item: Claimed) -> None:
         self.started[item.id] = time.monotonic()
@@ -58,8 +62,6 @@ class LiveView:
             click.echo(line)
             if isinstance(outcome.approval, ParkApproval) and outcome.approval.notified:
                 click.echo(f"      waiting for a decision: {decide_command(outcome.approval.approval_id)}")
-        for _, level, message in progress.action_logs:
-            click.echo(f"  [{level}] {message}")
         for instance_id, status in progress.finished_instances:
             if instance_id == self.instance_id:
                 self.final = status

@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0)
     claim_batch: int = Field(default=32, ge=1, le=1000)
+    # Times a stopping worker may give a step back unfinished without charging it an attempt.
+    free_releases: int = Field(default=3, ge=0)
 
     # HTTP API (api/, `flowdb serve`).
     api_max_body_bytes: int = Field(default=1_048_576, ge=1024)  # larger bodies get 413

@@ -1,13 +1,19 @@
-"""The worker loop: claim a batch → run handlers concurrently → heartbeat → record outcomes.
+"""The worker loop: claim a batch → render its templates → run handlers concurrently → heartbeat →
+record outcomes.
 
-Stateless: kill it at any instant and its steps are claimed again once their leases expire.
-Database calls run on the loop's thread over one held connection (they take well under a
-millisecond each; handing each to a thread would cost more than the call).
+Stateless: kill it at any instant and its steps are taken over once their leases expire, as
+suspects that run alone (db/claims.py, "Poison steps"). A database that goes away stops nothing:
+the loop waits with a capped back-off, keeps the outcomes it has not recorded yet, and carries on
+when the database is back. Database calls run on the loop's thread over one held connection (they
+take well under a millisecond each; handing each to a thread would cost more than the call). User
+templates never run on the loop or inside a transaction: a claimed batch's conditions and messages
+are rendered in one trip to a bounded thread (flowdb/bounded.py), under the template limits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -19,19 +25,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, insert
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy import Connection, Engine, select
+from sqlalchemy.exc import DBAPIError
 
+from flowdb.actions import RenderedAction, render_actions
 from flowdb.agents.registry import AgentRegistry
-from flowdb.db.claims import Claimed, ClaimStatements
+from flowdb.bounded import BoundedRunner
+from flowdb.db.claims import FREE_RELEASES, Claimed, ClaimStatements
+from flowdb.db.connectivity import DatabaseUnavailable, Outage, first_line, is_busy
+from flowdb.db.driver import as_json
 from flowdb.db.instances import DefinitionCache
-from flowdb.db.progress import Progress, ProgressStatements, ProgressWriter, template_context
-from flowdb.db.tables import events
+from flowdb.db.progress import DueActions, Progress, ProgressStatements, ProgressWriter, template_context
+from flowdb.db.tables import process_instances
 from flowdb.definitions import CompiledDefinition
 from flowdb.errors import TemplateError
-from flowdb.handlers import HANDLERS, LOADERS, StepContext
+from flowdb.handlers import HANDLERS, LOADERS, RENDERERS, StepContext
 from flowdb.models import effective_retry
-from flowdb.notifications import Notice, Notifier
+from flowdb.notifications import Notifier
 from flowdb.notify import Waker
 from flowdb.outcomes import Outcome
 
@@ -46,9 +56,27 @@ class WorkerOptions:
     lease_seconds: float = 30.0
     poll_seconds: float = 1.0
     grace_seconds: float = 10.0
+    free_releases: int = FREE_RELEASES  # releases at shutdown not charged, per step
     redis_url: str | None = None
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
     instance_id: int | None = None  # work only this instance (flowdb run)
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        return self.lease_seconds / 3
+
+
+@dataclass
+class Held:
+    """A step whose lease this worker holds, and what runs it."""
+
+    item: Claimed
+    task: asyncio.Task[None] | None = None  # its handler; None when decided at claim, or not started yet
+    waiting: StepContext | None = None  # a suspect's context, until the worker is free to run it alone
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
 
 
 Listener = Callable[[str, Any], None]
@@ -66,25 +94,33 @@ class Worker:
         self.claims = ClaimStatements(dialect, one_instance=self.options.instance_id is not None)
         self.writer = ProgressWriter(ProgressStatements(dialect))
         self.definitions = DefinitionCache()
-        self.inflight: dict[int, tuple[Claimed, asyncio.Task[None] | None]] = {}
+        self.renderer = BoundedRunner()
+        self.inflight: dict[int, Held] = {}
         self.done: list[Outcome] = []
+        self.pending_events: list[dict[str, Any]] = []  # events to write with the next transaction
+        self.suspect: Claimed | None = None  # a step taken over from a dead worker: it runs alone
         self.stopping = False
         self.finished: list[tuple[int, str]] = []
-        self.abandoned = 0  # handlers still running when shutdown released their steps
-        self.sending: set[asyncio.Task[None]] = set()  # output-action notices on their way
+        self.abandoned = 0  # handlers left running: their step was released at shutdown or its lease lost
+        self.sending: set[asyncio.Task[None]] = set()  # output actions being carried out
+        self.outage = Outage(log)
         self._conn: Connection | None = None
         self._nudge: asyncio.Event | None = None
+        self._stop: asyncio.Event | None = None
         self._waker: Waker | None = None
+        self._next_take_over = 0.0
 
     # -- public ---------------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop claiming; finish or release what is held, then return from run()."""
         self.stopping = True
-        if self._nudge is not None:
-            self._nudge.set()
+        for event in (self._nudge, self._stop):
+            if event is not None:
+                event.set()
 
     async def run(self, until: Callable[[], bool] | None = None) -> None:
         self._nudge = asyncio.Event()
+        self._stop = asyncio.Event()
         # Plain-function agents run in threads: give every handler slot one (asyncio's default
         # pool has min(32, cpus + 4) threads, which would cap a 2-core worker at 6 agent calls).
         asyncio.get_running_loop().set_default_executor(
@@ -93,18 +129,24 @@ class Worker:
             self._waker = Waker(self.options.redis_url, self._nudge.set)
             self._waker.start()
         opts = self.options
-        next_heartbeat = time.monotonic() + opts.lease_seconds / 3
+        next_heartbeat = time.monotonic() + opts.heartbeat_seconds
         try:
             while not self.stopping:
                 if until is not None and until():
                     break
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()
-                    next_heartbeat = time.monotonic() + opts.lease_seconds / 3
-                # Slots free once the finished outcomes are recorded: record them and claim the
-                # next batch in one transaction.
-                free = min(opts.concurrency - len(self.inflight) + len(self.done), opts.batch)
-                claimed = await self._cycle(free) if self.done or free > 0 else []
+                    next_heartbeat = time.monotonic() + opts.heartbeat_seconds
+                free = self._free_slots()
+                take_over = self._take_over_due()
+                try:
+                    claimed = await self._cycle(free, take_over) \
+                        if self.done or self.pending_events or free > 0 or take_over else []
+                    self._start_suspect_when_alone()
+                except DatabaseUnavailable as exc:
+                    await self._pause(self.outage.failed(exc))
+                    continue
+                self.outage.recovered()
                 if until is not None and until():
                     break
                 if claimed:
@@ -119,64 +161,150 @@ class Worker:
                         pass
             await self._shutdown()
         finally:
+            self.renderer.close()
             if self._waker is not None:
                 await self._waker.close()
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._drop_connection()
 
     # -- database -------------------------------------------------------------------------------
     def _transaction(self, work: Callable[[Connection], T]) -> T:
-        """Run work in a transaction; retry what the database says is transient."""
+        """Run work in one transaction; retry at once what the database says is transient (busy,
+        deadlock). A database that does not answer raises DatabaseUnavailable: the caller waits."""
         for attempt in range(8):
-            if self._conn is None:
-                self._conn = self.engine.connect()
+            try:
+                if self._conn is None:
+                    self._conn = self.engine.connect()
+            except DBAPIError as exc:
+                raise DatabaseUnavailable(first_line(exc)) from exc
             try:
                 with self._conn.begin():
                     return work(self._conn)
-            except (OperationalError, DBAPIError) as exc:
-                if not _transient(exc) or attempt == 7:
+            except DBAPIError as exc:
+                if exc.connection_invalidated or self._conn.invalidated:
+                    self._drop_connection()
+                    if attempt == 0:  # a held connection that died while idle: one fresh try at once
+                        continue
+                    raise DatabaseUnavailable(first_line(exc)) from exc
+                if not is_busy(exc) or attempt == 7:
                     raise
-                log.warning("database busy (%s); retrying", str(exc.orig).strip().splitlines()[0])
-                if exc.connection_invalidated:
-                    self._conn.close()
-                    self._conn = None
+                log.warning("database busy (%s); retrying", first_line(exc))
                 time.sleep(min(0.05 * 2 ** attempt, 2.0))
         raise AssertionError("unreachable")
 
-    async def _cycle(self, claim: int) -> list[Claimed]:
-        """One transaction: record the finished outcomes, then claim up to `claim` steps."""
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # closing a connection to a server that is gone
+                pass
+            self._conn = None
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait before trying the database again; a stop request cuts the wait short."""
+        assert self._stop is not None
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    # -- the cycle ------------------------------------------------------------------------------
+    def _free_slots(self) -> int:
+        if self.stopping or self.suspect is not None:  # a suspect runs alone: claim nothing meanwhile
+            return 0
+        opts = self.options
+        return min(opts.concurrency - len(self.inflight) + len(self.done), opts.batch)
+
+    def _take_over_due(self) -> bool:
+        """Look for steps whose worker died at most once per poll interval, when holding no suspect."""
+        return not self.stopping and self.suspect is None and time.monotonic() >= self._next_take_over
+
+    async def _cycle(self, claim: int, take_over: bool = False) -> list[Claimed]:
+        """One transaction: record the finished outcomes, then take over one suspect or claim up to
+        `claim` steps. On any failure the outcomes are kept for the next try."""
         outcomes, self.done = self.done, []
+        written, self.pending_events = self.pending_events, []
         definitions = self._definitions_for(outcomes)
         token = uuid.uuid4().hex
         opts = self.options
 
         def work(conn: Connection) -> tuple[Progress | None, list[tuple[Claimed, StepContext | Outcome]]]:
             progress = self.writer.apply(conn, outcomes, definitions) if outcomes else None
-            claimed = [] if claim <= 0 else self.claims.claim_steps(
-                conn, opts.name, token, claim, opts.lease_seconds, opts.instance_id)
+            self.claims.insert_events.executemany(conn, written)
+            suspect = self.claims.take_over_step(conn, opts.name, token, opts.lease_seconds, opts.instance_id) \
+                if take_over else None
+            if suspect is not None:
+                claimed = [suspect]
+            else:
+                claimed = [] if claim <= 0 else self.claims.claim_steps(
+                    conn, opts.name, token, claim, opts.lease_seconds, opts.instance_id)
             return progress, [(item, self._prepare(conn, item)) for item in claimed]
 
-        progress, prepared = self._transaction(work)
+        try:
+            progress, prepared = self._transaction(work)
+        except BaseException as exc:
+            self.done[:0] = outcomes
+            self.pending_events[:0] = written
+            if isinstance(exc, DBAPIError) and outcomes and not is_busy(exc):
+                # Not an outage and not busy: perhaps a result the database refuses to store.
+                await self._record_one_by_one(exc)
+                return []
+            raise
+        if take_over and not any(item.suspect for item, _ in prepared):
+            self._next_take_over = time.monotonic() + opts.poll_seconds
         if progress is not None:
             await self._recorded(outcomes, progress)
+        starting: list[tuple[Held, StepContext]] = []
         for item, ready in prepared:
+            held = Held(item)
+            self.inflight[item.id] = held
             if isinstance(ready, Outcome):
-                self.inflight[item.id] = (item, None)
                 self.done.append(ready)
+            elif item.suspect:
+                held.waiting = ready
+                self.suspect = item
             else:
-                self.inflight[item.id] = (item, asyncio.create_task(self._execute(ready)))
+                starting.append((held, ready))
+        self._start(starting)
         if prepared:
             self.listener("claimed", [item for item, _ in prepared])
         return [item for item, _ in prepared]
 
+    async def _record_one_by_one(self, error: DBAPIError) -> None:
+        """A batch the database refused for another reason than an outage or a lock: record each
+        outcome alone, and fail (without retry) a step whose own outcome cannot be stored, so one bad
+        result never stops the worker or its neighbours."""
+        outcomes, self.done = self.done, []
+        log.warning("the database refused a batch of %d outcome(s) (%s); recording them one at a time",
+                    len(outcomes), first_line(error))
+        for index, outcome in enumerate(outcomes):
+            try:
+                try:
+                    await self._record_alone(outcome)
+                except DatabaseUnavailable:
+                    raise
+                except DBAPIError as exc:
+                    await self._record_alone(Outcome(outcome.step, "failed", retryable=False, error=(
+                        f"flowdb could not store this step's result: {first_line(exc)}")))
+            except DatabaseUnavailable:
+                self.done[:0] = outcomes[index:]
+                raise
+            except DBAPIError as exc:
+                log.error("could not record step %s (instance %s) at all (%s); it runs again once its lease "
+                          "expires", outcome.step.step_id, outcome.step.instance_id, first_line(exc))
+                self.inflight.pop(outcome.step.id, None)
+
+    async def _record_alone(self, outcome: Outcome) -> None:
+        definitions = self._definitions_for([outcome])
+        progress = self._transaction(lambda conn: self.writer.apply(conn, [outcome], definitions))
+        await self._recorded([outcome], progress)
+
     def _prepare(self, conn: Connection, item: Claimed) -> StepContext | Outcome:
-        """Everything a handler needs, read in the claim's transaction; or the outcome already decided."""
+        """Everything a handler needs, read in the claim's transaction; or the outcome already decided.
+        Nothing here evaluates a user template (that happens after the commit, off the loop)."""
         definition = self.definitions.get(conn, item.definition_id)
         step = definition.steps[item.step_id]
-        if item.expired_lease and item.attempt > item.max_attempts:
-            return Outcome(item, "failed", error=f"{item.expired_lease}; no attempts left "
-                           f"({item.max_attempts} allowed)", retryable=False)
+        if item.exhausted:
+            return Outcome(item, "failed", retryable=False, error=item.exhausted_reason(self.options.free_releases))
         refs = step.references
         context: dict[str, Any] = {}
         if refs.needs_context:
@@ -188,24 +316,58 @@ class Worker:
             if spent >= budget.max_cost_usd:
                 return Outcome(item, "failed", retryable=False,
                                error=f"budget of ${budget.max_cost_usd:g} is spent (${spent:g}); step not started")
-        if step.condition is not None and not item.woken:
-            try:
-                if not step.condition.evaluate(context):
-                    return Outcome(item, "skipped", output=None, error=None,
-                                   input={"condition": step.condition.source, "value": False})
-            except TemplateError as exc:
-                return Outcome(item, "failed", error=str(exc), retryable=False)
         load = LOADERS.get(item.type)
         loaded = load(conn, item) if load is not None else None
         return StepContext(item, definition, step, context, self.agents, datetime.now(UTC), self.notifier, loaded)
 
-    async def _execute(self, ctx: StepContext) -> None:
+    # -- running steps --------------------------------------------------------------------------
+    def _start(self, starting: list[tuple[Held, StepContext]]) -> None:
+        """Start the handlers of claimed steps; their templates are rendered first, in one trip."""
+        if not starting:
+            return
+        contexts = [ctx for _, ctx in starting]
+        renders: asyncio.Future[list[Any]] | None = None
+        if any(_renders(ctx) for ctx in contexts):
+            jobs: list[Callable[[], Any]] = [functools.partial(_render, ctx) for ctx in contexts]
+            renders = asyncio.ensure_future(self.renderer.run_each(jobs, _template_timeout()))
+        for index, (held, ctx) in enumerate(starting):
+            held.task = asyncio.create_task(self._execute(ctx, renders, index))
+
+    def _start_suspect_when_alone(self) -> None:
+        """Start the suspect once every other step this worker held is recorded: from then on, a
+        crash of this worker is the suspect's own (db/claims.py)."""
+        if self.suspect is None:
+            return
+        held = self.inflight.get(self.suspect.id)
+        if held is None or held.waiting is None or len(self.inflight) > 1:
+            return
+        if not self._transaction(lambda conn: self.claims.isolate_step(conn, held.item)):
+            log.warning("lost the lease on suspect step %s (instance %s) before it started",
+                        held.item.step_id, held.item.instance_id)
+            self.inflight.pop(held.item.id, None)
+            self.suspect = None
+            return
+        log.info("running step %s (instance %s) alone: its last worker stopped while running it",
+                 held.item.step_id, held.item.instance_id)
+        ctx, held.waiting = held.waiting, None
+        self._start([(held, ctx)])
+
+    async def _execute(self, ctx: StepContext, renders: asyncio.Future[list[Any]] | None, index: int) -> None:
         handler = HANDLERS.get(ctx.claimed.type)
         try:
-            if handler is None:
+            rendered = (await asyncio.shield(renders))[index] if renders is not None else None
+            if isinstance(rendered, TemplateError):
+                outcome = Outcome(ctx.claimed, "failed", retryable=False,
+                                  error=f"step {ctx.claimed.step_id!r}: {rendered}")
+            elif isinstance(rendered, BaseException):
+                raise rendered
+            elif isinstance(rendered, Outcome):  # its condition is false
+                outcome = rendered
+            elif handler is None:
                 outcome = Outcome(ctx.claimed, "failed", retryable=False,
                                   error=f"no handler for step type {ctx.claimed.type!r} in this flowdb")
             else:
+                ctx.rendered = rendered
                 outcome = await handler.run(ctx)
         except asyncio.CancelledError:
             raise
@@ -228,23 +390,17 @@ class Worker:
                 outcome.retry_delay = policy.delay_after(outcome.step.attempt) if policy else 0.0
         return definitions
 
-    async def _flush(self) -> None:
-        """Record the finished outcomes without claiming (shutdown)."""
-        outcomes, self.done = self.done, []
-        definitions = self._definitions_for(outcomes)
-        progress = self._transaction(lambda conn: self.writer.apply(conn, outcomes, definitions))
-        await self._recorded(outcomes, progress)
-
     async def _recorded(self, outcomes: list[Outcome], progress: Progress) -> None:
         for outcome in outcomes:
             self.inflight.pop(outcome.step.id, None)
+            if self.suspect is not None and outcome.step.id == self.suspect.id:
+                self.suspect = None
+                self._next_take_over = 0.0  # where one worker died, others' steps may wait too
         for late in progress.late:
             log.warning("dropped the late result of step %s (instance %s): its lease was lost",
                         late.step.step_id, late.step.instance_id)
-        for instance_id, level, message in progress.action_logs:
-            log.log(logging.getLevelNamesMapping()[level.upper()], "[instance %s] %s", instance_id, message)
-        for instance_id, notice in progress.action_notices:
-            task = asyncio.create_task(self._send_action_notice(instance_id, notice))
+        if progress.actions:
+            task = asyncio.create_task(self._carry_out(progress.actions))
             self.sending.add(task)
             task.add_done_callback(self.sending.discard)
         self.finished.extend(progress.finished_instances)
@@ -255,62 +411,126 @@ class Worker:
             if outcomes:  # the batch wrote events: one message for the API's event streams
                 await self._waker.publish_events()
 
-    async def _send_action_notice(self, instance_id: int, notice: Notice) -> None:
-        """An output action's notice, sent after its instance's end was committed (best effort: a
-        worker killed in between does not send it; the `action.notify` event shows it was due)."""
-        delivery = await self.notifier.send(notice)
-        payload = {"channel": delivery.channel, "ok": delivery.ok, "attempts": delivery.attempts,
-                   "error": delivery.error}
-        try:
-            self._transaction(lambda conn: conn.execute(
-                insert(events).values(instance_id=instance_id, type="action.notified", payload=payload,
-                                      created_at=self.claims.clock.now)))
-        except (OperationalError, DBAPIError) as exc:
-            log.warning("could not record the delivery of a notice for instance %s: %s", instance_id, exc.orig)
+    async def _carry_out(self, due: list[DueActions]) -> None:
+        """Render finished instances' output actions (off the loop, under the limits), log or send
+        them, and record each as an event with the next transaction."""
+        jobs: list[Callable[[], Any]] = [functools.partial(render_actions, d) for d in due]
+        results = await self.renderer.run_each(jobs, _template_timeout())
+        done: list[RenderedAction] = []
+        for actions, result in zip(due, results, strict=True):
+            if isinstance(result, BaseException):
+                result = [RenderedAction(actions.instance_id, "error", f"output actions failed to render: {result}")]
+            done.extend(result)
+        self.listener("actions", done)
+        for action in done:
+            kind, payload = action.event()
+            self._event(action.instance_id, kind, payload)
+            if action.notice is None:
+                log.log(logging.getLevelNamesMapping()[action.level.upper()], "[instance %s] %s",
+                        action.instance_id, action.message)
+                continue
+            delivery = await self.notifier.send(action.notice)
+            self._event(action.instance_id, "action.notified", {
+                "channel": delivery.channel, "ok": delivery.ok, "attempts": delivery.attempts, "error": delivery.error})
+        if self._nudge is not None:
+            self._nudge.set()
+
+    def _event(self, instance_id: int, kind: str, payload: dict[str, Any]) -> None:
+        self.pending_events.append({"instance_id": instance_id, "step_instance_id": None, "type": kind,
+                                    "payload": as_json(payload)})
 
     def _heartbeat(self) -> None:
-        held = [item for item, task in self.inflight.values() if task is not None and not task.done()]
+        """Extend the leases of every step held; abandon (and record) those this worker lost."""
+        held = [h.item for h in self.inflight.values()]
         if not held:
             return
         try:
             lost = self._transaction(lambda conn: self.claims.heartbeat_steps(conn, held, self.options.lease_seconds))
-        except (OperationalError, DBAPIError) as exc:
-            log.warning("heartbeat failed (%s); will try again", exc.orig)
+        except DatabaseUnavailable as exc:
+            self.outage.failed(exc)
+            return
+        except DBAPIError as exc:
+            log.warning("heartbeat failed (%s); will try again", first_line(exc))
             return
         for step_instance_id in lost:
-            item, task = self.inflight.pop(step_instance_id)
-            log.warning("lost the lease on step %s (instance %s); abandoning it", item.step_id, item.instance_id)
-            if task is not None:
-                task.cancel()
+            gone = self.inflight.pop(step_instance_id)
+            log.warning("lost the lease on step %s (instance %s); abandoning it", gone.item.step_id,
+                        gone.item.instance_id)
+            if gone.task is not None and not gone.task.done():
+                gone.task.cancel()  # a plain-function agent's thread runs on: the process must not wait for it
+                self.abandoned += 1
+            self.done = [o for o in self.done if o.step.id != step_instance_id]
+            if self.suspect is not None and self.suspect.id == step_instance_id:
+                self.suspect = None
 
+    # -- shutdown -------------------------------------------------------------------------------
     async def _shutdown(self) -> None:
-        tasks = [task for _, task in self.inflight.values() if task is not None and not task.done()]
-        tasks += list(self.sending)
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.options.grace_seconds)
-            self.abandoned = sum(not task.done() for task in tasks)
-        if self.done:
-            await self._flush()
-        leftover = [item for item, task in self.inflight.values()]
-        for _, task in self.inflight.values():
-            if task is not None:
-                task.cancel()
+        """Let running handlers finish within the grace period, renewing their leases and recording
+        what finishes as it does; then give back what is still running."""
+        opts = self.options
+        deadline = time.monotonic() + opts.grace_seconds
+        while True:
+            tasks = [h.task for h in self.inflight.values() if h.task is not None and h.running] + list(self.sending)
+            left = deadline - time.monotonic()
+            if not tasks or left <= 0:
+                break
+            await asyncio.wait(tasks, timeout=min(left, opts.heartbeat_seconds))
+            await self._record_before(deadline)
+            self._heartbeat()
+        self.abandoned += sum(h.running for h in self.inflight.values())
+        await self._record_before(deadline)
+        for held in self.inflight.values():
+            if held.task is not None:
+                held.task.cancel()
+        leftover = [h.item for h in self.inflight.values()]
         if leftover:
-            released = self._transaction(lambda conn: self.claims.release_steps(conn, leftover))
-            log.info("released %d step(s) still running at shutdown", released)
+            try:
+                released = self._transaction(lambda conn: self.claims.release_steps(conn, leftover,
+                                                                                    opts.free_releases))
+                log.info("released %d step(s) still running at shutdown", released)
+            except DatabaseUnavailable as exc:
+                log.error("could not release %d step(s) at shutdown (%s); they run again once their leases expire",
+                          len(leftover), first_line(exc))
         self.inflight.clear()
+
+    async def _record_before(self, deadline: float) -> None:
+        """Record the finished outcomes (claiming nothing), trying until the deadline if the database is away."""
+        while self.done or self.pending_events:
+            try:
+                await self._cycle(0)
+                self.outage.recovered()
+                return
+            except DatabaseUnavailable as exc:
+                wait = self.outage.failed(exc)
+                if time.monotonic() + wait > deadline:
+                    log.error("could not record %d outcome(s) at shutdown: the database is unavailable; their steps "
+                              "run again once their leases expire", len(self.done))
+                    return
+                await asyncio.sleep(wait)
+
+
+def _renders(ctx: StepContext) -> bool:
+    """Whether a claimed step has templates to evaluate (its condition, its type's own)."""
+    if ctx.claimed.woken:
+        return False
+    return ctx.step.condition is not None or ctx.claimed.type in RENDERERS
+
+
+def _render(ctx: StepContext) -> Any:
+    """Runs in the render thread: the step's condition, then its type's templates. A false condition
+    gives the `skipped` outcome; a failing template raises TemplateError."""
+    claimed, step = ctx.claimed, ctx.step
+    if step.condition is not None and not claimed.woken and not step.condition.evaluate(ctx.templates):
+        return Outcome(claimed, "skipped", output=None, error=None,
+                       input={"condition": step.condition.source, "value": False})
+    render = RENDERERS.get(claimed.type)
+    return render(ctx) if render is not None and not claimed.woken else None
+
+
+def _template_timeout() -> float:
+    return 1.0
 
 
 def _instance_cost(conn: Connection, instance_id: int) -> float:
-    from sqlalchemy import select
-
-    from flowdb.db.tables import process_instances
-
     return float(conn.execute(select(process_instances.c.cost_usd)
                               .where(process_instances.c.id == instance_id)).scalar_one())
-
-
-def _transient(exc: DBAPIError) -> bool:
-    text = str(exc.orig).lower()
-    return (exc.connection_invalidated or "database is locked" in text or "deadlock detected" in text
-            or "could not serialize" in text or "busy" in text)

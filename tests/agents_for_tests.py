@@ -59,3 +59,27 @@ def counted(request: AgentRequest) -> dict[str, Any]:
         with open(log, "a") as handle:
             handle.write(f"end {request.instance_id} {request.step_id} {request.attempt} {os.getpid()}\n")
     return {"step": request.step_id}
+
+
+def poison(request: AgentRequest) -> dict[str, Any]:
+    """Makes its own worker die the way its message says (exit | kill | term), after noting the call
+    in $FLOWDB_TEST_CALL_LOG like `counted`: `term` sends SIGTERM to its worker and then hangs."""
+    import signal
+
+    log = os.environ.get("FLOWDB_TEST_CALL_LOG")
+    if log:
+        with open(log, "a") as handle:
+            handle.write(f"start {request.instance_id} {request.step_id} {request.attempt} {os.getpid()}\n")
+    if request.message == "exit":
+        os._exit(3)
+    if request.message == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if request.message == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(3600)
+    return {}
+
+
+def nul(request: AgentRequest) -> str:
+    """An answer PostgreSQL cannot store in a JSON column (a NUL character)."""
+    return "before\x00after"

@@ -14,7 +14,7 @@ from flowdb.notifications import Notifier, NotifierConfig
 
 import helpers
 from conftest import EXAMPLES, Database
-from helpers import instance, start, steps
+from helpers import event_types, instance, start, steps
 from servers import Collecting, Webhook, free_port
 
 MANAGER = "manager@company.com"
@@ -156,6 +156,17 @@ def test_notification_step_on_a_channel_not_configured_fails_at_once(db: Databas
     iid, step = run_notification(db, "slack", Notifier.log_only())
     assert step.status == "failed" and step.attempt == 1
     assert "slack is not configured" in step.error and "FLOWDB_SLACK_WEBHOOK_URL" in step.error
+    assert instance(db.engine, iid).status == "failed"
+
+
+def test_notification_step_to_a_refused_webhook_url_fails_at_once(db: Database, webhook: Any) -> None:
+    """The outbound check refuses the URL (loopback, not allowed here): no later attempt can differ."""
+    hook: Webhook = webhook()
+    iid, step = run_notification(db, "slack", Notifier(config(slack_webhook_url=hook.url(), allow_private=False)))
+    assert step.status == "failed" and step.attempt == 1 and step.attempt < step.max_attempts
+    assert "resolves to a refused address" in step.error and "loopback" in step.error
+    assert "step.retry_scheduled" not in event_types(db.engine, iid)
+    assert hook.requests == []
     assert instance(db.engine, iid).status == "failed"
 
 

@@ -148,5 +148,5 @@ def test_sigterm_releases_the_steps_a_worker_still_runs(db: Database, tmp_path: 
                                 .where(events.c.type == "step.released")).all()
     assert {(r.status, r.attempt, r.lease_owner, r.lease_token) for r in rows} == {("ready", 0, None, None)}
     assert sorted(r.step_instance_id for r in released) == sorted(r.id for r in rows)
-    assert all(r.payload == {"attempt": 1} for r in released)
+    assert all(r.payload == {"attempt": 1, "releases": 1, "charged": False} for r in released)
     assert [kind for kind, *_ in read_call_log(call_log)] == ["start"] * 3  # none ran to its end

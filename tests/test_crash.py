@@ -94,26 +94,27 @@ def test_killed_worker_loses_no_work_and_only_its_steps_rerun(db: Database, tmp_
     assert event_count(db.engine, "instance.completed") == INSTANCES
     assert event_count(db.engine, "step.late_result_dropped") == 0  # no live worker lost a lease
 
-    # What the dead worker held: its claims that no completion followed. (Read from the events once
-    # all is done, not from the rows at the kill: on PostgreSQL a COMMIT it sent just before dying
-    # can still land after it is gone.)
+    # What the dead worker held: the steps it started that another worker had to start again. (Read
+    # from the events once all is done, not from the rows at the kill: on PostgreSQL a COMMIT it sent
+    # just before dying can still land after it is gone.)
     with db.engine.connect() as conn:
-        started = conn.execute(select(events.c.step_instance_id, events.c.payload)
-                               .where(events.c.type == "step.started")).all()
-        completed = conn.execute(select(events.c.step_instance_id, events.c.payload)
-                                 .where(events.c.type == "step.completed")).all()
-        attempts = dict(conn.execute(select(step_instances.c.id, step_instances.c.attempt)).all())
+        started = conn.execute(select(events.c.id, events.c.step_instance_id, events.c.payload)
+                               .where(events.c.type == "step.started").order_by(events.c.id)).all()
+        rows = {row.id: row for row in conn.execute(select(step_instances.c.id, step_instances.c.attempt,
+                                                           step_instances.c.reclaims, step_instances.c.suspect))}
     [victim_name] = {row.payload["worker"] for row in started if row.payload["worker"].split(":")[-2] == str(victim)}
-    done_attempts = {(row.step_instance_id, row.payload["attempt"]) for row in completed}
-    held = {row.step_instance_id for row in started if row.payload["worker"] == victim_name
-            and (row.step_instance_id, row.payload["attempt"]) not in done_attempts}
+    victims_last = {row.step_instance_id: row.id for row in started if row.payload["worker"] == victim_name}
+    held = {row.step_instance_id for row in started
+            if row.step_instance_id in victims_last and row.id > victims_last[row.step_instance_id]}
     assert held
 
-    # Every step the dead worker held was claimed again (attempt 2, flagged as a reclaim); no other was.
+    # Every step the dead worker held was taken over as a suspect, and no other; the crash was charged
+    # to none of them (they did not run alone), so each completed at attempt 1.
     reclaimed = {row.step_instance_id for row in started if row.payload.get("reclaimed")}
     assert reclaimed == held
-    assert {sid for sid, attempt in attempts.items() if attempt != 1} == held
-    assert all(attempts[sid] == 2 for sid in held)
+    assert {sid for sid, row in rows.items() if row.reclaims} == held
+    assert {row.attempt for row in rows.values()} == {1}
+    assert not any(row.suspect for row in rows.values())
 
     # The call log: every step ran to its end; a handler ran twice only where the dead worker began it.
     calls = read_call_log(call_log)
@@ -157,14 +158,16 @@ def test_stale_workers_late_completion_is_refused_by_the_lease_token(db: Databas
 
     with db.engine.begin() as conn:
         [stale] = claims.claim_steps(conn, "stale-worker", "token-stale", 10, 0.3)
-    assert (stale.step_id, stale.attempt, stale.expired_lease) == ("a", 1, None)
+    assert (stale.step_id, stale.attempt, stale.suspect) == ("a", 1, False)
     with db.engine.begin() as conn:  # the lease is held: nobody else gets the step
         assert claims.claim_steps(conn, "fresh-worker", "token-fresh", 10, 30) == []
     time.sleep(0.6)  # the stale worker stops heartbeating; its lease runs out (on the database's clock)
-    with db.engine.begin() as conn:
-        [fresh] = claims.claim_steps(conn, "fresh-worker", "token-fresh", 10, 30)
-    assert (fresh.id, fresh.attempt) == (stale.id, 2)
-    assert fresh.expired_lease and "stale-worker" in fresh.expired_lease
+    with db.engine.begin() as conn:  # a step whose worker died is not claimed with others, but taken over
+        assert claims.claim_steps(conn, "fresh-worker", "token-fresh", 10, 30) == []
+        fresh = claims.take_over_step(conn, "fresh-worker", "token-fresh", 30)
+    assert fresh is not None
+    assert (fresh.id, fresh.attempt, fresh.suspect, fresh.reclaims) == (stale.id, 1, True, 1)
+    assert "stale-worker" in steps(db.engine, iid)["a"].error
 
     definitions = {stale.definition_id: definition}
     late = Outcome(stale, "completed", output={"by": "stale"}, input={"message": "a"})
@@ -176,12 +179,15 @@ def test_stale_workers_late_completion_is_refused_by_the_lease_token(db: Databas
 
     row = steps(db.engine, iid)["a"]
     assert (row.status, row.lease_token, row.lease_owner, row.attempt, row.output) == (
-        "running", "token-fresh", "fresh-worker", 2, None)
+        "running", "token-fresh", "fresh-worker", 1, None)
     assert steps(db.engine, iid)["b"].status == "pending"
     with db.engine.connect() as conn:
         dropped = conn.execute(select(events.c.step_instance_id, events.c.payload)
                                .where(events.c.type == "step.late_result_dropped")).all()
+    # Both doors that find a lease lost record it: the heartbeat (which abandons the run) and the completion.
     assert [(r.step_instance_id, _payload(r.payload)) for r in dropped] == [
+        (stale.id, {"attempt": 1, "outcome": "abandoned", "reason": "a heartbeat found the lease lost; the run was "
+                                                                     "cancelled"}),
         (stale.id, {"attempt": 1, "outcome": "completed"})]
     assert "step.completed" not in event_types(db.engine, iid)
 

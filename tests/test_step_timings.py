@@ -208,7 +208,7 @@ def test_the_engine_writes_what_the_timestamps_give(db: Database) -> None:
 
 
 def test_a_step_taken_over_from_a_dead_worker_queues_from_its_lease_expiry(db: Database) -> None:
-    """The claim that takes over an expired lease makes the lease's expiry the attempt's ready_at:
+    """The take-over of an expired lease makes the lease's expiry the attempt's ready_at:
     the dead worker's time is neither queue time nor run time of the new attempt."""
     _fill(db.engine, {"one": ([2_500], [300])})
     S = step_instances
@@ -220,8 +220,8 @@ def test_a_step_taken_over_from_a_dead_worker_queues_from_its_lease_expiry(db: D
             max_attempts=2), {"ago": -60.0})
         lease_expiry = conn.execute(select(S.c.claimable_at).where(S.c.id == 1)).scalar_one()
     with db.engine.begin() as conn:
-        (claimed,) = claims.claim_steps(conn, "alive", "t1", 10, 30.0)
-    assert claimed.id == 1
+        claimed = claims.take_over_step(conn, "alive", "t1", 30.0)
+    assert claimed is not None and claimed.id == 1
     with db.engine.connect() as conn:
         ready_at, queued_ms = conn.execute(select(S.c.ready_at, S.c.queued_ms).where(S.c.id == 1)).one()
     assert norm_utc(ready_at) == norm_utc(lease_expiry)

@@ -243,7 +243,7 @@ class Bell:
                             self._ring()
                 finally:
                     self.listening = False
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed in redis 6+
             except (aredis.RedisError, OSError) as exc:
                 if not warned:
                     log.warning("event streams cannot listen to Redis (%s); they poll until it is back", exc)

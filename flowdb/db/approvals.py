@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import BindParameter, Connection, Update, bindparam, case, literal, literal_column, select, update
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
+from flowdb.db.claims import LEASE_DROPPED
 from flowdb.db.clock import Clock
 from flowdb.db.tables import approval_approvers, approvals, step_instances
 from flowdb.outcomes import Outcome
@@ -136,7 +137,7 @@ class ApprovalStatements:
                    S.c.status == literal_column("'running'"))
             .values(status=literal_column("'waiting'"), input=bindparam("input"),
                     claimable_at=case((approval_status == PENDING, approval_due), else_=clock.now),
-                    lease_owner=None, lease_token=None, lease_expires_at=None)
+                    **LEASE_DROPPED)
         )
         # Park claimable at once: the notify turn follows the opening turn straight away.
         self.park_now: Update = (
@@ -144,7 +145,7 @@ class ApprovalStatements:
             .where(S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"),
                    S.c.status == literal_column("'running'"))
             .values(status=literal_column("'waiting'"), input=bindparam("input"), claimable_at=clock.now,
-                    lease_owner=None, lease_token=None, lease_expires_at=None)
+                    **LEASE_DROPPED)
         )
         # A decision wakes the waiting step: the claim query takes waiting rows whose time has come.
         self.wake_step = (

@@ -1,8 +1,17 @@
-"""The claim protocol's statements: claim, heartbeat, release. Built once per dialect.
+"""The claim protocol's statements: claim, take over, heartbeat, release. Built once per dialect.
 
 Claim is one `UPDATE ... WHERE id IN (SELECT ... LIMIT n [FOR UPDATE SKIP LOCKED]) RETURNING ...`.
-It takes ready steps whose ready time has come, running steps whose lease expired (their worker
-died) and waiting steps whose wake-up time has come, all through one partial index on claimable_at.
+It takes ready steps whose ready time has come and waiting steps whose wake-up time has come,
+through one partial index on claimable_at.
+
+Poison steps. A running step whose lease expired lost its worker: the worker was killed, crashed,
+or stopped answering. Any of the steps that worker held may have caused it, so none of them is
+charged an attempt for it. Each is *taken over* one at a time as a suspect (`take_over`), and runs
+alone on its new worker (the worker claims nothing else until it is done, and marks the run
+`isolated` once the run starts alone). Only a crash of an isolated run is charged: a step that
+crashes every worker it runs on fails after `max_attempts` runs alone, and its innocent neighbours
+are never charged for it. A stopping worker gives unfinished steps back (`release`) without charge,
+but only `free_releases` times per step, so a step that makes its own worker stop cannot run forever.
 """
 
 from __future__ import annotations
@@ -10,8 +19,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BindParameter, Connection, Update, bindparam, case, literal, literal_column, select, update
-from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    Select,
+    Update,
+    bindparam,
+    case,
+    false,
+    literal,
+    literal_column,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
 from flowdb.db.clock import Clock
 from flowdb.db.driver import DriverStatement, as_json, from_json
@@ -21,6 +43,11 @@ from flowdb.db.timings import CLEARED, timing
 S = step_instances
 RUNNING: ColumnClause[str] = literal_column("'running'")
 READY: ColumnClause[str] = literal_column("'ready'")
+FREE_RELEASES = 3  # releases at shutdown not charged, per step
+# What every statement that moves a step out of `running` writes: no lease, and the crash
+# accounting of the run is over (a CHECK keeps `suspect` to running rows).
+LEASE_DROPPED: dict[str, Any] = {"lease_owner": None, "lease_token": None, "lease_expires_at": None,
+                                 "suspect": false(), "isolated": false()}
 
 
 @dataclass(frozen=True)
@@ -37,113 +64,180 @@ class Claimed:
     lease_token: str
     input: Any
     woken: bool  # claimed from `waiting` (a timer or deadline fired), not a fresh attempt
-    expired_lease: str | None  # set when this claim took over a dead worker's lease
+    suspect: bool = False  # taken over from a worker whose lease expired: it must run alone
+    reclaims: int = 0  # how many times it was taken over
+    releases: int = 0  # how many times stopping workers gave it back unfinished
+
+    @property
+    def exhausted(self) -> bool:
+        """No attempt is left to run: its crashes or releases used them up."""
+        return self.attempt > self.max_attempts
+
+    def exhausted_reason(self, free_releases: int = FREE_RELEASES) -> str:
+        allowed = f"no attempts left ({self.max_attempts} allowed)"
+        if self.suspect:
+            return (f"its worker stopped while running it alone (the lease expired; {self.reclaims} take-over(s) "
+                    f"in all): it crashes the workers that run it; {allowed}")
+        return (f"stopping workers gave it back unfinished {self.releases} times (the first {free_releases} are "
+                f"not charged); {allowed}")
 
 
 class ClaimStatements:
     def __init__(self, dialect_name: str, *, one_instance: bool = False) -> None:
         clock = Clock(dialect_name)
         self.clock = clock
+        self.postgres = dialect_name == "postgresql"
+        self.one_instance = one_instance
         lease: BindParameter[float] = bindparam("lease_seconds")
-        due = (
-            select(S.c.id)
-            .where(literal_column(f"step_instances.status IN {CLAIMABLE}"), S.c.claimable_at <= clock.now)
-            .order_by(S.c.claimable_at, S.c.id)
-            .limit(bindparam("n"))
-        )
-        if one_instance:  # `flowdb run` works its own instance only
-            due = due.where(S.c.instance_id == bindparam("iid"))
-        if dialect_name == "postgresql":
-            due = due.with_for_update(skip_locked=True)
+        held = {"status": RUNNING, "lease_owner": bindparam("owner"), "lease_token": bindparam("token"),
+                "lease_expires_at": clock.plus(lease), "claimable_at": clock.plus(lease), "heartbeat_at": clock.now}
+        returning = (S.c.id, S.c.instance_id, S.c.definition_id, S.c.step_id, S.c.type, S.c.attempt,
+                     S.c.max_attempts, S.c.input, S.c.suspect, S.c.reclaims, S.c.releases)
+
+        # Ready and waiting steps (never a running one: those are taken over one at a time below).
         was_waiting = S.c.status == literal_column("'waiting'")
-        # A step taken over from a dead worker became claimable when that lease expired, so its
-        # queue time counts from then, not from its first claim (db/timings.py).
-        taken_over = S.c.status == RUNNING
-        became_ready = case((taken_over, S.c.claimable_at), else_=S.c.ready_at)
-        queued = timing("queued", clock.milliseconds_between(became_ready))
+        queued = timing("queued", clock.milliseconds_between(S.c.ready_at))
         self.claim: Update = (
             update(S)
-            .where(S.c.id.in_(due.scalar_subquery()))
+            .where(S.c.id.in_(self._due(S.c.status != RUNNING).scalar_subquery()))
             .values(
-                status=RUNNING,
-                lease_owner=bindparam("owner"),
-                lease_token=bindparam("token"),
-                lease_expires_at=clock.plus(lease),
-                claimable_at=clock.plus(lease),
-                heartbeat_at=clock.now,
+                **held,
                 # A woken step (timer, approval) keeps the start of its attempt: the wait is part of it.
                 started_at=case((was_waiting, S.c.started_at), else_=clock.now),
-                ready_at=became_ready,
                 **{column: case((was_waiting, S.c[column]), else_=value) for column, value in queued.items()},
                 attempt=S.c.attempt + case((was_waiting, literal(0)), else_=literal(1)),
-                error=case(
-                    (S.c.status == RUNNING, literal("lease of worker ") + S.c.lease_owner
-                     + literal(" expired (it stopped heartbeating)")),
-                    (was_waiting, S.c.error),
-                    else_=None,
-                ),
+                error=case((was_waiting, S.c.error), else_=None),
             )
-            .returning(S.c.id, S.c.instance_id, S.c.definition_id, S.c.step_id, S.c.type, S.c.attempt,
-                       S.c.max_attempts, S.c.input, S.c.error)
+            .returning(*returning)
         )
         self.claim_raw = DriverStatement(self.claim)
-        # RETURNING shows the new row, so a reclaim is told apart by the note the claim writes into
-        # `error`, and a woken step by the `wake` state its handler parked in `input`.
+        # A running step whose lease expired, as a suspect. Its queue time counts from the lease
+        # expiry (db/timings.py). The crashed run is charged only if it ran alone (`isolated`): the
+        # attempt number then moves on; otherwise this run takes the crashed run's number.
+        lease_expired = timing("queued", clock.milliseconds_between(S.c.claimable_at))
+        self.take_over: Update = (
+            update(S)
+            .where(S.c.id.in_(self._due(S.c.status == RUNNING, n=literal(1)).scalar_subquery()))
+            .values(
+                **held,
+                started_at=clock.now,
+                ready_at=S.c.claimable_at,
+                **lease_expired,
+                attempt=S.c.attempt + case((S.c.isolated, literal(1)), else_=literal(0)),
+                suspect=true(),
+                isolated=false(),
+                reclaims=S.c.reclaims + literal(1),
+                error=literal("lease of worker ") + S.c.lease_owner + literal(" expired (it stopped heartbeating)"),
+            )
+            .returning(*returning)
+        )
+        self.take_over_raw = DriverStatement(self.take_over)
+        # A suspect's run starts alone: from now on a crash is its own.
+        self.isolate = (
+            update(S)
+            .where(S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"), S.c.status == RUNNING)
+            .values(isolated=true())
+        )
         self.heartbeat = (
             update(S)
             .where(S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"), S.c.status == RUNNING)
             .values(lease_expires_at=clock.plus(lease), claimable_at=clock.plus(lease), heartbeat_at=clock.now)
         )
+        free = S.c.releases < bindparam("free_releases")
         self.release = (
             update(S)
             .where(S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"), S.c.status == RUNNING)
-            .values(status=READY, lease_owner=None, lease_token=None, lease_expires_at=None,
-                    claimable_at=clock.now, ready_at=clock.now,
-                    attempt=S.c.attempt - 1, **CLEARED)
+            .values(status=READY, **LEASE_DROPPED, claimable_at=clock.now, ready_at=clock.now,
+                    attempt=S.c.attempt - case((free, literal(1)), else_=literal(0)),
+                    releases=S.c.releases + literal(1), **CLEARED)
+            .returning(S.c.attempt, S.c.releases)
         )
         self.insert_event = events.insert().values(created_at=clock.now)
         self.insert_events = DriverStatement(self.insert_event, ["instance_id", "step_instance_id", "type", "payload"])
 
+    def _due(self, *conditions: ColumnElement[bool], n: Any = None) -> Select[Any]:
+        """Ids of claimable rows whose time has come, oldest first, through the claimable index."""
+        due = (
+            select(S.c.id)
+            .where(literal_column(f"step_instances.status IN {CLAIMABLE}"), S.c.claimable_at <= self.clock.now,
+                   *conditions)
+            .order_by(S.c.claimable_at, S.c.id)
+            .limit(bindparam("n") if n is None else n)
+        )
+        if self.one_instance:  # `flowdb run` works its own instance only
+            due = due.where(S.c.instance_id == bindparam("iid"))
+        if self.postgres:
+            due = due.with_for_update(skip_locked=True)
+        return due
+
     def claim_steps(self, conn: Connection, owner: str, token: str, n: int, lease_seconds: float,
                     instance_id: int | None = None) -> list[Claimed]:
-        """Claim up to n steps in the current transaction; write a step.started event for each."""
+        """Claim up to n ready or waiting steps in the current transaction; write a step.started event
+        (step.woken for a waiting one) for each."""
+        return self._claimed(conn, self.claim_raw, self._params(owner, token, n, lease_seconds, instance_id))
+
+    def take_over_step(self, conn: Connection, owner: str, token: str, lease_seconds: float,
+                       instance_id: int | None = None) -> Claimed | None:
+        """Take over one running step whose lease expired, as a suspect (see the module's docstring)."""
+        claimed = self._claimed(conn, self.take_over_raw, self._params(owner, token, 1, lease_seconds, instance_id))
+        return claimed[0] if claimed else None
+
+    @staticmethod
+    def _params(owner: str, token: str, n: int, lease_seconds: float, instance_id: int | None) -> dict[str, Any]:
         params: dict[str, Any] = {"owner": owner, "token": token, "n": n, "lease_seconds": lease_seconds}
         if instance_id is not None:
             params["iid"] = instance_id
+        return params
+
+    def _claimed(self, conn: Connection, statement: DriverStatement, params: dict[str, Any]) -> list[Claimed]:
         claimed = []
         started = []
-        for sid, iid, definition_id, step_id, step_type, attempt, max_attempts, raw_input, error \
-                in self.claim_raw.execute(conn, params):
-            expired = error if error and error.startswith("lease of worker ") else None
+        owner, token = params["owner"], params["token"]
+        for sid, iid, definition_id, step_id, step_type, attempt, max_attempts, raw_input, suspect, reclaims, \
+                releases in statement.execute(conn, params):
             state = from_json(raw_input)
             woken = isinstance(state, dict) and "wake" in state
-            claimed.append(Claimed(sid, iid, definition_id, step_id, step_type, attempt, max_attempts, token,
-                                   state, woken, expired))
+            item = Claimed(sid, iid, definition_id, step_id, step_type, attempt, max_attempts, token, state, woken,
+                           bool(suspect), reclaims, releases)
+            claimed.append(item)
             payload: dict[str, Any] = {"attempt": attempt, "worker": owner}
-            if expired:
-                payload["reclaimed"] = True
+            if item.suspect:
+                payload.update(reclaimed=True, suspect=True, reclaims=reclaims)
             started.append({"instance_id": iid, "step_instance_id": sid,
                             "type": "step.woken" if woken else "step.started", "payload": as_json(payload)})
         self.insert_events.executemany(conn, started)
         return claimed
 
+    def isolate_step(self, conn: Connection, item: Claimed) -> bool:
+        """Mark a suspect's run as running alone; False if the lease is gone."""
+        return bool(conn.execute(self.isolate, {"sid": item.id, "token": item.lease_token}).rowcount)
+
     def heartbeat_steps(self, conn: Connection, held: list[Claimed], lease_seconds: float) -> set[int]:
-        """Extend the leases still held; return the ids whose lease this worker lost."""
+        """Extend the leases still held; return the ids whose lease this worker lost, each recorded as a
+        dropped late result (the worker abandons its run)."""
         lost = set()
         for item in held:
             result = conn.execute(self.heartbeat, {"sid": item.id, "token": item.lease_token,
                                                    "lease_seconds": lease_seconds})
             if result.rowcount == 0:
                 lost.add(item.id)
+                conn.execute(self.insert_event, {
+                    "instance_id": item.instance_id, "step_instance_id": item.id, "type": "step.late_result_dropped",
+                    "payload": {"attempt": item.attempt, "outcome": "abandoned",
+                                "reason": "a heartbeat found the lease lost; the run was cancelled"}})
         return lost
 
-    def release_steps(self, conn: Connection, held: list[Claimed]) -> int:
-        """Give steps back (worker shutting down): ready again, the attempt not counted."""
+    def release_steps(self, conn: Connection, held: list[Claimed], free_releases: int = FREE_RELEASES) -> int:
+        """Give steps back (worker shutting down): ready again, the attempt not counted for a step's
+        first `free_releases` releases, counted after that."""
         released = 0
         for item in held:
-            result = conn.execute(self.release, {"sid": item.id, "token": item.lease_token})
-            if result.rowcount:
+            row = conn.execute(self.release, {"sid": item.id, "token": item.lease_token,
+                                              "free_releases": free_releases}).first()
+            if row is not None:
                 released += 1
-                conn.execute(self.insert_event, {"instance_id": item.instance_id, "step_instance_id": item.id,
-                                                 "type": "step.released", "payload": {"attempt": item.attempt}})
+                conn.execute(self.insert_event, {
+                    "instance_id": item.instance_id, "step_instance_id": item.id, "type": "step.released",
+                    "payload": {"attempt": item.attempt, "releases": row.releases,
+                                "charged": row.releases > free_releases}})
         return released

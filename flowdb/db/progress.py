@@ -29,15 +29,14 @@ from sqlalchemy import (
 )
 
 from flowdb.db.approvals import ApprovalStatements
+from flowdb.db.claims import LEASE_DROPPED
 from flowdb.db.clock import Clock
 from flowdb.db.driver import DriverStatement, as_json
 from flowdb.db.tables import events, process_instances, step_edges, step_instances
 from flowdb.db.timings import CLEARED, timing
 from flowdb.definitions import CompiledDefinition
-from flowdb.errors import TemplateError
-from flowdb.expressions import StepView
-from flowdb.models import Action, LogAction
-from flowdb.notifications import Notice
+from flowdb.expressions import StepView, Template
+from flowdb.models import Action
 from flowdb.outcomes import Outcome
 
 log = logging.getLogger("flowdb.progress")
@@ -50,14 +49,23 @@ def _lit(word: str) -> Any:
 
 
 @dataclass
+class DueActions:
+    """An instance's output actions (on_success or on_failure), due once its end is committed."""
+
+    instance_id: int
+    definition: CompiledDefinition
+    actions: list[tuple[Action, Template]]
+    context: dict[str, Any]  # what their templates see, read in the transaction that ended the instance
+
+
+@dataclass
 class Progress:
     """What a batch of outcomes changed, for the caller to log and to wake other workers."""
 
     late: list[Outcome] = field(default_factory=list)
     made_ready: int = 0
     finished_instances: list[tuple[int, str]] = field(default_factory=list)
-    action_logs: list[tuple[int, str, str]] = field(default_factory=list)  # (instance, level, message)
-    action_notices: list[tuple[int, Notice]] = field(default_factory=list)  # to send once committed
+    actions: list[DueActions] = field(default_factory=list)  # output actions due once committed
 
 
 class ProgressStatements:
@@ -73,7 +81,7 @@ class ProgressStatements:
         held = select(S.c.id, S.c.lease_token, S.c.status).where(S.c.id.in_(ids))
         self.held = held.with_for_update() if postgres else held
         fenced = (S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"), S.c.status == _lit("running"))
-        release_lease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
+        release_lease = LEASE_DROPPED
         usage = {"cost_usd": S.c.cost_usd + bindparam("cost"), "tokens_in": S.c.tokens_in + bindparam("tin"),
                  "tokens_out": S.c.tokens_out + bindparam("tout")}
         # A run time for the steps that completed or failed (db/timings.py); a skipped one has none,
@@ -346,25 +354,12 @@ class ProgressWriter:
             self._actions(conn, instance_id, definition, definition.on_failure, batch)
 
     def _actions(self, conn: Connection, instance_id: int, definition: CompiledDefinition,
-                 actions: list[tuple[Action, Any]], batch: _Batch) -> None:
-        if not actions:
-            return
-        context = template_context(conn, instance_id, definition)
-        for action, template in actions:
-            level = action.level if isinstance(action, LogAction) else "info"
-            try:
-                message = template.render(context)
-            except TemplateError as exc:
-                message, level = f"output action failed to render: {exc}", "error"
-                action = LogAction(type="log", message=message, level="error")
-            if isinstance(action, LogAction):
-                batch.event(instance_id, "action.log", {"level": level, "message": message})
-                batch.progress.action_logs.append((instance_id, level, message))
-                continue
-            title = action.title or f"{definition.name}: instance {instance_id} {context['process']['status']}"
-            batch.event(instance_id, "action.notify", {"channel": action.channel, "title": title, "message": message})
-            batch.progress.action_notices.append(
-                (instance_id, Notice(action.channel, title, message, to=tuple(action.to), instance_id=instance_id)))
+                 actions: list[tuple[Action, Template]], batch: _Batch) -> None:
+        """Load what the output actions' templates read; the worker renders them after the commit
+        (never inside a transaction) and carries them out (flowdb/actions.py)."""
+        if actions:
+            context = template_context(conn, instance_id, definition)
+            batch.progress.actions.append(DueActions(instance_id, definition, actions, context))
 
 
 def template_context(conn: Connection, instance_id: int, definition: CompiledDefinition,

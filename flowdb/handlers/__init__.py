@@ -11,7 +11,7 @@ from flowdb.db.claims import Claimed
 from flowdb.definitions import CompiledDefinition
 from flowdb.errors import DefinitionError, Located
 from flowdb.handlers.agent_task import AgentTaskHandler
-from flowdb.handlers.base import LoadingHandler, StepContext, StepHandler
+from flowdb.handlers.base import LoadingHandler, RenderingHandler, StepContext, StepHandler
 from flowdb.handlers.gateway import GatewayHandler
 from flowdb.handlers.human_approval import HumanApprovalHandler
 from flowdb.handlers.notification import NotificationHandler
@@ -24,6 +24,11 @@ HANDLERS: dict[str, StepHandler] = {
 # Step types whose handler reads rows of its own in the claim's transaction (an approval...).
 LOADERS: dict[str, Callable[[Connection, Claimed], Any]] = {
     kind: handler.load for kind, handler in HANDLERS.items() if isinstance(handler, LoadingHandler)
+}
+
+# Step types whose handler renders templates (run by the worker off the event loop, under limits).
+RENDERERS: dict[str, Callable[[StepContext], Any]] = {
+    kind: handler.render for kind, handler in HANDLERS.items() if isinstance(handler, RenderingHandler)
 }
 
 
@@ -39,4 +44,4 @@ def check_runnable(definition: CompiledDefinition) -> None:
         raise DefinitionError(problems)
 
 
-__all__ = ["HANDLERS", "LOADERS", "StepContext", "StepHandler", "check_runnable"]
+__all__ = ["HANDLERS", "LOADERS", "RENDERERS", "StepContext", "StepHandler", "check_runnable"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from flowdb.agents.types import AgentRequest
-from flowdb.errors import StepFailure, TemplateError
+from flowdb.errors import StepFailure
 from flowdb.handlers.base import StepContext
 from flowdb.models import AgentTask
 from flowdb.outcomes import Outcome
@@ -14,13 +14,14 @@ from flowdb.outcomes import Outcome
 class AgentTaskHandler:
     type = "agent_task"
 
+    def render(self, ctx: StepContext) -> str:
+        assert ctx.step.message is not None
+        return ctx.step.message.render(ctx.templates)
+
     async def run(self, ctx: StepContext) -> Outcome:
         model = ctx.step.model
-        assert isinstance(model, AgentTask) and ctx.step.message is not None
-        try:
-            message = ctx.step.message.render(ctx.templates)
-        except TemplateError as exc:
-            return ctx.outcome("failed", error=str(exc), retryable=False)
+        assert isinstance(model, AgentTask)
+        message: str = ctx.rendered
         request = AgentRequest(
             agent=model.agent, message=message, instance_id=ctx.claimed.instance_id, step_id=ctx.claimed.step_id,
             attempt=ctx.claimed.attempt, idempotency_key=f"{ctx.claimed.instance_id}:{ctx.claimed.step_id}",

@@ -25,6 +25,7 @@ class StepContext:
     now: datetime  # UTC, for handlers that compute wall-clock times (timers)
     notifier: Notifier = field(default_factory=Notifier.log_only)
     loaded: Any = None  # what the handler's load() read in the claim's transaction, if it has one
+    rendered: Any = None  # what the handler's render() made of its templates, if it has one
 
     def outcome(self, kind: Any, **fields: Any) -> Outcome:
         return Outcome(self.claimed, kind, **fields)
@@ -36,6 +37,15 @@ class StepHandler(Protocol):
     type: str
 
     async def run(self, ctx: StepContext) -> Outcome: ...
+
+
+@runtime_checkable
+class RenderingHandler(StepHandler, Protocol):
+    """A handler whose step has templates (a message, conditions...). The worker calls render() off
+    the event loop, outside any transaction, under the template time and size limits, and gives its
+    value to run() as ctx.rendered. It may raise TemplateError (the step fails without retry)."""
+
+    def render(self, ctx: StepContext) -> Any: ...
 
 
 @runtime_checkable

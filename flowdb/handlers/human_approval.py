@@ -13,7 +13,6 @@ from sqlalchemy import Connection
 
 from flowdb.db.approvals import ApprovalRow, ApprovalStatements, ExpireApproval, OpenApproval, ParkApproval
 from flowdb.db.claims import Claimed
-from flowdb.errors import TemplateError
 from flowdb.handlers.base import StepContext
 from flowdb.models import HumanApproval
 from flowdb.notifications import Delivery, Notice, Notifier
@@ -43,6 +42,18 @@ class HumanApprovalHandler:
             return None
         return _statements(conn.dialect.name).get(conn, int(claimed.input["approval_id"]))
 
+    def render(self, ctx: StepContext) -> tuple[str, str | None, list[str]] | None:
+        """The title, instructions and artifacts of the approval the first turn opens."""
+        if ctx.claimed.woken:
+            return None
+        templates = ctx.step.templates
+        title = (templates["title"].render(ctx.templates) if "title" in templates
+                 else f"Approval needed: {ctx.definition.name} / {ctx.step.id}")
+        instructions = templates["instructions"].render(ctx.templates) if "instructions" in templates else None
+        artifacts = [templates[f"artifacts.{i}"].render(ctx.templates)
+                     for i in range(len(getattr(ctx.step.model, "artifacts", ())))]
+        return title, instructions, artifacts
+
     async def run(self, ctx: StepContext) -> Outcome:
         model = ctx.step.model
         assert isinstance(model, HumanApproval)
@@ -65,14 +76,7 @@ class HumanApprovalHandler:
         return await self._timed_out(ctx, approval)
 
     def _open(self, ctx: StepContext, model: HumanApproval) -> Outcome:
-        templates = ctx.step.templates
-        try:
-            title = (templates["title"].render(ctx.templates) if "title" in templates
-                     else f"Approval needed: {ctx.definition.name} / {model.id}")
-            instructions = templates["instructions"].render(ctx.templates) if "instructions" in templates else None
-            artifacts = [templates[f"artifacts.{i}"].render(ctx.templates) for i in range(len(model.artifacts))]
-        except TemplateError as exc:
-            return ctx.outcome("failed", error=str(exc), retryable=False)
+        title, instructions, artifacts = ctx.rendered
         change = OpenApproval(approvers=list(model.approvers), quorum=model.quorum, on_timeout=model.on_timeout,
                               timeout_s=model.timeout, title=title, instructions=instructions, artifacts=artifacts)
         return ctx.outcome("waiting", approval=change)

@@ -6,7 +6,6 @@ with backoff between claims) rather than inside the handler.
 
 from __future__ import annotations
 
-from flowdb.errors import TemplateError
 from flowdb.handlers.base import StepContext
 from flowdb.models import Notification
 from flowdb.notifications import Notice
@@ -16,25 +15,29 @@ from flowdb.outcomes import Outcome
 class NotificationHandler:
     type = "notification"
 
+    def render(self, ctx: StepContext) -> tuple[str, str]:
+        """The notice's text and title."""
+        assert ctx.step.message is not None
+        text = ctx.step.message.render(ctx.templates)
+        title_template = ctx.step.templates.get("title")
+        title = title_template.render(ctx.templates) if title_template is not None else \
+            f"{ctx.definition.name}: {ctx.step.id}"
+        return text, title
+
     async def run(self, ctx: StepContext) -> Outcome:
         model = ctx.step.model
-        assert isinstance(model, Notification) and ctx.step.message is not None
-        try:
-            text = ctx.step.message.render(ctx.templates)
-            title_template = ctx.step.templates.get("title")
-            title = title_template.render(ctx.templates) if title_template is not None else \
-                f"{ctx.definition.name}: {model.id}"
-        except TemplateError as exc:
-            return ctx.outcome("failed", error=str(exc), retryable=False)
+        assert isinstance(model, Notification)
+        text, title = ctx.rendered
         given = {"channel": model.channel, "title": title, "message": text, "to": list(model.to)}
         notice = Notice(model.channel, title, text, to=tuple(model.to), instance_id=ctx.claimed.instance_id)
         delivery = await ctx.notifier.send(notice, attempts=1)
         event = {"channel": delivery.channel, "ok": delivery.ok, "attempts": ctx.claimed.attempt,
                  "error": delivery.error}
         if not delivery.ok:
-            # A channel that is not configured will not be by the next attempt: fail at once.
+            # A channel that is not configured, or a URL the outbound check refuses, will not be
+            # different at the next attempt: fail at once.
             return ctx.outcome("failed", error=f"{model.channel} notice not delivered: {delivery.error}",
-                               retryable=ctx.notifier.configured(model.channel), input=given,
+                               retryable=delivery.retryable, input=given,
                                events=[("notification.failed", event)])
         return ctx.outcome("completed", output={"channel": model.channel, "delivered": True, **delivery.detail},
                            input=given, events=[("notification.sent", event)])

@@ -42,3 +42,6 @@ class Delivery:
     attempts: int
     error: str | None = None  # last error, one line, never a secret
     detail: dict[str, Any] = field(default_factory=dict)
+    # Whether trying again later could succeed: False for a channel that is not configured or a
+    # URL the outbound check refuses (a notification step then fails without further attempts).
+    retryable: bool = True

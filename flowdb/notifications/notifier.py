@@ -64,7 +64,7 @@ class Notifier:
         limit = max(1, attempts if attempts is not None else self.config.attempts)
         if (problem := self._not_configured(notice.channel)) is not None:
             # Nothing will change between attempts: fail at once, saying what to set.
-            return Delivery(notice.channel, ok=False, attempts=1, error=str(problem))
+            return Delivery(notice.channel, ok=False, attempts=1, error=str(problem), retryable=False)
         for attempt in range(1, limit + 1):
             try:
                 detail = await asyncio.to_thread(self.deliver_once, notice)
@@ -76,7 +76,7 @@ class Notifier:
                 error, retryable = one_line(f"{type(exc).__name__}: {exc}"), True
             if not retryable or attempt == limit:
                 log.warning("%s notice %r failed after %d attempt(s): %s", notice.channel, notice.title, attempt, error)
-                return Delivery(notice.channel, ok=False, attempts=attempt, error=error)
+                return Delivery(notice.channel, ok=False, attempts=attempt, error=error, retryable=retryable)
             delay = backoff_delay(self.config, attempt)
             log.info(
                 "%s notice %r attempt %d failed (%s); retrying in %.2f s",

@@ -1,0 +1,66 @@
+"""Telling a database that went away from one that said no, and waiting for it to come back.
+
+A worker (or the API) that loses its database must not exit: it waits with a capped back-off and
+carries on by itself when the database answers again. One log line when the database goes away and
+one when it is back, not one per try.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy.exc import DBAPIError
+
+from flowdb.errors import FlowdbError
+
+FIRST_DELAY = 0.1  # seconds before the first retry once the database is found away
+MAX_DELAY = 5.0  # the back-off never waits longer than this between tries
+
+
+class DatabaseUnavailable(FlowdbError):
+    """The database does not answer (a restart, a network cut, a server that is not running)."""
+
+
+def is_busy(exc: DBAPIError) -> bool:
+    """A transient refusal worth retrying at once: a lock held elsewhere, a deadlock, a serialization failure."""
+    text = str(exc.orig).lower()
+    return "database is locked" in text or "deadlock detected" in text or "could not serialize" in text \
+        or "busy" in text
+
+
+def first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
+
+
+class Outage:
+    """Tracks whether the database is away: a capped back-off between tries, one line per outage."""
+
+    def __init__(self, log: logging.Logger, what: str = "the database") -> None:
+        self.log = log
+        self.what = what
+        self.since: float | None = None
+        self.tries = 0
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, exc: BaseException) -> float:
+        """Note a failed try; return how long to wait before the next one."""
+        if self.since is None:
+            self.since = time.monotonic()
+            self.tries = 0
+            self.log.warning("%s is unavailable (%s); retrying with back-off up to %g s until it is back",
+                             self.what, first_line(exc), MAX_DELAY)
+        self.tries += 1
+        return float(min(FIRST_DELAY * 2 ** (self.tries - 1), MAX_DELAY))
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            self.log.warning("%s is back after %.1f s (%d tries)", self.what, time.monotonic() - self.since,
+                             self.tries)
+            self.since = None
+            self.tries = 0

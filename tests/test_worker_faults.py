@@ -1,0 +1,288 @@
+"""Workers under faults: a database restart, a step that crashes its worker, a stop in the middle of
+steps, a lease lost while a step runs, a result the database refuses. Real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from flowdb.db.tables import events, step_instances
+
+from conftest import Database, flowdb_cli
+from helpers import steps
+from pgserver import PgServer
+from processes import Fleet, event_count, instance_statuses, read_call_log, wait_until
+
+CHAIN = """\
+process:
+  name: outage-chain
+  steps:
+    - id: a
+      type: agent_task
+      agent: counted
+      message: "a"
+    - id: b
+      type: agent_task
+      agent: counted
+      message: "b"
+      depends_on: [a]
+    - id: c
+      type: agent_task
+      agent: counted
+      message: "c"
+      depends_on: [b]
+"""
+
+
+def _deploy_and_start(env: dict[str, str], folder: Path, text: str, name: str, count: int) -> list[int]:
+    (folder / f"{name}.yaml").write_text(text)
+    result = flowdb_cli("deploy", str(folder / f"{name}.yaml"), env=env)
+    assert result.returncode == 0, result.stderr
+    inputs = folder / f"{name}.jsonl"
+    inputs.write_text("{}\n" * count)
+    result = flowdb_cli("start", name, "--inputs-file", str(inputs), env=env)
+    assert result.returncode == 0, result.stderr
+    return [int(line) for line in result.stdout.split()]
+
+
+@pytest.mark.slow
+def test_workers_ride_out_a_database_restart(private_pg: PgServer, tmp_path: Path) -> None:
+    """PostgreSQL stopped for a while and started again under three busy workers: none exits, every
+    instance completes, no step completes twice, and each worker logs the outage once, not per try."""
+    env = private_pg.cli_env()
+    ids = _deploy_and_start(env, tmp_path, CHAIN, "outage-chain", 200)
+    call_log = tmp_path / "calls.log"
+    env.update(FLOWDB_LEASE_SECONDS="30", FLOWDB_POLL_SECONDS="0.1", FLOWDB_TEST_SLEEP="0.02",
+               FLOWDB_TEST_CALL_LOG=str(call_log))
+    engine = private_pg.engine
+    fleet = Fleet(env, tmp_path, "--concurrency", "8")
+    try:
+        fleet.start(3)
+        wait_until(lambda: sum(1 for kind, *_ in read_call_log(call_log) if kind == "end") >= 60, 60,
+                   "60 steps to run", 0.05, fleet)
+        engine.dispose()
+        private_pg.stop()  # fast shutdown: the server disconnects every client
+        time.sleep(3)
+        assert all(proc.poll() is None for proc in fleet.procs), fleet.all_output()[-5000:]
+        private_pg.start()
+        wait_until(lambda: instance_statuses(engine) == {"completed": 200}, 120, "every instance to complete",
+                   0.2, fleet)
+        codes = fleet.terminate(30)
+        assert codes == {pid: 0 for pid in fleet.pids}, fleet.all_output()[-5000:]
+    finally:
+        fleet.close()
+
+    with engine.connect() as conn:
+        completed = Counter(conn.execute(select(events.c.step_instance_id).where(events.c.type == "step.completed"))
+                            .scalars())
+    assert len(completed) == 3 * len(ids) and set(completed.values()) == {1}
+    ends = Counter((iid, step) for kind, iid, step, _, _ in read_call_log(call_log) if kind == "end")
+    assert set(ends) == {(iid, step) for iid in ids for step in "abc"}
+    for pid in fleet.pids:
+        output = fleet.output(pid)
+        went = output.count("the database is unavailable")
+        assert went >= 1 and output.count("the database is back after") == went, output[-3000:]
+        assert went <= 2, output[-3000:]  # one line per outage (a second if a try landed during start-up)
+
+
+POISON = """\
+process:
+  name: poison
+  steps:
+    - id: bad
+      type: agent_task
+      agent: poison
+      message: "{how}"
+      retry: {{max_attempts: 3, initial_interval: 0s}}
+"""
+INNOCENT = """\
+process:
+  name: innocent
+  steps:
+    - id: work
+      type: agent_task
+      agent: counted
+      message: "work"
+      retry: {max_attempts: 3, initial_interval: 0s}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["exit", "kill", "term"])
+def test_a_step_that_crashes_its_worker_fails_alone(db: Database, tmp_path: Path, how: str) -> None:
+    """A poison step among 30 innocent ones, two workers restarted as they die: the 30 complete without
+    being charged for the crashes; the poison fails once its attempts are spent, however its worker died."""
+    env = db.cli_env()
+    innocent = _deploy_and_start(env, tmp_path, INNOCENT, "innocent", 15)
+    [poisoned] = _deploy_and_start(env, tmp_path, POISON.format(how=how), "poison", 1)
+    innocent += _deploy_and_start(env, tmp_path, INNOCENT, "innocent", 15)
+    call_log = tmp_path / "calls.log"
+    env.update(FLOWDB_LEASE_SECONDS="1.5", FLOWDB_POLL_SECONDS="0.1", FLOWDB_TEST_SLEEP="0.3",
+               FLOWDB_TEST_CALL_LOG=str(call_log))
+    fleet = Fleet(env, tmp_path, "--grace", "1")
+    deaths = 0
+    try:
+        fleet.start(2)
+        deadline = time.monotonic() + 150
+        while instance_statuses(db.engine).get("running", 0):
+            assert time.monotonic() < deadline, f"instances still running: {instance_statuses(db.engine)}\n" \
+                                                 + fleet.all_output()[-5000:]
+            for proc in fleet.procs:
+                if proc.poll() is not None and not getattr(proc, "restarted", False):
+                    proc.restarted = True  # type: ignore[attr-defined]
+                    deaths += 1
+                    fleet.start(1)
+            time.sleep(0.1)
+        fleet.terminate(30)
+    finally:
+        fleet.close()
+
+    rows = {row.instance_id: row for row in _step_rows(db)}
+    assert {iid: rows[iid].status for iid in innocent} == dict.fromkeys(innocent, "completed")
+    assert {rows[iid].attempt for iid in innocent} == {1}  # never charged for another step's crash
+    poison = rows[poisoned]
+    assert poison.status == "failed" and "no attempts left (3 allowed)" in poison.error, poison.error
+    assert instance_statuses(db.engine) == {"completed": 30, "failed": 1}
+    assert event_count(db.engine, "step.completed") == 30
+
+    runs = Counter((iid, step) for kind, iid, step, _, _ in read_call_log(call_log) if kind == "start")
+    assert all(runs[(iid, "work")] in (1, 2) for iid in innocent), runs  # twice only if taken over from a crash
+    if how == "term":
+        # A stopping worker gives the step back: free three times, charged after that.
+        assert "gave it back unfinished 6 times" in poison.error, poison.error
+        assert runs[(poisoned, "bad")] == 6 and poison.releases == 6 and poison.reclaims == 0
+    else:
+        # The first crash is shared with the steps claimed beside it and charged to none; then the step
+        # runs alone, and each crash of a run alone is its own.
+        assert "crashes the workers that run it" in poison.error, poison.error
+        assert runs[(poisoned, "bad")] == 4 and poison.reclaims == 4
+    assert deaths >= runs[(poisoned, "bad")] - 1
+
+
+def _step_rows(db: Database) -> list:  # type: ignore[type-arg]
+    with db.engine.connect() as conn:
+        return list(conn.execute(select(step_instances)))
+
+
+SLOW_STEP = """\
+process:
+  name: slow-step
+  steps:
+    - id: slow
+      type: agent_task
+      agent: sleepy
+      message: "slow"
+"""
+
+
+@pytest.mark.slow
+def test_a_stopping_worker_keeps_its_leases_while_it_drains(db: Database, tmp_path: Path) -> None:
+    """SIGTERM in the middle of a step longer than the lease: the worker renews the lease while it lets the
+    step finish, records the result and exits 0; the other worker never takes the step over."""
+    env = db.cli_env()
+    [iid] = _deploy_and_start(env, tmp_path, SLOW_STEP, "slow-step", 1)
+    env.update(FLOWDB_LEASE_SECONDS="1", FLOWDB_POLL_SECONDS="0.1", FLOWDB_TEST_SLEEP="4")
+    first = Fleet(env, tmp_path, "--grace", "10")
+    second = Fleet(env, tmp_path / "second", "--grace", "10")
+    (tmp_path / "second").mkdir()
+    try:
+        [pid] = first.start(1)
+        wait_until(lambda: steps(db.engine, iid)["slow"].status == "running", 30, "the step to start", 0.05, first)
+        second.start(1)
+        os.kill(pid, signal.SIGTERM)
+        assert first.procs[0].wait(30) == 0, first.all_output()
+        assert steps(db.engine, iid)["slow"].status == "completed"
+        second.terminate(30)
+    finally:
+        first.close()
+        second.close()
+    row = steps(db.engine, iid)["slow"]
+    assert (row.attempt, row.reclaims, row.releases) == (1, 0, 0)
+    assert event_count(db.engine, "step.started") == 1
+    assert event_count(db.engine, "step.late_result_dropped") == 0
+
+
+@pytest.mark.slow
+def test_a_lease_found_lost_by_the_heartbeat_is_recorded(db: Database, tmp_path: Path) -> None:
+    """A worker frozen (SIGSTOP) past its lease: another takes the step over and completes it; when the first
+    wakes, its heartbeat finds the lease lost, abandons the run and records it as a dropped late result."""
+    env = db.cli_env()
+    [iid] = _deploy_and_start(env, tmp_path, SLOW_STEP, "slow-step", 1)
+    env.update(FLOWDB_LEASE_SECONDS="1", FLOWDB_POLL_SECONDS="0.1")
+    frozen = Fleet({**env, "FLOWDB_TEST_SLEEP": "60"}, tmp_path)
+    (tmp_path / "other").mkdir()
+    other = Fleet({**env, "FLOWDB_TEST_SLEEP": "0.1"}, tmp_path / "other")
+    try:
+        [pid] = frozen.start(1)
+        wait_until(lambda: steps(db.engine, iid)["slow"].status == "running", 30, "the step to start", 0.05, frozen)
+        os.kill(pid, signal.SIGSTOP)
+        other.start(1)
+        wait_until(lambda: steps(db.engine, iid)["slow"].status == "completed", 30, "the take-over", 0.05, other)
+        os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: event_count(db.engine, "step.late_result_dropped"), 30, "the loss to be recorded", 0.05)
+        codes = frozen.terminate(30) | other.terminate(30)
+        assert set(codes.values()) == {0}, frozen.all_output() + other.all_output()
+    finally:
+        frozen.close()
+        other.close()
+    with db.engine.connect() as conn:
+        dropped = conn.execute(select(events.c.payload).where(events.c.type == "step.late_result_dropped")).all()
+    assert [row.payload["outcome"] for row in dropped] == ["abandoned"]
+    assert "lost the lease" in frozen.output(pid)
+    row = steps(db.engine, iid)["slow"]
+    assert (row.status, row.attempt, row.reclaims) == ("completed", 1, 1)
+    assert event_count(db.engine, "step.completed") == 1
+
+
+REFUSED = """\
+process:
+  name: refused-result
+  steps:
+    - id: odd
+      type: agent_task
+      agent: nul
+      message: "odd"
+"""
+FINE = """\
+process:
+  name: fine
+  steps:
+    - id: fine
+      type: agent_task
+      agent: noop
+      message: "fine"
+"""
+
+
+def test_a_result_the_database_refuses_fails_its_step_only(db: Database, tmp_path: Path) -> None:
+    """PostgreSQL refuses a NUL character in JSON: the step whose result holds one fails with a clear
+    error (SQLite stores it), the steps claimed beside it complete, and the worker goes on."""
+    env = db.cli_env()
+    fine = _deploy_and_start(env, tmp_path, FINE, "fine", 3)
+    odd = _deploy_and_start(env, tmp_path, REFUSED, "refused-result", 3)
+    fine += _deploy_and_start(env, tmp_path, FINE, "fine", 3)
+    env.update(FLOWDB_POLL_SECONDS="0.1")
+    fleet = Fleet(env, tmp_path)
+    try:
+        fleet.start(1)
+        wait_until(lambda: not instance_statuses(db.engine).get("running"), 60, "the instances to finish", 0.1,
+                   fleet)
+        assert fleet.terminate(30) == {fleet.pids[0]: 0}, fleet.all_output()
+    finally:
+        fleet.close()
+    assert {steps(db.engine, iid)["fine"].status for iid in fine} == {"completed"}
+    for iid in odd:
+        row = steps(db.engine, iid)["odd"]
+        if db.kind == "postgresql":
+            assert row.status == "failed"
+            assert row.error.startswith("flowdb could not store this step's result:"), row.error
+        else:
+            assert (row.status, row.output) == ("completed", "before\x00after")
+    expected = {"completed": 6, "failed": 3} if db.kind == "postgresql" else {"completed": 9}
+    assert instance_statuses(db.engine) == expected
