@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("FLOWDB_TEST_PG", "postgresql+psycopg://127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("FLOWDB_TEST_REDIS", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-pytest_plugins = ["servers", "apiserver"]  # the SMTP and webhook servers; the HTTP API on uvicorn
+pytest_plugins = ["servers", "apiserver", "pgserver"]  # SMTP and webhook servers; the HTTP API; a private PostgreSQL
 _TEMPLATE = f"flowdb_tpl_{os.getpid()}"
 
 
