@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, func, insert, literal_column, select,
 
 from flowdb.db.approvals import ApprovalRow, ApprovalStatements, approver_key, row_of
 from flowdb.db.clock import Clock
+from flowdb.db.engine import read_only
 from flowdb.db.tables import approval_approvers, approvals, events, process_instances
 from flowdb.errors import FlowdbError, NotFound
 from flowdb.notify import publish_events_sync, publish_sync
@@ -202,7 +203,7 @@ def _record_refusal(engine: Engine, approval_id: int, identity: str, decision: s
 
 def get_approval(engine: Engine, approval_id: int) -> tuple[ApprovalRow, list[Vote]]:
     statements = ApprovalStatements(engine.dialect.name)
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         approval = statements.get(conn, approval_id)
         if approval is None:
             raise ApprovalNotFound(f"approval {approval_id} does not exist")
@@ -225,5 +226,5 @@ def list_approvals(engine: Engine, *, approver: str | None = None, status: str |
         query = query.where(A.c.status == status)
     if instance_id is not None:
         query = query.where(A.c.instance_id == instance_id)
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         return [row_of(row) for row in conn.execute(query).mappings()]

@@ -20,7 +20,7 @@ from flowdb.cli_common import FlowdbGroup, agents_option, db_option, load_agents
 from flowdb.cli_report import report
 from flowdb.cli_tokens import tokens_group
 from flowdb.db import migrate
-from flowdb.db.engine import make_engine
+from flowdb.db.engine import make_engine, read_only
 from flowdb.db.instances import StartRequest, deploy, find_definition, start_instances
 from flowdb.definitions import CompiledDefinition, load_definition_file
 from flowdb.errors import DefinitionError, FlowdbError
@@ -139,7 +139,7 @@ def start(db_url: str | None, name: str, inputs: tuple[str, ...], inputs_file: s
 
     engine = open_database(db_url)
     cache = DefinitionCache()
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         definition_id, version = find_definition(conn, name, version)
         definition = cache.get(conn, definition_id)
     if inputs_file:
@@ -256,11 +256,11 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
         if time.monotonic() - checked[0] < 1.0:
             return False
         checked[0] = time.monotonic()
-        with engine.connect() as conn:
+        with read_only(engine).connect() as conn:
             return bool(status_json(conn, instance_id)["status"] != "running")
 
     asyncio.run(runner.run(until=finished))
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         status = status_json(conn, instance_id)
     view.summary(status, time.monotonic() - began)
     sys.exit(0 if status["status"] == "completed" else 1)
@@ -303,7 +303,7 @@ def cancel(db_url: str | None, instance_id: int, reason: str) -> None:
 def status(db_url: str | None, instance_id: int, as_json: bool) -> None:
     """Show an instance: its steps, statuses, attempts, durations and outputs."""
     engine = open_database(db_url)
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         data = status_json(conn, instance_id)
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
