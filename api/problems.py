@@ -15,6 +15,7 @@ from flowdb.errors import (
     DefinitionError,
     FlowdbError,
     IdempotencyConflict,
+    IdempotencyInProgress,
     InputError,
     NotFound,
 )
@@ -59,6 +60,7 @@ STATUS_OF: list[tuple[type[FlowdbError], int, str]] = [
     (DefinitionError, 422, "invalid-definition"),
     (DefinitionConflict, 409, "definition-conflict"),
     (IdempotencyConflict, 409, "idempotency-conflict"),
+    (IdempotencyInProgress, 409, "idempotency-in-progress"),
     (InputError, 422, "invalid-inputs"),
     (InstanceNotRunning, 409, "instance-not-running"),
     (StepNotRetryable, 409, "step-not-retryable"),
@@ -73,6 +75,8 @@ def from_flowdb_error(exc: FlowdbError) -> Response:
                 extra["errors"] = [{"file": p.file, "line": p.line, "column": p.col, "message": p.message,
                                     "location": str(p)} for p in exc.problems]
             headers = {"WWW-Authenticate": 'Bearer realm="flowdb"'} if status == 401 else None
+            if isinstance(exc, IdempotencyInProgress):
+                headers = {"Retry-After": str(exc.retry_after_seconds)}
             return problem(status, str(exc), kind=name, extra=extra, headers=headers)
     return problem(400, str(exc), kind="bad-request")
 

@@ -139,6 +139,7 @@ def start(db_url: str | None, name: str, inputs: tuple[str, ...], inputs_file: s
 
     engine = open_database(db_url)
     cache = DefinitionCache()
+    pinned = version is not None
     with read_only(engine).connect() as conn:
         definition_id, version = find_definition(conn, name, version)
         definition = cache.get(conn, definition_id)
@@ -151,14 +152,14 @@ def start(db_url: str | None, name: str, inputs: tuple[str, ...], inputs_file: s
             chunk = requests[chunk_start:chunk_start + 500]
             with engine.begin() as conn:
                 ids += [i for i, _ in start_instances(conn, definition_id, version, definition, chunk,
-                                                      trigger="bulk")]
+                                                      trigger="bulk", pinned_version=pinned)]
         for instance_id in ids:
             click.echo(instance_id)
     else:
         request = StartRequest(parse_assignments(list(inputs)), idempotency_key)
         with engine.begin() as conn:
             [(instance_id, _)] = start_instances(conn, definition_id, version, definition, [request],
-                                                 from_text=True)
+                                                 from_text=True, pinned_version=pinned)
         click.echo(instance_id)
     redis_url = load_settings().redis_url
     publish_sync(redis_url)

@@ -71,7 +71,8 @@ async def start_instance(call: Call) -> Response:
             definition_id, version = find_definition(conn, name, body.version)
             definition = DefinitionCache().get(conn, definition_id)
             [(instance_id, created)] = start_instances(conn, definition_id, version, definition,
-                                                       [StartRequest(body.inputs, key)], trigger="api")
+                                                       [StartRequest(body.inputs, key)], trigger="api",
+                                                       pinned_version=body.version is not None)
             detail = _detail(conn, instance_id)
         return detail, created
 
@@ -164,8 +165,10 @@ async def retry(call: Call) -> Response:
 ENDPOINTS = [
     Endpoint("POST", "/v1/processes/{name}/instances", start_instance, "Start an instance", "operator", "instances",
              body=StartIn, responses={201: InstanceDetail, 200: InstanceDetail}, errors=(404, 409),
-             headers=(Header("Idempotency-Key", "starting again with this key returns the same instance "
-                                                 "(409 if the inputs differ)"),)),
+             headers=(Header("Idempotency-Key", "starting again with this key returns the same instance (200); "
+                                                 "409 idempotency-conflict if the process, inputs or asked version "
+                                                 "differ, 409 idempotency-in-progress (with Retry-After) while "
+                                                 "another start with the key has not committed"),)),
     Endpoint("GET", "/v1/instances", list_instances, "List instances, newest first", "operator", "instances",
              responses={200: InstancePage}, errors=(422,),
              query=(Query("status", {"type": "string", "enum": list(STATUSES)}, "only instances in this status"),
