@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -14,6 +15,7 @@ from api.endpoints import Endpoint, route_of
 from api.routes import approvals, definitions, events, health, instances
 from flowdb.db.engine import make_engine
 from flowdb.errors import FlowdbError
+from flowdb.notify import BackgroundWakeups
 from flowdb.settings import Settings, load_settings
 
 ENDPOINTS: list[Endpoint] = [*health.ENDPOINTS, *definitions.ENDPOINTS, *instances.ENDPOINTS,
@@ -25,13 +27,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     settings = settings or load_settings()
     engine = engine or make_engine(settings.database_url)
     document = openapi.build(ENDPOINTS)
+    # Wake-ups go out from a thread of their own: no request waits for Redis, even a hanging one.
+    wakeups = BackgroundWakeups(settings.redis_url)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
+        await anyio.to_thread.run_sync(wakeups.close)
         engine.dispose()
 
-    routes = [route_of(endpoint, engine, settings) for endpoint in ENDPOINTS]
+    routes = [route_of(endpoint, engine, settings, wakeups) for endpoint in ENDPOINTS]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -44,5 +49,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.engine = engine
     app.state.settings = settings
+    app.state.wakeups = wakeups
     app.state.openapi = document  # served by GET /openapi.json (routes/health.py)
     return app

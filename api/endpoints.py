@@ -23,6 +23,7 @@ from starlette.routing import Route
 from api.body import json_body
 from api.problems import ApiError
 from flowdb.db.engine import read_only
+from flowdb.notify import Wakeups
 from flowdb.settings import Settings
 from flowdb.tokens import Principal, authenticate
 
@@ -55,6 +56,7 @@ class Call:
     principal: Principal | None
     engine: Engine  # read-only for GET endpoints
     settings: Settings
+    wakeups: Wakeups  # tell workers and event streams what was committed: wakeups.notify(workers=..., events=...)
 
     async def db(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await run_in_threadpool(work, *args, **kwargs)
@@ -108,7 +110,7 @@ def bearer(request: Request) -> str | None:
     return token.strip()
 
 
-def route_of(endpoint: Endpoint, engine: Engine, settings: Settings) -> Route:
+def route_of(endpoint: Endpoint, engine: Engine, settings: Settings, wakeups: Wakeups) -> Route:
     reader = read_only(engine)
     handler_engine = reader if endpoint.method == "GET" else engine
 
@@ -124,6 +126,6 @@ def route_of(endpoint: Endpoint, engine: Engine, settings: Settings) -> Route:
             if not principal.has(endpoint.role):
                 raise ApiError(403, f"this needs the {endpoint.role} role; the token of {principal.identity} "
                                f"has the {principal.role} role", kind="forbidden")
-        return await endpoint.handler(Call(request, principal, handler_engine, settings))
+        return await endpoint.handler(Call(request, principal, handler_engine, settings, wakeups))
 
     return Route(endpoint.path, endpoint_fn, methods=[endpoint.method], name=f"{endpoint.method} {endpoint.path}")

@@ -31,7 +31,7 @@ from flowdb.db.clock import Clock
 from flowdb.db.engine import read_only
 from flowdb.db.tables import approval_approvers, approvals, events, process_instances
 from flowdb.errors import FlowdbError, NotFound
-from flowdb.notify import publish_events_sync, publish_sync
+from flowdb.notify import Wakeups
 
 A, AA, I = approvals, approval_approvers, process_instances  # noqa: E741
 DECISION_WORDS = {"approve": "approved", "approved": "approved", "reject": "rejected", "rejected": "rejected"}
@@ -100,13 +100,16 @@ def normalize_decision(word: str) -> str:
 
 
 def decide(engine: Engine, approval_id: int, decision: str, identity: str, comment: str | None = None,
-           redis_url: str | None = None, *, sees_all: bool = True) -> DecisionResult:
+           redis_url: str | None = None, *, sees_all: bool = True, wakeups: Wakeups | None = None,
+           ) -> DecisionResult:
     """Record `identity`'s decision on an approval. Raises an ApprovalError subclass when refused.
 
     `sees_all`: the caller may see every approval (the command line, an API operator); False for a
     caller that sees only the approvals listing it (an API approver), to whom an approval that does
-    not list `identity` does not exist.
+    not list `identity` does not exist. Wake-ups go through `wakeups` (default: published at once to
+    `redis_url`).
     """
+    wakeups = wakeups or Wakeups(redis_url)
     statements = ApprovalStatements(engine.dialect.name)
     try:
         if not identity or not identity.strip():
@@ -119,11 +122,9 @@ def decide(engine: Engine, approval_id: int, decision: str, identity: str, comme
     except ApprovalError as refused:
         if refused.recorded:
             _record_refusal(engine, approval_id, identity, decision, refused)
-            publish_events_sync(redis_url)  # the refusal is an event: live streams show it
+            wakeups.notify(events=True)  # the refusal is an event: live streams show it
         raise
-    publish_events_sync(redis_url)
-    if result.decided:
-        publish_sync(redis_url)  # the waiting step is claimable: wake idle workers
+    wakeups.notify(events=True, workers=result.decided)  # decided: the waiting step is claimable
     return result
 
 

@@ -43,7 +43,7 @@ async def decision(call: Call) -> Response:
         # The decider is the token's identity, never a field of the body. To an approver token, an approval
         # that does not list it does not exist (404, as GET answers); an operator is told it is not an approver.
         result = decide(engine, approval_id, body.decision, call.who.identity, body.comment,
-                        redis_url=call.settings.redis_url, sees_all=call.who.has("operator"))
+                        sees_all=call.who.has("operator"), wakeups=call.wakeups)
         _, votes = get_approval(engine, approval_id)
         return DecisionOut(approval=approval_out(result.approval, votes), decided=result.decided,
                            approvals_needed=result.approvals_needed)

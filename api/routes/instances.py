@@ -23,7 +23,6 @@ from api.schemas import (
 from flowdb.control import cancel_instance, retry_step
 from flowdb.db.instances import DefinitionCache, StartRequest, find_definition, instance_row, start_instances, step_rows
 from flowdb.db.tables import events, process_instances
-from flowdb.notify import publish_events_sync, publish_sync
 
 I, E = process_instances, events  # noqa: E741
 STATUSES = ("running", "completed", "failed", "cancelled")
@@ -78,8 +77,7 @@ async def start_instance(call: Call) -> Response:
 
     detail, created = await call.db(start, call.engine)
     if created:
-        await call.db(publish_sync, call.settings.redis_url)
-        await call.db(publish_events_sync, call.settings.redis_url)
+        call.wakeups.notify(workers=True, events=True)
     return json_response(detail, 201 if created else 200)
 
 
@@ -149,7 +147,7 @@ async def cancel(call: Call) -> Response:
     instance_id = call.path_int("instance_id")
     reason = f"cancelled by {call.who.identity} over the API"
     steps = await call.db(cancel_instance, call.engine, instance_id, reason)
-    await call.db(publish_events_sync, call.settings.redis_url)
+    call.wakeups.notify(events=True)
     return json_response(CancelOut(id=instance_id, status="cancelled", cancelled_steps=steps))
 
 
@@ -157,8 +155,7 @@ async def retry(call: Call) -> Response:
     instance_id = call.path_int("instance_id")
     step_id = call.request.path_params["step_id"]
     status = await call.db(retry_step, call.engine, instance_id, step_id)
-    await call.db(publish_sync, call.settings.redis_url)
-    await call.db(publish_events_sync, call.settings.redis_url)
+    call.wakeups.notify(workers=True, events=True)
     return json_response(RetryOut(id=instance_id, status=status, step_id=step_id, step_status="ready"))
 
 
