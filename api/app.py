@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         exception_handlers={
             problems.ApiError: problems.on_api_error,
             FlowdbError: problems.on_flowdb_error,
+            SQLAlchemyError: problems.on_database_error,  # 503 database-unavailable while it is down
             HTTPException: problems.on_http_exception,
             Exception: problems.on_unexpected,
         },

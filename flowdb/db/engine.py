@@ -24,6 +24,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from flowdb.errors import FlowdbError
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+PG_CONNECT_TIMEOUT_SECONDS = 10  # a server that does not answer (a dropped network) fails a connect by then
 READ_ONLY = "flowdb_read_only"  # the execution option read_only() sets
 _QUERY_ONLY = "flowdb_query_only"  # in a pooled SQLite connection's info: the PRAGMA query_only it has
 
@@ -45,7 +46,12 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
     if parsed.get_backend_name() == "postgresql":
-        return create_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True)
+        # pre-ping: a pooled connection that died with a server restart is replaced at checkout, and a
+        # disconnect seen on any connection discards every older one; so work resumes by itself once the
+        # server is back (flowdb.db.engine.database_unavailable tells such errors from others).
+        connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
+        return create_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True,
+                             connect_args=connect_args)
     raise FlowdbError(f"unsupported database {parsed.get_backend_name()!r}; use sqlite:/// or postgresql://")
 
 
