@@ -2,7 +2,9 @@
 
 Each endpoint says who may call it (a role, or None for no token), what body it takes and what it
 answers. The wrapper authenticates the bearer token and checks the role before the handler runs;
-database work runs in a thread (SQLAlchemy is synchronous).
+database work runs in a thread (SQLAlchemy is synchronous). A GET handler's engine is read-only
+(flowdb.db.engine.read_only: on SQLite its transactions neither wait for nor hold up writers, and
+refuse writes); the other methods get the writing engine.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from starlette.routing import Route
 
 from api.body import json_body
 from api.problems import ApiError
+from flowdb.db.engine import read_only
+from flowdb.notify import Wakeups
 from flowdb.settings import Settings
 from flowdb.tokens import Principal, authenticate
 
@@ -50,8 +54,9 @@ class Call:
 
     request: Request
     principal: Principal | None
-    engine: Engine
+    engine: Engine  # read-only for GET endpoints
     settings: Settings
+    wakeups: Wakeups  # tell workers and event streams what was committed: wakeups.notify(workers=..., events=...)
 
     async def db(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await run_in_threadpool(work, *args, **kwargs)
@@ -105,7 +110,10 @@ def bearer(request: Request) -> str | None:
     return token.strip()
 
 
-def route_of(endpoint: Endpoint, engine: Engine, settings: Settings) -> Route:
+def route_of(endpoint: Endpoint, engine: Engine, settings: Settings, wakeups: Wakeups) -> Route:
+    reader = read_only(engine)
+    handler_engine = reader if endpoint.method == "GET" else engine
+
     async def endpoint_fn(request: Request) -> Response:
         # Text columns cannot hold NUL (PostgreSQL refuses it): nothing with one can exist or be valid.
         if any("\x00" in str(v) for v in request.path_params.values()):
@@ -114,10 +122,10 @@ def route_of(endpoint: Endpoint, engine: Engine, settings: Settings) -> Route:
             raise ApiError(422, "a query parameter holds a NUL character", kind="invalid-query")
         principal = None
         if endpoint.role is not None:
-            principal = await run_in_threadpool(authenticate, engine, bearer(request))
+            principal = await run_in_threadpool(authenticate, reader, bearer(request))
             if not principal.has(endpoint.role):
                 raise ApiError(403, f"this needs the {endpoint.role} role; the token of {principal.identity} "
                                f"has the {principal.role} role", kind="forbidden")
-        return await endpoint.handler(Call(request, principal, engine, settings))
+        return await endpoint.handler(Call(request, principal, handler_engine, settings, wakeups))
 
     return Route(endpoint.path, endpoint_fn, methods=[endpoint.method], name=f"{endpoint.method} {endpoint.path}")

@@ -12,7 +12,7 @@ from api.problems import PROBLEM_TYPE, TITLES
 from flowdb import __version__
 
 PATH_PARAM = re.compile(r"{(\w+)(?::(\w+))?}")
-COMMON_ERRORS = {True: (400, 401, 403), False: (400,)}  # by whether a token is needed
+COMMON_ERRORS = {True: (400, 401, 403, 503), False: (400,)}  # by whether a token is needed (503: database down)
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "type": "object",

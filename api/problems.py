@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from starlette.requests import Request
@@ -10,11 +11,13 @@ from starlette.responses import JSONResponse, Response
 
 from flowdb.approvals import AlreadyDecided, AlreadyVoted, ApprovalClosed, BadDecision, NotAnApprover
 from flowdb.control import InstanceNotRunning, StepNotRetryable
+from flowdb.db.engine import database_unavailable
 from flowdb.errors import (
     DefinitionConflict,
     DefinitionError,
     FlowdbError,
     IdempotencyConflict,
+    IdempotencyInProgress,
     InputError,
     NotFound,
 )
@@ -22,6 +25,8 @@ from flowdb.tokens import TokenError
 
 log = logging.getLogger("api")
 PROBLEM_TYPE = "application/problem+json"
+DATABASE_RETRY_SECONDS = 2  # Retry-After of a 503 database-unavailable
+OUTAGE_LOG_SECONDS = 30.0  # one warning per this long while the database is unavailable, not one per request
 TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
           409: "Conflict", 413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content",
           500: "Internal Server Error", 503: "Service Unavailable"}
@@ -59,6 +64,7 @@ STATUS_OF: list[tuple[type[FlowdbError], int, str]] = [
     (DefinitionError, 422, "invalid-definition"),
     (DefinitionConflict, 409, "definition-conflict"),
     (IdempotencyConflict, 409, "idempotency-conflict"),
+    (IdempotencyInProgress, 409, "idempotency-in-progress"),
     (InputError, 422, "invalid-inputs"),
     (InstanceNotRunning, 409, "instance-not-running"),
     (StepNotRetryable, 409, "step-not-retryable"),
@@ -73,6 +79,8 @@ def from_flowdb_error(exc: FlowdbError) -> Response:
                 extra["errors"] = [{"file": p.file, "line": p.line, "column": p.col, "message": p.message,
                                     "location": str(p)} for p in exc.problems]
             headers = {"WWW-Authenticate": 'Bearer realm="flowdb"'} if status == 401 else None
+            if isinstance(exc, IdempotencyInProgress):
+                headers = {"Retry-After": str(exc.retry_after_seconds)}
             return problem(status, str(exc), kind=name, extra=extra, headers=headers)
     return problem(400, str(exc), kind="bad-request")
 
@@ -92,6 +100,27 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
 
     assert isinstance(exc, HTTPException)
     return problem(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}) or None)
+
+
+_last_outage_log = [0.0]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+async def on_database_error(request: Request, exc: Exception) -> Response:
+    """A database that is down, restarting or out of connections: 503 with Retry-After, never a 500.
+    The pool replaces dead connections by itself (pre-ping), so requests succeed again once it is back."""
+    if not database_unavailable(exc):
+        return await on_unexpected(request, exc)
+    cause = _first_line(getattr(exc, "orig", None) or exc)
+    if time.monotonic() - _last_outage_log[0] >= OUTAGE_LOG_SECONDS:
+        _last_outage_log[0] = time.monotonic()
+        log.warning("the database is unavailable (%s); answering 503 until it is back", cause)
+    return problem(503, f"the database is unavailable ({cause}); retry in a few seconds", kind="database-unavailable",
+                   headers={"Retry-After": str(DATABASE_RETRY_SECONDS)})
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:

@@ -1,12 +1,21 @@
 """Deciding and listing approvals: the one implementation the command line and the HTTP API share.
 
-A decision is one transaction: lock the instance row (PostgreSQL; SQLite's write transactions
-are serial anyway), check the approval is pending and the caller an approver, count the vote, and
-when it decides the approval (quorum reached, or any rejection) close the approval with a
-conditional update and make the waiting step claimable. The first valid decision wins; every
-later one gets AlreadyDecided naming who decided and when. Every attempt, accepted or refused, is
-written as an event (except for an approval id that does not exist: there is no instance to file
-it under).
+A decision is one transaction: check the caller is an approver, lock the instance row
+(PostgreSQL; SQLite's write transactions are serial anyway), check the approval is pending, count
+the vote, and when it decides the approval (quorum reached, or any rejection) close the approval
+with a conditional update and make the waiting step claimable. The first valid decision wins; every
+later one gets AlreadyDecided naming who decided and when.
+
+Who may learn what: a caller that may see every approval (the command line, an API operator) is
+told when the decider is not one of the approvers, and who the approvers are (NotAnApprover). A
+caller that only sees its own approvals (an API approver token) gets, for an approval that does not
+list it, exactly what it gets for one that does not exist (ApprovalNotFound, the same message as
+get_approval's): nothing about other people's approvals leaks through a decision.
+
+What is written: a decision, and an approver's attempt refused because of the approval's state
+(already decided, already voted, closed) as an `approval.refused` event. Malformed input (a bad
+decision word, no identity, a long comment), an approval that does not exist and a decider who is
+not an approver write nothing: otherwise anyone holding a token could grow the events table.
 """
 
 from __future__ import annotations
@@ -19,9 +28,10 @@ from sqlalchemy import Connection, Engine, func, insert, literal_column, select,
 
 from flowdb.db.approvals import ApprovalRow, ApprovalStatements, approver_key, row_of
 from flowdb.db.clock import Clock
+from flowdb.db.engine import read_only
 from flowdb.db.tables import approval_approvers, approvals, events, process_instances
 from flowdb.errors import FlowdbError, NotFound
-from flowdb.notify import publish_events_sync, publish_sync
+from flowdb.notify import Wakeups
 
 A, AA, I = approvals, approval_approvers, process_instances  # noqa: E741
 DECISION_WORDS = {"approve": "approved", "approved": "approved", "reject": "rejected", "rejected": "rejected"}
@@ -29,9 +39,10 @@ APPROVAL_STATUSES = ("pending", "approved", "rejected", "expired", "cancelled")
 
 
 class ApprovalError(FlowdbError):
-    """A decision that was refused; nothing was changed (the attempt is recorded as an event)."""
+    """A decision that was refused; nothing was changed (an approver's refused attempt is an event)."""
 
     reason = "refused"
+    recorded = False  # the attempt is written as an approval.refused event
 
 
 class ApprovalNotFound(ApprovalError, NotFound):
@@ -48,16 +59,19 @@ class NotAnApprover(ApprovalError):
 
 class AlreadyDecided(ApprovalError):
     reason = "already_decided"
+    recorded = True
 
 
 class AlreadyVoted(ApprovalError):
     reason = "already_voted"
+    recorded = True
 
 
 class ApprovalClosed(ApprovalError):
     """The approval can no longer be decided: expired, cancelled, or its instance stopped."""
 
     reason = "closed"
+    recorded = True
 
 
 @dataclass(frozen=True)
@@ -86,8 +100,16 @@ def normalize_decision(word: str) -> str:
 
 
 def decide(engine: Engine, approval_id: int, decision: str, identity: str, comment: str | None = None,
-           redis_url: str | None = None) -> DecisionResult:
-    """Record `identity`'s decision on an approval. Raises an ApprovalError subclass when refused."""
+           redis_url: str | None = None, *, sees_all: bool = True, wakeups: Wakeups | None = None,
+           ) -> DecisionResult:
+    """Record `identity`'s decision on an approval. Raises an ApprovalError subclass when refused.
+
+    `sees_all`: the caller may see every approval (the command line, an API operator); False for a
+    caller that sees only the approvals listing it (an API approver), to whom an approval that does
+    not list `identity` does not exist. Wake-ups go through `wakeups` (default: published at once to
+    `redis_url`).
+    """
+    wakeups = wakeups or Wakeups(redis_url)
     statements = ApprovalStatements(engine.dialect.name)
     try:
         if not identity or not identity.strip():
@@ -96,22 +118,36 @@ def decide(engine: Engine, approval_id: int, decision: str, identity: str, comme
         if comment is not None and len(comment) > 10_000:
             raise BadDecision("the comment is longer than 10,000 characters")
         with engine.begin() as conn:
-            result = _decide(conn, statements, approval_id, vote, identity.strip(), comment)
+            result = _decide(conn, statements, approval_id, vote, identity.strip(), comment, sees_all)
     except ApprovalError as refused:
-        _record_refusal(engine, approval_id, identity, decision, refused)
-        publish_events_sync(redis_url)  # the refusal is an event: live streams show it
+        if refused.recorded:
+            _record_refusal(engine, approval_id, identity, decision, refused)
+            wakeups.notify(events=True)  # the refusal is an event: live streams show it
         raise
-    publish_events_sync(redis_url)
-    if result.decided:
-        publish_sync(redis_url)  # the waiting step is claimable: wake idle workers
+    wakeups.notify(events=True, workers=result.decided)  # decided: the waiting step is claimable
     return result
 
 
+def not_found(approval_id: int) -> ApprovalNotFound:
+    """The refusal for an approval that does not exist, or that the caller may not see: one message for both."""
+    return ApprovalNotFound(f"approval {approval_id} does not exist")
+
+
 def _decide(conn: Connection, q: ApprovalStatements, approval_id: int, vote: str, identity: str,
-            comment: str | None) -> DecisionResult:
+            comment: str | None, sees_all: bool) -> DecisionResult:
     found = conn.execute(select(A.c.instance_id).where(A.c.id == approval_id)).first()
     if found is None:
-        raise ApprovalNotFound(f"approval {approval_id} does not exist; `flowdb approvals list` shows the open ones")
+        raise not_found(approval_id)
+    approver = approver_key(identity)
+    member = select(AA.c.decision, AA.c.decided_at).where(AA.c.approval_id == approval_id, AA.c.approver == approver)
+    # Who is asking comes before anything about the approval's state: a stranger learns nothing of it.
+    if conn.execute(member).first() is None:
+        if not sees_all:
+            raise not_found(approval_id)
+        listed_approvers = q.get(conn, approval_id)
+        assert listed_approvers is not None
+        raise NotAnApprover(f"{identity} is not an approver of approval {approval_id} "
+                            f"(approvers: {', '.join(listed_approvers.approvers)})")
     # The instance row first, as the workers' writers do: a decision and a step's outcome serialize.
     lock = select(I.c.status).where(I.c.id == found.instance_id)
     instance_status = conn.execute(lock.with_for_update() if q.postgres else lock).scalar_one()
@@ -122,12 +158,7 @@ def _decide(conn: Connection, q: ApprovalStatements, approval_id: int, vote: str
     if instance_status != "running":
         raise ApprovalClosed(f"approval {approval_id} belongs to instance {approval.instance_id}, which is "
                              f"{instance_status}; it can no longer be decided")
-    approver = approver_key(identity)
-    listed = conn.execute(select(AA.c.decision, AA.c.decided_at).where(
-        AA.c.approval_id == approval_id, AA.c.approver == approver)).first()
-    if listed is None:
-        raise NotAnApprover(f"{identity} is not an approver of approval {approval_id} "
-                            f"(approvers: {', '.join(approval.approvers)})")
+    listed = conn.execute(member).one()  # again, under the lock: this approver's vote may have come meanwhile
     name = next((a for a in approval.approvers if approver_key(a) == approver), identity)  # as listed
     if listed.decision is not None:
         raise AlreadyVoted(f"{name} already {listed.decision} approval {approval_id} at "
@@ -188,7 +219,8 @@ def _event(conn: Connection, clock: Clock, approval: ApprovalRow, kind: str, pay
 
 
 def _record_refusal(engine: Engine, approval_id: int, identity: str, decision: str, refused: ApprovalError) -> None:
-    """A refused attempt is an event too (in its own transaction: the decision's was rolled back)."""
+    """An approver's attempt refused for the approval's state is an event too (in its own transaction:
+    the decision's was rolled back)."""
     with engine.begin() as conn:
         found = conn.execute(select(A.c.instance_id, A.c.step_instance_id).where(A.c.id == approval_id)).first()
         if found is None:
@@ -202,10 +234,10 @@ def _record_refusal(engine: Engine, approval_id: int, identity: str, decision: s
 
 def get_approval(engine: Engine, approval_id: int) -> tuple[ApprovalRow, list[Vote]]:
     statements = ApprovalStatements(engine.dialect.name)
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         approval = statements.get(conn, approval_id)
         if approval is None:
-            raise ApprovalNotFound(f"approval {approval_id} does not exist")
+            raise not_found(approval_id)
         votes = [Vote(row.approver, row.decision, row.comment, row.decided_at) for row in conn.execute(
             select(AA).where(AA.c.approval_id == approval_id).order_by(AA.c.approver))]
     return approval, votes
@@ -225,5 +257,5 @@ def list_approvals(engine: Engine, *, approver: str | None = None, status: str |
         query = query.where(A.c.status == status)
     if instance_id is not None:
         query = query.where(A.c.instance_id == instance_id)
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         return [row_of(row) for row in conn.execute(query).mappings()]

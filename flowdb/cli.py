@@ -21,7 +21,7 @@ from flowdb.cli_common import FlowdbGroup, agents_option, db_option, load_agents
 from flowdb.cli_report import report
 from flowdb.cli_tokens import tokens_group
 from flowdb.db import migrate
-from flowdb.db.engine import make_engine
+from flowdb.db.engine import make_engine, read_only
 from flowdb.db.instances import StartRequest, deploy, find_definition, start_instances
 from flowdb.definitions import CompiledDefinition, load_definition_file
 from flowdb.errors import DefinitionError, FlowdbError
@@ -140,7 +140,8 @@ def start(db_url: str | None, name: str, inputs: tuple[str, ...], inputs_file: s
 
     engine = open_database(db_url)
     cache = DefinitionCache()
-    with engine.connect() as conn:
+    pinned = version is not None
+    with read_only(engine).connect() as conn:
         definition_id, version = find_definition(conn, name, version)
         definition = cache.get(conn, definition_id)
     if inputs_file:
@@ -152,14 +153,14 @@ def start(db_url: str | None, name: str, inputs: tuple[str, ...], inputs_file: s
             chunk = requests[chunk_start:chunk_start + 500]
             with engine.begin() as conn:
                 ids += [i for i, _ in start_instances(conn, definition_id, version, definition, chunk,
-                                                      trigger="bulk")]
+                                                      trigger="bulk", pinned_version=pinned)]
         for instance_id in ids:
             click.echo(instance_id)
     else:
         request = StartRequest(parse_assignments(list(inputs)), idempotency_key)
         with engine.begin() as conn:
             [(instance_id, _)] = start_instances(conn, definition_id, version, definition, [request],
-                                                 from_text=True)
+                                                 from_text=True, pinned_version=pinned)
         click.echo(instance_id)
     redis_url = load_settings().redis_url
     publish_sync(redis_url)
@@ -259,13 +260,13 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
             return False
         checked[0] = time.monotonic()
         try:
-            with engine.connect() as conn:
+            with read_only(engine).connect() as conn:
                 return bool(status_json(conn, instance_id)["status"] != "running")
         except DBAPIError:  # the database is away: the worker waits for it, and so does this check
             return False
 
     asyncio.run(runner.run(until=finished))
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         status = status_json(conn, instance_id)
     view.summary(status, time.monotonic() - began)
     sys.exit(0 if status["status"] == "completed" else 1)
@@ -308,7 +309,7 @@ def cancel(db_url: str | None, instance_id: int, reason: str) -> None:
 def status(db_url: str | None, instance_id: int, as_json: bool) -> None:
     """Show an instance: its steps, statuses, attempts, durations and outputs."""
     engine = open_database(db_url)
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         data = status_json(conn, instance_id)
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))

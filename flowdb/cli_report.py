@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from flowdb.cli_common import db_option, open_database
+from flowdb.db.engine import read_only
 from flowdb.reports import FilterError, Report, ReportError, parse_day, resolve_view, run_report
 
 _TABLE_TEXT_WIDTH = 60  # longer text (errors) is cut in the table; CSV and JSON keep all of it
@@ -38,7 +39,7 @@ def report(db_url: str | None, view: str, process: str | None, since: str | None
     except ReportError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
     engine = open_database(db_url)
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:  # on SQLite a report never holds up the workers
         try:
             result = run_report(conn, name, process=process, since=day, limit=limit)
         except FilterError as exc:

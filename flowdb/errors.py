@@ -43,7 +43,13 @@ class InputError(FlowdbError):
 
 
 class IdempotencyConflict(FlowdbError):
-    """An idempotency key was reused with other inputs or another process."""
+    """An idempotency key was reused with other inputs or another process (or version)."""
+
+
+class IdempotencyInProgress(FlowdbError):
+    """Another start with the same idempotency key has not committed yet: retry shortly to get its instance."""
+
+    retry_after_seconds = 1
 
 
 class TemplateError(FlowdbError):

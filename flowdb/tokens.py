@@ -16,6 +16,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from flowdb.db.approvals import approver_key
 from flowdb.db.clock import Clock
+from flowdb.db.engine import read_only
 from flowdb.db.tables import api_tokens
 from flowdb.errors import FlowdbError, NotFound
 
@@ -77,7 +78,7 @@ def revoke_token(engine: Engine, token_id: int) -> None:
 
 
 def list_tokens(engine: Engine) -> list[TokenRow]:
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         return [TokenRow(r.id, r.identity, r.role, r.created_at, r.revoked_at)
                 for r in conn.execute(select(T).order_by(T.c.id))]
 
@@ -89,7 +90,7 @@ def authenticate(engine: Engine, token: str | None) -> Principal:
     if not token.startswith(PREFIX) or len(token) > 200:
         raise TokenError("the token is not valid")
     digest = token_hash(token)
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:
         row = conn.execute(select(T).where(T.c.token_hash == digest)).first()
     # The lookup is by hash (the token never meets the database); compare the hashes in constant time anyway.
     if row is None or not hmac.compare_digest(row.token_hash, digest):

@@ -1,12 +1,18 @@
-"""Real servers on 127.0.0.1 for the notification tests: SMTP (aiosmtpd) and a Slack-like webhook."""
+"""Real servers on 127.0.0.1 for tests: SMTP (aiosmtpd), a Slack-like webhook, and a private redis-server
+that a test may stop (SIGSTOP: it hangs) and continue (SIGCONT)."""
 
 from __future__ import annotations
 
 import email
 import email.policy
+import os
+import shutil
+import signal
 import socket
 import ssl
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -130,3 +136,60 @@ def webhook() -> Iterator[Callable[..., Webhook]]:
     yield start
     for s in servers:
         s.close()
+
+
+class RedisServer:
+    """A redis-server of the test's own on 127.0.0.1 (no persistence): hang() and resume() it at will."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--daemonize", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+
+    def hang(self) -> None:
+        """SIGSTOP: connections are accepted by the kernel, nothing answers."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.resume()  # a stopped process would not act on SIGTERM until continued
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own (its own port), stopped at the end."""
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -202,14 +202,22 @@ def snapshot(engine: Engine) -> tuple[list[Any], list[Any]]:
                 list(conn.execute(select(approval_approvers).order_by(approval_approvers.c.approver))))
 
 
-def test_refused_decisions_change_nothing_and_are_recorded(db: Database) -> None:
+def test_malformed_or_foreign_decisions_change_nothing_and_write_nothing(db: Database) -> None:
     [iid] = start(db.engine, EXAMPLES / "reviewed-report.yaml")
     drive(db.engine, waiting_for_decision(db.engine))
     [row] = approval_rows(db.engine)
     before = snapshot(db.engine)
+    events_before = events_of(db.engine, iid, "")
     with pytest.raises(NotAnApprover, match=r"intruder@evil.com is not an approver of approval \d+ "
                                             r"\(approvers: manager@company.com\)"):
         decide(db.engine, row.id, "approve", "intruder@evil.com")
+    # A caller who sees only its own approvals: one that does not list it does not exist.
+    with pytest.raises(ApprovalNotFound) as hidden:
+        decide(db.engine, row.id, "approve", "intruder@evil.com", sees_all=False)
+    assert str(hidden.value) == f"approval {row.id} does not exist"
+    with pytest.raises(ApprovalNotFound) as missing:
+        decide(db.engine, 9999, "approve", MANAGER, sees_all=False)
+    assert str(missing.value) == "approval 9999 does not exist"
     with pytest.raises(BadDecision, match="decision must be 'approve' or 'reject', not 'maybe'"):
         decide(db.engine, row.id, "maybe", MANAGER)
     with pytest.raises(NotAnApprover, match="say who decides"):
@@ -217,9 +225,18 @@ def test_refused_decisions_change_nothing_and_are_recorded(db: Database) -> None
     with pytest.raises(ApprovalNotFound, match="approval 9999 does not exist"):
         decide(db.engine, 9999, "approve", MANAGER)
     assert snapshot(db.engine) == before
+    assert events_of(db.engine, iid, "") == events_before
+
+
+def test_an_approvers_refused_attempt_is_recorded(db: Database) -> None:
+    [iid] = start(db.engine, EXAMPLES / "reviewed-report.yaml")
+    drive(db.engine, waiting_for_decision(db.engine))
+    [row] = approval_rows(db.engine)
+    decide(db.engine, row.id, "approve", MANAGER, sees_all=False)
+    with pytest.raises(AlreadyDecided, match=f"approval {row.id} was already approved by {MANAGER} at "):
+        decide(db.engine, row.id, "reject", MANAGER, sees_all=False)
     refused = [p for kind, p in events_of(db.engine, iid) if kind == "approval.refused"]
-    assert [p["reason"] for p in refused] == ["not_an_approver", "bad_decision", "not_an_approver"]
-    assert refused[0]["by"] == "intruder@evil.com"
+    assert [(p["by"], p["decision"], p["reason"]) for p in refused] == [(MANAGER, "reject", "already_decided")]
 
 
 def test_a_cancelled_instance_cancels_its_approval_and_refuses_decisions(db: Database) -> None:

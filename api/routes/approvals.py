@@ -9,7 +9,7 @@ from api.convert import approval_out
 from api.endpoints import Call, Endpoint, Query, json_response
 from api.problems import ApiError
 from api.schemas import ApprovalList, ApprovalOut, DecisionIn, DecisionOut
-from flowdb.approvals import APPROVAL_STATUSES, decide, get_approval, list_approvals
+from flowdb.approvals import APPROVAL_STATUSES, decide, get_approval, list_approvals, not_found
 from flowdb.db.approvals import approver_key
 from flowdb.tokens import Principal
 
@@ -31,8 +31,7 @@ async def show(call: Call) -> Response:
     approval_id = call.path_int("approval_id")
     approval, votes = await call.db(get_approval, call.engine, approval_id)
     if not _may_see(call.who, approval.approvers):
-        # Same answer as for an id that does not exist: an approver learns nothing of others' approvals.
-        raise ApiError(404, f"approval {approval_id} does not exist", kind="not-found")
+        raise not_found(approval_id)  # as for an id that does not exist: nothing of others' approvals leaks
     return json_response(approval_out(approval, votes))
 
 
@@ -41,14 +40,15 @@ async def decision(call: Call) -> Response:
     body = await call.body(DecisionIn)
 
     def run(engine: Engine) -> DecisionOut:
-        # The decider is the token's identity, never a field of the body.
+        # The decider is the token's identity, never a field of the body. To an approver token, an approval
+        # that does not list it does not exist (404, as GET answers); an operator is told it is not an approver.
         result = decide(engine, approval_id, body.decision, call.who.identity, body.comment,
-                        redis_url=call.settings.redis_url)
+                        sees_all=call.who.has("operator"), wakeups=call.wakeups)
         _, votes = get_approval(engine, approval_id)
         return DecisionOut(approval=approval_out(result.approval, votes), decided=result.decided,
                            approvals_needed=result.approvals_needed)
 
-    return json_response(await call.db(run, call.engine))  # NotAnApprover → 403, AlreadyDecided → 409
+    return json_response(await call.db(run, call.engine))  # NotAnApprover → 403 (operators), AlreadyDecided → 409
 
 
 ENDPOINTS = [
@@ -58,6 +58,6 @@ ENDPOINTS = [
     Endpoint("GET", "/v1/approvals/{approval_id:int}", show, "One approval with each approver's decision",
              "approver", "approvals", responses={200: ApprovalOut}, errors=(404,)),
     Endpoint("POST", "/v1/approvals/{approval_id:int}/decision", decision,
-             "Decide as the token's identity (one of the approvers)", "approver", "approvals", body=DecisionIn,
-             responses={200: DecisionOut}, errors=(404, 409)),
+             "Decide as the token's identity (one of the approvers; to anyone else the approval does not exist)",
+             "approver", "approvals", body=DecisionIn, responses={200: DecisionOut}, errors=(404, 409)),
 ]

@@ -10,6 +10,9 @@ The table is the truth: the stream always reads it, in pages, in id order. Betwe
 for a message on the Redis channel `flowdb:events` (published after commits that wrote events) or
 for `api_stream_poll_seconds`, whichever comes first; without Redis, or while Redis is down, it
 just polls. A comment line (`: ping`) goes out every 15 s to keep proxies from closing the stream.
+While the database is unavailable an open stream stays open and reads again every few seconds (a
+new stream is refused with 503 until it is back); no event is skipped, since the cursor only moves
+on what was read.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from api.convert import utc
 from api.endpoints import Call, Endpoint, Header, Query
 from api.problems import ApiError
 from api.schemas import EventOut
+from flowdb.db.engine import database_unavailable
 from flowdb.db.tables import events as E
 from flowdb.db.tables import process_instances
 from flowdb.errors import NotFound
@@ -43,6 +47,7 @@ PING_SECONDS = 15
 GAP_SECONDS = 10.0  # a gap this old (by the database's clock) is passed even if nothing proved it empty
 GAP_RECHECK_SECONDS = 0.2  # how soon to read again while a gap holds the stream back
 REDIS_RETRY_SECONDS = 5.0
+DATABASE_RETRY_SECONDS = (0.5, 5.0)  # while the database is unavailable: first wait, longest wait
 MAX_ID = 2**63 - 1
 
 # PostgreSQL: the snapshot the read runs in (REPEATABLE READ: one snapshot for every statement of it).
@@ -294,11 +299,23 @@ async def _events(call: Call, horizon: Horizon, instance_id: int | None,
                   bell: Bell | None) -> AsyncIterator[ServerSentEvent]:
     ring = bell.join() if bell is not None else None
     poll = call.settings.api_stream_poll_seconds
+    outage = 0.0  # the wait before the next read while the database is unavailable (0: it answers)
     try:
         while True:
             if ring is not None:
                 ring.clear()  # before reading: a message during the read makes the next wait return at once
-            batch = await call.db(read_events, call.engine, horizon, instance_id)
+            try:
+                batch = await call.db(read_events, call.engine, horizon, instance_id)
+            except Exception as exc:
+                if not database_unavailable(exc):
+                    raise
+                if not outage:
+                    log.warning("an event stream cannot read the database (%s); it retries until it can",
+                                str(exc).strip().splitlines()[0])
+                outage = min(outage * 2, DATABASE_RETRY_SECONDS[1]) if outage else DATABASE_RETRY_SECONDS[0]
+                await asyncio.sleep(outage)
+                continue
+            outage = 0.0
             for row in batch.rows:
                 yield ServerSentEvent(data=event_out(row).model_dump_json(), id=str(row.id), event=row.type)
             if batch.more:

@@ -23,7 +23,6 @@ from api.schemas import (
 from flowdb.control import cancel_instance, retry_step
 from flowdb.db.instances import DefinitionCache, StartRequest, find_definition, instance_row, start_instances, step_rows
 from flowdb.db.tables import events, process_instances
-from flowdb.notify import publish_events_sync, publish_sync
 
 I, E = process_instances, events  # noqa: E741
 STATUSES = ("running", "completed", "failed", "cancelled")
@@ -71,14 +70,14 @@ async def start_instance(call: Call) -> Response:
             definition_id, version = find_definition(conn, name, body.version)
             definition = DefinitionCache().get(conn, definition_id)
             [(instance_id, created)] = start_instances(conn, definition_id, version, definition,
-                                                       [StartRequest(body.inputs, key)], trigger="api")
+                                                       [StartRequest(body.inputs, key)], trigger="api",
+                                                       pinned_version=body.version is not None)
             detail = _detail(conn, instance_id)
         return detail, created
 
     detail, created = await call.db(start, call.engine)
     if created:
-        await call.db(publish_sync, call.settings.redis_url)
-        await call.db(publish_events_sync, call.settings.redis_url)
+        call.wakeups.notify(workers=True, events=True)
     return json_response(detail, 201 if created else 200)
 
 
@@ -148,7 +147,7 @@ async def cancel(call: Call) -> Response:
     instance_id = call.path_int("instance_id")
     reason = f"cancelled by {call.who.identity} over the API"
     steps = await call.db(cancel_instance, call.engine, instance_id, reason)
-    await call.db(publish_events_sync, call.settings.redis_url)
+    call.wakeups.notify(events=True)
     return json_response(CancelOut(id=instance_id, status="cancelled", cancelled_steps=steps))
 
 
@@ -156,16 +155,17 @@ async def retry(call: Call) -> Response:
     instance_id = call.path_int("instance_id")
     step_id = call.request.path_params["step_id"]
     status = await call.db(retry_step, call.engine, instance_id, step_id)
-    await call.db(publish_sync, call.settings.redis_url)
-    await call.db(publish_events_sync, call.settings.redis_url)
+    call.wakeups.notify(workers=True, events=True)
     return json_response(RetryOut(id=instance_id, status=status, step_id=step_id, step_status="ready"))
 
 
 ENDPOINTS = [
     Endpoint("POST", "/v1/processes/{name}/instances", start_instance, "Start an instance", "operator", "instances",
              body=StartIn, responses={201: InstanceDetail, 200: InstanceDetail}, errors=(404, 409),
-             headers=(Header("Idempotency-Key", "starting again with this key returns the same instance "
-                                                 "(409 if the inputs differ)"),)),
+             headers=(Header("Idempotency-Key", "starting again with this key returns the same instance (200); "
+                                                 "409 idempotency-conflict if the process, inputs or asked version "
+                                                 "differ, 409 idempotency-in-progress (with Retry-After) while "
+                                                 "another start with the key has not committed"),)),
     Endpoint("GET", "/v1/instances", list_instances, "List instances, newest first", "operator", "instances",
              responses={200: InstancePage}, errors=(422,),
              query=(Query("status", {"type": "string", "enum": list(STATUSES)}, "only instances in this status"),

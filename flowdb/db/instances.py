@@ -11,11 +11,12 @@ from sqlalchemy.exc import IntegrityError
 from flowdb.db.clock import Clock
 from flowdb.db.tables import events, process_definitions, process_instances, step_edges, step_instances
 from flowdb.definitions import CompiledDefinition, parse_definition
-from flowdb.errors import DefinitionConflict, IdempotencyConflict, NotFound
+from flowdb.errors import DefinitionConflict, IdempotencyConflict, IdempotencyInProgress, NotFound
 from flowdb.inputs import validate_inputs
 from flowdb.models import effective_retry
 
 D, I, S, E = process_definitions, process_instances, step_instances, step_edges  # noqa: E741
+KEY_RACE_ROUNDS = 3  # lookups of keys another transaction took while this one inserted, before giving up
 
 
 @dataclass(frozen=True)
@@ -108,22 +109,40 @@ class StartRequest:
 
 def start_instances(conn: Connection, definition_id: int, version: int, definition: CompiledDefinition,
                     requests: list[StartRequest], *, trigger: str = "cli", from_text: bool = False,
-                    ) -> list[tuple[int, bool]]:
+                    pinned_version: bool = False) -> list[tuple[int, bool]]:
     """Start one instance per request in the current transaction: [(instance id, created)].
 
     A request whose idempotency key already started an instance returns that instance (created
-    False) when its inputs and process match, and raises IdempotencyConflict when they do not.
+    False) when it asks for the same thing: the same process, the same inputs and, when the caller
+    named a version (`pinned_version`), the same version; otherwise IdempotencyConflict. Identical
+    starts racing with one key (concurrent API calls) all get the one instance: the insert that
+    loses the race on the key's unique index waits for the winner to commit (PostgreSQL), then the
+    keys are looked up again and the winner's instance is returned. A key whose instance still
+    cannot be seen after that raises IdempotencyInProgress ("retry"), never IdempotencyConflict.
     """
     process = definition.process
     typed = [validate_inputs(process.inputs, r.inputs, from_text=from_text) for r in requests]
+    for _ in range(KEY_RACE_ROUNDS):
+        started = _start_once(conn, definition_id, version, definition, requests, typed, trigger, pinned_version)
+        if started is not None:
+            return started
+    keys = sorted({r.idempotency_key for r in requests if r.idempotency_key})
+    raise IdempotencyInProgress(f"idempotency key {', '.join(map(repr, keys))} is being used by a start that has "
+                                "not committed yet; retry in a moment to get its instance")
+
+
+def _start_once(conn: Connection, definition_id: int, version: int, definition: CompiledDefinition,
+                requests: list[StartRequest], typed: list[dict[str, Any]], trigger: str, pinned_version: bool,
+                ) -> list[tuple[int, bool]] | None:
+    """start_instances' work; None when another transaction took one of the keys meanwhile (look again)."""
     results: list[tuple[int, bool] | None] = [None] * len(requests)
     fresh: list[int] = []
     keyed = {r.idempotency_key: i for i, r in enumerate(requests) if r.idempotency_key}
     if keyed:
-        for row in conn.execute(select(I.c.id, I.c.idempotency_key, I.c.process_name, I.c.inputs)
+        for row in conn.execute(select(I.c.id, I.c.idempotency_key, I.c.process_name, I.c.version, I.c.inputs)
                                 .where(I.c.idempotency_key.in_(list(keyed)))):
             index = keyed[row.idempotency_key]
-            _check_same(row, definition.name, typed[index])
+            _check_same(row, definition.name, version if pinned_version else None, typed[index])
             results[index] = (row.id, False)
     seen_keys: dict[str, int] = {}
     for index, request in enumerate(requests):
@@ -138,6 +157,8 @@ def start_instances(conn: Connection, definition_id: int, version: int, definiti
     if fresh:
         ids = _insert_instances(conn, definition_id, version, definition, [typed[i] for i in fresh],
                                 [requests[i].idempotency_key for i in fresh], trigger)
+        if ids is None:
+            return None
         for index, new_id in zip(fresh, ids, strict=True):
             results[index] = (new_id, True)
     for index, request in enumerate(requests):
@@ -150,16 +171,23 @@ def start_instances(conn: Connection, definition_id: int, version: int, definiti
     return [r for r in results if r is not None]
 
 
-def _check_same(row: Any, name: str, inputs: dict[str, Any]) -> None:
+def _check_same(row: Any, name: str, version: int | None, inputs: dict[str, Any]) -> None:
     if row.process_name != name or row.inputs != inputs:
         raise IdempotencyConflict(
             f"idempotency key {row.idempotency_key!r} already started instance {row.id} "
             f"of {row.process_name} with other inputs; use a new key to start another instance"
         )
+    if version is not None and row.version != version:
+        raise IdempotencyConflict(
+            f"idempotency key {row.idempotency_key!r} already started instance {row.id} of {row.process_name} "
+            f"version {row.version}, not version {version}; use a new key to start another instance"
+        )
 
 
 def _insert_instances(conn: Connection, definition_id: int, version: int, definition: CompiledDefinition,
-                      inputs: list[dict[str, Any]], keys: list[str | None], trigger: str) -> list[int]:
+                      inputs: list[dict[str, Any]], keys: list[str | None], trigger: str) -> list[int] | None:
+    """Insert the instances with their steps, edges and events; None when one of `keys` was taken
+    by another transaction since they were looked up (nothing inserted)."""
     clock = Clock(conn.dialect.name)
     budget = definition.process.budget.max_cost_usd if definition.process.budget else None
     rows = [{"definition_id": definition_id, "process_name": definition.name, "version": version,
@@ -172,14 +200,11 @@ def _insert_instances(conn: Connection, definition_id: int, version: int, defini
         with conn.begin_nested():
             ids = list(conn.execute(statement, rows).scalars())
     except IntegrityError:
-        # Another transaction took one of the keys since we looked: report it as that instance.
-        taken = [k for k in keys if k]
-        existing = conn.execute(select(I.c.id, I.c.idempotency_key, I.c.process_name, I.c.inputs)
-                                .where(I.c.idempotency_key.in_(taken))).first()
-        if existing is None:
+        # The unique index on idempotency_key: another transaction took one of the keys since we
+        # looked (on PostgreSQL the insert waited for it to commit). The caller looks them up again.
+        if not any(keys):
             raise
-        raise IdempotencyConflict(f"idempotency key {existing.idempotency_key!r} was used concurrently "
-                                  f"by instance {existing.id}; retry to get that instance") from None
+        return None
     step_rows = []
     edge_rows = []
     event_rows = []
