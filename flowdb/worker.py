@@ -27,13 +27,15 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from flowdb.actions import RenderedAction, render_actions
 from flowdb.agents.registry import AgentRegistry
 from flowdb.bounded import BoundedRunner
 from flowdb.db.claims import FREE_RELEASES, Claimed, ClaimStatements
-from flowdb.db.connectivity import DatabaseUnavailable, Outage, first_line, is_busy
+from flowdb.db.connectivity import DatabaseUnavailable, Outage, first_line, is_conflict
 from flowdb.db.driver import as_json
+from flowdb.db.engine import database_unavailable
 from flowdb.db.instances import DefinitionCache
 from flowdb.db.progress import DueActions, Progress, ProgressStatements, ProgressWriter, template_context
 from flowdb.db.tables import process_instances
@@ -168,27 +170,30 @@ class Worker:
 
     # -- database -------------------------------------------------------------------------------
     def _transaction(self, work: Callable[[Connection], T]) -> T:
-        """Run work in one transaction; retry at once what the database says is transient (busy,
-        deadlock). A database that does not answer raises DatabaseUnavailable: the caller waits."""
+        """Run work in one transaction; run it again at once when it lost to a concurrent one. A
+        database that does not answer (or is locked past its timeout) raises DatabaseUnavailable:
+        the caller waits and tries again."""
         for attempt in range(8):
             try:
                 if self._conn is None:
                     self._conn = self.engine.connect()
-            except DBAPIError as exc:
+            except (DBAPIError, PoolTimeout) as exc:
                 raise DatabaseUnavailable(first_line(exc)) from exc
             try:
                 with self._conn.begin():
                     return work(self._conn)
             except DBAPIError as exc:
-                if exc.connection_invalidated or self._conn.invalidated:
+                stale = exc.connection_invalidated or self._conn.invalidated
+                if stale:
                     self._drop_connection()
-                    if attempt == 0:  # a held connection that died while idle: one fresh try at once
+                if database_unavailable(exc):
+                    if stale and attempt == 0:  # a held connection that died while idle: one fresh try at once
                         continue
                     raise DatabaseUnavailable(first_line(exc)) from exc
-                if not is_busy(exc) or attempt == 7:
+                if not is_conflict(exc) or attempt == 7:
                     raise
-                log.warning("database busy (%s); retrying", first_line(exc))
-                time.sleep(min(0.05 * 2 ** attempt, 2.0))
+                log.info("transaction lost to a concurrent one (%s); running it again", first_line(exc))
+                time.sleep(min(0.01 * 2 ** attempt, 0.5))
         raise AssertionError("unreachable")
 
     def _drop_connection(self) -> None:
@@ -244,7 +249,7 @@ class Worker:
         except BaseException as exc:
             self.done[:0] = outcomes
             self.pending_events[:0] = written
-            if isinstance(exc, DBAPIError) and outcomes and not is_busy(exc):
+            if isinstance(exc, DBAPIError) and outcomes:
                 # Not an outage and not busy: perhaps a result the database refuses to store.
                 await self._record_one_by_one(exc)
                 return []

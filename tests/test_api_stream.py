@@ -398,7 +398,7 @@ def test_stream_polls_when_redis_is_down_and_healthz_says_degraded(db: Database)
     closed = f"redis://127.0.0.1:{free_port()}/0"
     with api_for(db, redis_url=closed, api_stream_poll_seconds=0.1) as api:
         health = httpx.get(api.url + "/healthz")
-        assert health.status_code == 503
+        assert health.status_code == 200  # Redis is optional: degraded, still serving
         body = health.json()
         assert body["status"] == "degraded" and body["database"] == "ok"
         assert body["redis"] not in ("ok", "not configured") and "connect" in body["redis"].lower()

@@ -80,7 +80,7 @@ def test_a_hanging_redis_does_not_slow_starts_or_healthz(db: Database, private_r
         # Before the fix each start waited for two publishes of up to 1 s each, and /healthz for up to 2 s.
         assert max(took) < 0.5 and statistics.median(took) < 0.2, took
         assert health_took < 0.5, health_took
-        assert health.status_code == 503
+        assert health.status_code == 200  # Redis is optional: degraded, still serving
         assert health.json() == {"status": "degraded", "database": "ok", "redis": "no answer within 0.1 s"}
 
         # Answering again: after at most the back-off, a start's wake-ups reach the subscribers again.

@@ -61,7 +61,9 @@ async def healthz(call: Call) -> Response:
     database, redis = await asyncio.gather(_database(call.engine), _redis(call.settings.redis_url))
     ok = database == "ok" and redis in ("ok", "not configured")
     health = Health(status="ok" if ok else "degraded", database=database, redis=redis)
-    return json_response(health, status=200 if ok else 503)
+    # Without Redis the engine is only slower to wake up, so only a database that does not answer
+    # makes the API unfit to serve (503, for load balancers); a Redis problem is `degraded` with 200.
+    return json_response(health, status=200 if database == "ok" else 503)
 
 
 async def openapi_json(call: Call) -> Response:
@@ -69,7 +71,8 @@ async def openapi_json(call: Call) -> Response:
 
 
 ENDPOINTS = [
-    Endpoint("GET", "/healthz", healthz, "Whether the database (and Redis, when configured) answers", role=None,
+    Endpoint("GET", "/healthz", healthz, "Whether the database (and Redis, when configured) answers: 503 when the "
+             "database does not; 200 with status degraded when only Redis does not", role=None,
              tag="meta", responses={200: Health, 503: Health}),
     Endpoint("GET", "/openapi.json", openapi_json, "This API's OpenAPI 3.1 document", role=None, tag="meta",
              responses={200: None}),

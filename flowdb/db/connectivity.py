@@ -22,11 +22,11 @@ class DatabaseUnavailable(FlowdbError):
     """The database does not answer (a restart, a network cut, a server that is not running)."""
 
 
-def is_busy(exc: DBAPIError) -> bool:
-    """A transient refusal worth retrying at once: a lock held elsewhere, a deadlock, a serialization failure."""
-    text = str(exc.orig).lower()
-    return "database is locked" in text or "deadlock detected" in text or "could not serialize" in text \
-        or "busy" in text
+def is_conflict(exc: DBAPIError) -> bool:
+    """A transaction that lost to a concurrent one (a deadlock, a serialization failure): worth
+    running again at once. (A database that is away or locked past its timeout is another matter:
+    flowdb.db.engine.database_unavailable.)"""
+    return getattr(exc.orig, "sqlstate", None) in ("40001", "40P01")
 
 
 def first_line(exc: BaseException) -> str:
