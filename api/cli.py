@@ -19,5 +19,5 @@ def serve(db_url: str | None, host: str, port: int) -> None:
     from api.app import create_app
 
     settings = load_settings(database_url=db_url)
-    engine = open_database(db_url)
+    engine = open_database(db_url, wait=True)
     uvicorn.run(create_app(settings, engine), host=host, port=port, log_level="info")

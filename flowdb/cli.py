@@ -195,7 +195,7 @@ def worker(db_url: str | None, agents_file: str | None, concurrency: int | None,
     """Claim and run ready steps until stopped (SIGTERM/SIGINT finishes or releases held steps)."""
     logging.getLogger().setLevel(logging.INFO)
     settings = load_settings(database_url=db_url)
-    engine = open_database(db_url)
+    engine = open_database(db_url, wait=True)
     agents = load_agents(agents_file or settings.agents, None)
     options = WorkerOptions(lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
                             redis_url=settings.redis_url, batch=batch or settings.claim_batch,

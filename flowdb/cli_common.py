@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from typing import Any
 
 import click
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
 from flowdb.agents.registry import AgentRegistry, find_agents_file
 from flowdb.db import migrate
-from flowdb.db.engine import make_engine
+from flowdb.db.connectivity import Outage
+from flowdb.db.engine import database_unavailable, make_engine
 from flowdb.errors import DefinitionError, FlowdbError
 from flowdb.settings import load_settings
 
@@ -20,15 +24,33 @@ agents_option = click.option("--agents", "agents_file", default=None,
                              help="Agents file (else FLOWDB_AGENTS, else agents.yaml beside the process file).")
 
 
-def open_database(db_url: str | None, *, migrate_sqlite: bool = True) -> Engine:
+def open_database(db_url: str | None, *, migrate_sqlite: bool = True, wait: bool = False) -> Engine:
+    """The engine for the configured database, checked to be at the current schema. With `wait` (the
+    long-running commands: worker, serve), a database that does not answer yet is waited for, with
+    back-off and one log line, instead of being an error."""
     settings = load_settings(database_url=db_url)
     engine = make_engine(settings.database_url)
+    if wait:
+        _wait_until_it_answers(engine)
     if engine.dialect.name == "sqlite" and migrate_sqlite:
         migrate.ensure_current(engine)  # the embedded default migrates itself on first use
     elif migrate.current_revision(engine) != migrate.HEAD:
         raise FlowdbError(f"the database at {engine.url.render_as_string()} is not at the current schema; "
                           "run: flowdb db upgrade --db URL")
     return engine
+
+
+def _wait_until_it_answers(engine: Engine) -> None:
+    outage = Outage(logging.getLogger("flowdb"), f"the database at {engine.url.render_as_string()}")
+    while True:
+        try:
+            with engine.connect():
+                break
+        except DBAPIError as exc:
+            if not database_unavailable(exc):
+                raise
+            time.sleep(outage.failed(exc))
+    outage.recovered()
 
 
 def load_agents(agents_file: str | None, process_file: str | None) -> AgentRegistry:

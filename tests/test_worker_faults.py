@@ -91,6 +91,28 @@ def test_workers_ride_out_a_database_restart(private_pg: PgServer, tmp_path: Pat
         assert went <= 2, output[-3000:]  # one line per outage (a second if a try landed during start-up)
 
 
+@pytest.mark.slow
+def test_a_worker_started_while_the_database_is_down_waits_for_it(private_pg: PgServer, tmp_path: Path) -> None:
+    env = private_pg.cli_env()
+    [iid] = _deploy_and_start(env, tmp_path, CHAIN, "outage-chain", 1)
+    private_pg.engine.dispose()
+    private_pg.stop()
+    fleet = Fleet({**env, "FLOWDB_POLL_SECONDS": "0.1"}, tmp_path)
+    try:
+        [pid] = fleet.start(1)
+        wait_until(lambda: "is unavailable" in fleet.output(pid), 30, "the worker to notice", 0.1, fleet)
+        time.sleep(1)
+        assert fleet.procs[0].poll() is None, fleet.all_output()
+        private_pg.start()
+        wait_until(lambda: instance_statuses(private_pg.engine) == {"completed": 1}, 60, "the instance to complete",
+                   0.1, fleet)
+        assert fleet.terminate(30) == {pid: 0}
+    finally:
+        fleet.close()
+    assert fleet.output(pid).count("is unavailable") == 1, fleet.output(pid)
+    assert steps(private_pg.engine, iid)["c"].status == "completed"
+
+
 POISON = """\
 process:
   name: poison
