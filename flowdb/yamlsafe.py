@@ -101,7 +101,12 @@ class _PyParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
 
 def _parsers(text: str) -> list[Callable[[str], _EventSource]]:
     """libyaml's parser first (ten times faster), PyYAML's after it: when libyaml refuses a document,
-    PyYAML's words for the problem are the ones reported (the same as without libyaml)."""
+    PyYAML's words for the problem are the ones reported (the same as without libyaml).
+
+    libyaml, the reference parser, takes a few corners of YAML that PyYAML's own parser refuses (a tab
+    as the space after ':' or ',', '?' inside a plain scalar in [...] or {...}); where they differ in
+    the other direction, PyYAML's reading is taken. Values and positions are otherwise the same.
+    """
     fast = _libyaml_parser()
     try:
         text.encode()
@@ -273,7 +278,8 @@ class _Composer:
                     tag = event.tag
                     if tag is None or tag == "!":
                         tag = _resolve(event.value, event.implicit)
-                    node = ScalarNode(tag, event.value, start, end, style=event.style)
+                    # libyaml marks a plain scalar's style '', PyYAML None: one meaning, one value
+                    node = ScalarNode(tag, event.value, start, end, style=event.style or None)
                     size = _Size(1, 0, 0)
                     if anchor is not None:
                         self.anchors[anchor] = (node, size)

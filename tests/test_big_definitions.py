@@ -233,6 +233,12 @@ def test_recursive_aliases_and_too_many_aliases_are_refused() -> None:
         "write the values out instead"]
 
 
+def test_an_empty_value_is_reported_at_its_key() -> None:
+    # libyaml gives a plain scalar the style '' where PyYAML gives None: an empty value still points at its key.
+    text = "process:\n  name: x\n  steps:\n    - id: a\n      type: agent_task\n      agent:\n      message: hi\n"
+    assert problems_of(text, "empty.yaml") == ["empty.yaml:6:7: agent in step 'a': expected text, got nothing (null)"]
+
+
 def test_nesting_is_bounded_even_through_aliases() -> None:
     # The document's mapping is one level: 99 lists inside it make 100, one more is too many.
     data, _ = load_yaml("a: " + "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1) + "\n", "deep.yaml")
