@@ -81,6 +81,11 @@ def _check_files(files: tuple[str, ...], agents_file: str | None) -> list[Compil
         except DefinitionError as exc:
             click.echo(str(exc), err=True)
             failed = True
+        except Exception as exc:  # a bug in flowdb, not in the file: still one line, never a traceback
+            reason = " ".join(str(exc).split())[:300] or "no details"
+            click.echo(f"{file}: flowdb could not check this file ({type(exc).__name__}: {reason}); "
+                       "please report it", err=True)
+            failed = True
     if failed:
         sys.exit(1)
     return loaded

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     free_releases: int = Field(default=3, ge=0)
 
     # HTTP API (api/, `flowdb serve`).
-    api_max_body_bytes: int = Field(default=1_048_576, ge=1024)  # larger bodies get 413
+    # Larger bodies get 413. The default takes the largest definition flowdb accepts (yamlsafe.MAX_BYTES).
+    api_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     api_stream_poll_seconds: float = Field(default=0.5, gt=0)  # event stream without Redis
 
     # Notifications (flowdb.notifications): email over SMTP, Slack incoming webhook.

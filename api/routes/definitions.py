@@ -35,10 +35,12 @@ async def post_definition(call: Call) -> Response:
     filename = call.request.query_params.get("filename") or "definition.yaml"
     if len(filename) > 200:
         raise ApiError(422, "filename is longer than 200 characters")
-    definition = parse_definition(text, filename)  # DefinitionError → 422 with FILE:LINE:COL errors
-    check_runnable(definition)
 
     def store(engine: Engine) -> DefinitionOut:
+        # Parsing and compiling take seconds for the largest definitions: here, in a thread, never on the
+        # event loop. DefinitionError → 422 with FILE:LINE:COL errors.
+        definition = parse_definition(text, filename)
+        check_runnable(definition)
         with engine.begin() as conn:
             deployed = deploy(conn, definition)
             created_at = conn.execute(select(D.c.created_at).where(D.c.id == deployed.id)).scalar_one()
