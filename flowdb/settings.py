@@ -20,6 +20,12 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(default=1.0, gt=0)
     claim_batch: int = Field(default=32, ge=1, le=1000)
 
+    # Templates and conditions (flowdb.expressions): each evaluation is bounded in time, and its output and
+    # every value it builds in size. Passing a limit fails the step without retry.
+    template_timeout_seconds: float = Field(default=1.0, gt=0)
+    template_max_bytes: int = Field(default=1_000_000, ge=1024)
+    template_max_memory_bytes: int = Field(default=256 * 2**20, ge=2**20)  # growth of the worker while one runs
+
     # HTTP API (api/, `flowdb serve`).
     api_max_body_bytes: int = Field(default=1_048_576, ge=1024)  # larger bodies get 413
     api_stream_poll_seconds: float = Field(default=0.5, gt=0)  # event stream without Redis
