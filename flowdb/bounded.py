@@ -57,7 +57,7 @@ def _resident_bytes() -> int | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs a microsecond more per call
 class Result(Generic[T]):
     """What one call of a batch gave: its value, or the exception it raised (a TemplateTimeout past its limit)."""
 
@@ -115,7 +115,9 @@ class BoundedRunner:
         self.name = name
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # render threads wait here for jobs
-        self._watch = threading.Condition(self._lock)  # the watchdog waits here
+        # The watchdog sleeps on an event of its own and reads the render thread's state without the lock: a lock
+        # the watchdog waits on would make every release by the render thread (twice a call) a wake-up.
+        self._wake = threading.Event()
         self._jobs: deque[_Job] = deque()
         self._worker: _Worker | None = None
         self._watchdog: threading.Thread | None = None
@@ -188,7 +190,7 @@ class BoundedRunner:
         with self._lock:
             self._closed = True
             self._work.notify_all()
-            self._watch.notify_all()
+        self._wake.set()
 
     # -- The caller's side
 
@@ -211,9 +213,8 @@ class BoundedRunner:
         return job
 
     def _cancel(self, job: _Job) -> None:
-        with self._lock:
-            job.cancelled = True
-            self._watch.notify()
+        job.cancelled = True
+        self._wake.set()
 
     # -- The render thread
 
@@ -233,61 +234,61 @@ class BoundedRunner:
                 with self._lock:
                     _async_raise(me.ident, None)
                 return
-            except _Interrupt:  # landed outside the call it was meant for: finish that call as interrupted
-                self._finish_interrupted(me)
+            except _Interrupt:  # landed outside the call it was meant for: record that call as interrupted
+                item = me.current
+                self._next(me, item, Result(error=self._interruption(me, item)) if item is not None else None,
+                           take=False)
 
     def _serve(self, me: _Worker) -> None:
-        while True:
-            item = self._next_item(me)
-            if item is None:
-                return
+        item = self._next(me)
+        while item is not None:
             try:
                 result: Result[Any] = Result(value=item.job.fns[item.index]())
             except _Interrupt:
                 result = Result(error=self._interruption(me, item))
             except BaseException as exc:  # handed to the caller, whatever it is
                 result = Result(error=exc)
-            self._finish(me, item, result)
+            item = self._next(me, item, result)
 
-    def _next_item(self, me: _Worker) -> _Item | None:
-        with self._lock:
-            while True:
-                if me.abandoned:
-                    return None
-                if self._jobs:
-                    job = self._jobs[0]
-                    if job.cancelled or job.next >= len(job.fns):
-                        self._jobs.popleft()
-                        job.deliver(job.results)
-                        continue
-                    item = _Item(job, job.next, time.monotonic() + job.timeout)
-                    job.next += 1
-                    me.current = item
-                    if self._watch_idle:
-                        self._watch.notify()
-                    return item
-                if self._closed:
-                    return None
-                self._work.wait()
+    def _next(self, me: _Worker, done: _Item | None = None, result: Result[Any] | None = None, *,
+              take: bool = True) -> _Item | None:
+        """Record `done`'s result, then take the next call (waiting for one); None when the thread should end.
 
-    def _finish(self, me: _Worker, item: _Item | None, result: Result[Any]) -> None:
-        """Record the item's result (unless the watchdog gave up on it) and drop any interrupt still pending."""
+        One lock for both, since this runs between every two calls. An interrupt that comes too late to matter
+        is dropped here; if it lands in this method instead, the method runs again (recording is idempotent).
+        """
         while True:
             try:
                 with self._lock:
-                    if item is not None and me.current is item and not me.abandoned:
-                        item.job.results[item.index] = result
+                    if done is not None and me.current is done and not me.abandoned:
+                        done.job.results[done.index] = cast(Result[Any], result)
                         me.current = None
-                    if me.interrupted is not None:
-                        _async_raise(me.ident, None)  # an interrupt that came too late to matter
+                    if me.interrupted is not None and me.current is None:
+                        _async_raise(me.ident, None)
                         me.interrupted = None
-                return
-            except _Interrupt:  # the late interrupt landed here: it is spent now, finish again
+                    return self._take(me) if take else None
+            except _Interrupt:
                 continue
 
-    def _finish_interrupted(self, me: _Worker) -> None:
-        item = me.current
-        self._finish(me, item, Result(error=self._interruption(me, item) if item is not None else None))
+    def _take(self, me: _Worker) -> _Item | None:  # under the lock
+        while True:
+            if me.abandoned:
+                return None
+            if self._jobs:
+                job = self._jobs[0]
+                if job.cancelled or job.next >= len(job.fns):
+                    self._jobs.popleft()
+                    job.deliver(job.results)
+                    continue
+                item = _Item(job, job.next, time.monotonic() + job.timeout)
+                job.next += 1
+                me.current = item
+                if self._watch_idle:
+                    self._wake.set()
+                return item
+            if self._closed:
+                return None
+            self._work.wait()
 
     def _interruption(self, me: _Worker, item: _Item) -> BaseException:
         if me.interrupted == "memory":
@@ -303,55 +304,56 @@ class BoundedRunner:
     def _watch_loop(self) -> None:
         seen: _Item | None = None
         baseline: int | None = None
-        with self._lock:
-            while True:
-                worker = self._worker
-                item = worker.current if worker is not None else None
-                if worker is None or item is None:
-                    if self._closed:
-                        return
-                    self._watch_idle = True
-                    self._watch.wait()
-                    self._watch_idle = False
+        while True:
+            worker = self._worker
+            item = worker.current if worker is not None else None
+            if worker is None or item is None:
+                if self._closed:
+                    return
+                self._watch_idle = True  # from here on the render thread wakes us when it starts a call
+                if self._worker is None or self._worker.current is None:
+                    self._wake.wait()
+                self._wake.clear()
+                self._watch_idle = False
+                continue
+            now = time.monotonic()
+            if item is not seen:
+                seen, baseline = item, None
+            elif worker.interrupted is None:  # the same call still runs: has it grown the memory?
+                resident = _resident_bytes()
+                if baseline is None:
+                    baseline = resident
+                elif resident is not None and resident - baseline > limits().max_memory_bytes:
+                    self._interrupt(worker, item, "memory", now)
+            if worker.interrupted is None:
+                if item.job.cancelled:
+                    self._interrupt(worker, item, "cancelled", now)
+                elif now >= item.deadline:
+                    self._interrupt(worker, item, "time", now)
+            if worker.interrupted is not None and worker.current is item:
+                if now >= worker.interrupted_at + self.grace_seconds:
+                    self._abandon(worker, item)
                     continue
-                now = time.monotonic()
-                if item is not seen:
-                    seen, baseline = item, None
-                elif worker.interrupted is None:
-                    baseline = self._check_memory(worker, baseline, now)
-                if worker.interrupted is None:
-                    if item.job.cancelled:
-                        self._interrupt(worker, "cancelled", now)
-                    elif now >= item.deadline:
-                        self._interrupt(worker, "time", now)
-                if worker.interrupted is not None:
-                    if now >= worker.interrupted_at + self.grace_seconds:
-                        self._abandon(worker, item)
-                        continue
-                    wait = worker.interrupted_at + self.grace_seconds - now
-                else:
-                    wait = item.deadline - now
-                self._watch.wait(min(wait, self.poll_seconds))
+                wait = worker.interrupted_at + self.grace_seconds - now
+            else:
+                wait = item.deadline - now
+            self._wake.wait(max(min(wait, self.poll_seconds), 0.0))
+            self._wake.clear()
 
-    def _check_memory(self, worker: _Worker, baseline: int | None, now: float) -> int | None:
-        resident = _resident_bytes()
-        if resident is None:
-            return None
-        if baseline is None:
-            return resident
-        if resident - baseline > limits().max_memory_bytes:
-            self._interrupt(worker, "memory", now)
-        return baseline
+    def _interrupt(self, worker: _Worker, item: _Item, reason: str, now: float) -> None:
+        with self._lock:
+            if worker.current is item and worker.interrupted is None and not worker.abandoned:
+                worker.interrupted = reason
+                worker.interrupted_at = now
+                _async_raise(worker.ident, _Interrupt)
 
-    def _interrupt(self, worker: _Worker, reason: str, now: float) -> None:  # under the lock
-        worker.interrupted = reason
-        worker.interrupted_at = now
-        _async_raise(worker.ident, _Interrupt)
-
-    def _abandon(self, worker: _Worker, item: _Item) -> None:  # under the lock
+    def _abandon(self, worker: _Worker, item: _Item) -> None:
         """The call did not give up (stuck in C code): leave its thread behind, go on with a fresh one."""
-        worker.abandoned = True
-        item.job.results[item.index] = Result(error=self._interruption(worker, item))
-        worker.current = None
-        self._abandoned += 1
-        self._start_worker()
+        with self._lock:
+            if worker.current is not item or worker.abandoned:
+                return
+            worker.abandoned = True
+            item.job.results[item.index] = Result(error=self._interruption(worker, item))
+            worker.current = None
+            self._abandoned += 1
+            self._start_worker()

@@ -36,7 +36,7 @@ from jinja2 import StrictUndefined, TemplateSyntaxError, nodes, pass_environment
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.filters import make_attrgetter, sync_do_join, sync_do_slice, sync_do_sum
 from jinja2.nodes import EvalContext
-from jinja2.runtime import Context, markup_join
+from jinja2.runtime import Context, Macro, markup_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import Namespace
 from markupsafe import EscapeFormatter, Markup
@@ -759,9 +759,10 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
                 guard = _STR_GUARDS.get(name)
                 if guard is not None:
                     guard(name, owner, args, kwargs)
-            for arg in args:  # loop.changed(x), list.count(x), ... compare their arguments
+        if not isinstance(obj, Macro):  # dict(pairs), loop.changed(x), list.count(x): hash or compare their arguments
+            for arg in chain(args, kwargs.values()):
                 if type(arg) not in _PLAIN:
-                    _check_operand(arg, f"{name}()")
+                    _check_operand(arg, f"calling {getattr(obj, '__name__', 'a function')}()")
         return super().call(context, obj, *args, **kwargs)
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:

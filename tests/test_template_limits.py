@@ -295,6 +295,9 @@ def test_each_amplifying_operation_is_refused_before_it_runs(source: str, reason
     ("{% set ns = namespace(a=[1]) %}{% for i in range(60) %}{% set ns.a = [ns.a, ns.a] %}{% endfor %}"
      "{{ [ns.a]|unique|list }}",
      rf"\|unique would walk 13,835,058,055,282,163,710 parts of a value that repeats the same parts, {LIMIT_RE}"),
+    ("{% set ns = namespace(a=(1,)) %}{% for i in range(60) %}{% set ns.a = (ns.a, ns.a) %}{% endfor %}"
+     "{{ dict([(ns.a, 1)]) }}",
+     rf"calling dict\(\) would walk [\d,]+ parts of a value that repeats the same parts, {LIMIT_RE}"),
     ("{{ ([[1] * 100000] * 100000)|sum(start=[]) }}", rf"\|sum would build a value of [\d,]+ items, {LIMIT_RE}"),
     ("{% set x = 10 ** 4000 %}{{ x * x * x * x * x * x }}",
      r"'\*' would make a number of about 66,439 bits; numbers in templates are limited to 65,536 bits "
