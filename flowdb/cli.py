@@ -25,6 +25,7 @@ from flowdb.db.engine import make_engine, read_only
 from flowdb.db.instances import StartRequest, deploy, find_definition, start_instances
 from flowdb.definitions import CompiledDefinition, load_definition_file
 from flowdb.errors import DefinitionError, FlowdbError
+from flowdb.expressions import TemplateLimits, set_limits
 from flowdb.handlers import check_runnable
 from flowdb.inputs import parse_assignments
 from flowdb.notifications import Notifier
@@ -209,6 +210,7 @@ def worker(db_url: str | None, agents_file: str | None, concurrency: int | None,
         options.concurrency = concurrency
     if grace is not None:
         options.grace_seconds = grace
+    set_limits(TemplateLimits.from_settings(settings))
     runner = Worker(engine, agents, options, notifier=Notifier.from_settings(settings))
     log = logging.getLogger("flowdb.worker")
     log.info("worker %s started on %s", options.name, engine.url.render_as_string())
@@ -253,6 +255,7 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
     view = LiveView(definition, instance_id)
     options = WorkerOptions(lease_seconds=settings.lease_seconds, poll_seconds=min(settings.poll_seconds, 0.2),
                             redis_url=settings.redis_url, instance_id=instance_id)
+    set_limits(TemplateLimits.from_settings(settings))
     runner = Worker(engine, agents, options, listener=view.on_event, notifier=Notifier.from_settings(settings))
     began = time.monotonic()
     checked = [began]

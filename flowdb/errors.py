@@ -56,6 +56,23 @@ class TemplateError(FlowdbError):
     """A template or condition failed to render or evaluate at run time."""
 
 
+class TemplateLimitError(TemplateError):
+    """A template or condition passed a limit (time, output size, size of one value).
+
+    The message names the limit, its value and the setting that changes it. Running the template again
+    would hit the same limit, so a step failing with it is not retried.
+    """
+
+
+class TemplateTimeout(TemplateLimitError):
+    """A template or condition ran longer than its time limit (FLOWDB_TEMPLATE_TIMEOUT_SECONDS)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        super().__init__(f"the template ran longer than the {seconds:g} s time limit "
+                         "(FLOWDB_TEMPLATE_TIMEOUT_SECONDS)")
+
+
 class AgentConfigError(FlowdbError):
     """The agents file is missing, malformed, or names an agent that cannot be loaded."""
 

@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     # Times a stopping worker may give a step back unfinished without charging it an attempt.
     free_releases: int = Field(default=3, ge=0)
 
+    # Templates and conditions (flowdb.expressions): each evaluation is bounded in time, and its output and
+    # every value it builds in size. Passing a limit fails the step without retry.
+    template_timeout_seconds: float = Field(default=1.0, gt=0)
+    template_max_bytes: int = Field(default=1_000_000, ge=1024)
+    template_max_memory_bytes: int = Field(default=256 * 2**20, ge=2**20)  # growth of the worker while one runs
+
     # HTTP API (api/, `flowdb serve`).
     # Larger bodies get 413. The default takes the largest definition flowdb accepts (yamlsafe.MAX_BYTES).
     api_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

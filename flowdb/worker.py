@@ -31,7 +31,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from flowdb.actions import RenderedAction, render_actions
 from flowdb.agents.registry import AgentRegistry
-from flowdb.bounded import BoundedRunner
+from flowdb.bounded import BoundedRunner, Result
 from flowdb.db.claims import FREE_RELEASES, Claimed, ClaimStatements
 from flowdb.db.connectivity import DatabaseUnavailable, Outage, first_line, is_conflict
 from flowdb.db.driver import as_json
@@ -331,10 +331,10 @@ class Worker:
         if not starting:
             return
         contexts = [ctx for _, ctx in starting]
-        renders: asyncio.Future[list[Any]] | None = None
+        renders: asyncio.Future[list[Result[Any]]] | None = None
         if any(_renders(ctx) for ctx in contexts):
             jobs: list[Callable[[], Any]] = [functools.partial(_render, ctx) for ctx in contexts]
-            renders = asyncio.ensure_future(self.renderer.run_each(jobs, _template_timeout()))
+            renders = asyncio.ensure_future(self.renderer.run_each(jobs))
         for index, (held, ctx) in enumerate(starting):
             held.task = asyncio.create_task(self._execute(ctx, renders, index))
 
@@ -357,16 +357,13 @@ class Worker:
         ctx, held.waiting = held.waiting, None
         self._start([(held, ctx)])
 
-    async def _execute(self, ctx: StepContext, renders: asyncio.Future[list[Any]] | None, index: int) -> None:
+    async def _execute(self, ctx: StepContext, renders: asyncio.Future[list[Result[Any]]] | None,
+                       index: int) -> None:
         handler = HANDLERS.get(ctx.claimed.type)
         try:
-            rendered = (await asyncio.shield(renders))[index] if renders is not None else None
-            if isinstance(rendered, TemplateError):
-                outcome = Outcome(ctx.claimed, "failed", retryable=False,
-                                  error=f"step {ctx.claimed.step_id!r}: {rendered}")
-            elif isinstance(rendered, BaseException):
-                raise rendered
-            elif isinstance(rendered, Outcome):  # its condition is false
+            # Shielded: cancelling this step (its lease lost) must not cancel its batch-mates' renders.
+            rendered = (await asyncio.shield(renders))[index].get() if renders is not None else None
+            if isinstance(rendered, Outcome):  # its condition is false
                 outcome = rendered
             elif handler is None:
                 outcome = Outcome(ctx.claimed, "failed", retryable=False,
@@ -376,6 +373,8 @@ class Worker:
                 outcome = await handler.run(ctx)
         except asyncio.CancelledError:
             raise
+        except TemplateError as exc:  # a template failed or passed a limit: the next attempt would too
+            outcome = Outcome(ctx.claimed, "failed", retryable=False, error=f"step {ctx.claimed.step_id!r}: {exc}")
         except Exception as exc:  # a handler bug must not take the worker down
             log.exception("handler for %s crashed", ctx.claimed.step_id)
             outcome = Outcome(ctx.claimed, "failed", error=f"handler crashed: {type(exc).__name__}: {exc}")
@@ -419,13 +418,14 @@ class Worker:
     async def _carry_out(self, due: list[DueActions]) -> None:
         """Render finished instances' output actions (off the loop, under the limits), log or send
         them, and record each as an event with the next transaction."""
-        jobs: list[Callable[[], Any]] = [functools.partial(render_actions, d) for d in due]
-        results = await self.renderer.run_each(jobs, _template_timeout())
+        jobs: list[Callable[[], list[RenderedAction]]] = [functools.partial(render_actions, d) for d in due]
         done: list[RenderedAction] = []
-        for actions, result in zip(due, results, strict=True):
-            if isinstance(result, BaseException):
-                result = [RenderedAction(actions.instance_id, "error", f"output actions failed to render: {result}")]
-            done.extend(result)
+        for actions, result in zip(due, await self.renderer.run_each(jobs), strict=True):
+            if result.error is not None:  # the limits apply to an instance's actions together
+                done.append(RenderedAction(actions.instance_id, "error",
+                                           f"output actions failed to render: {result.error}"))
+            else:
+                done.extend(result.get())
         self.listener("actions", done)
         for action in done:
             kind, payload = action.event()
@@ -530,10 +530,6 @@ def _render(ctx: StepContext) -> Any:
                        input={"condition": step.condition.source, "value": False})
     render = RENDERERS.get(claimed.type)
     return render(ctx) if render is not None and not claimed.woken else None
-
-
-def _template_timeout() -> float:
-    return 1.0
 
 
 def _instance_cost(conn: Connection, instance_id: int) -> float:

@@ -4,18 +4,24 @@
     with api_for(db, redis_url=...) as api: ...   # the flowdb API over a test database, settings overridden
     def test_x(api_server: ApiServer) -> None:     # the same as a fixture, default settings
         httpx.get(api_server.url + "/v1/...", headers=api_server.auth("operator"))
+    with serve_process(db.cli_env(), log, preexec_fn=...) as served: ...  # `flowdb serve` as its own process
 """
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 import uvicorn
 from sqlalchemy import Engine
@@ -113,3 +119,58 @@ def api_server(db: Database) -> Iterator[ApiServer]:
     """The flowdb API over the test database (both backends, through `db`), without Redis."""
     with api_for(db) as server:
         yield server
+
+
+@dataclass
+class ServeProcess:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve_process(env: dict[str, str], log: Path, *, preexec_fn: Callable[[], None] | None = None,
+                  start_seconds: float = 60.0) -> Iterator[ServeProcess]:
+    """`flowdb serve` as a real process on 127.0.0.1 (a free port) until the block ends.
+
+    `env` carries FLOWDB_DATABASE_URL (see Database.cli_env); its output goes to `log`; `preexec_fn` runs in the
+    child before it starts (e.g. an address-space limit). Yields once /healthz answers 200.
+    """
+    exe = shutil.which("flowdb", path=str(Path(sys.executable).parent)) or "flowdb"
+    port = _free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([exe, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
+    served = ServeProcess(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        deadline = time.monotonic() + start_seconds
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"flowdb serve exited with {proc.returncode}:\n{served.output()[-3000:]}")
+            try:
+                if httpx.get(served.url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flowdb serve did not answer within {start_seconds:g} s:\n"
+                                   f"{served.output()[-3000:]}")
+            time.sleep(0.1)
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_SECONDS)

@@ -8,11 +8,12 @@ does not answer fails the run instead of skipping.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,10 +106,23 @@ def redis_url() -> str:
 
 
 def flowdb_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-               timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the real `flowdb` command (as a user would) and capture its output."""
+               timeout: float = 120, memory_limit: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `flowdb` command (as a user would) and capture its output.
+
+    `memory_limit` caps the process's address space in bytes, like `ulimit -v` (in KiB) in a shell.
+    """
     exe = shutil.which("flowdb", path=str(Path(sys.executable).parent)) or "flowdb"
-    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
+                          preexec_fn=address_space_limit(memory_limit) if memory_limit is not None else None)
+
+
+def address_space_limit(max_bytes: int) -> Callable[[], None]:
+    """A preexec_fn for subprocess: the child may map at most `max_bytes` of memory (RLIMIT_AS)."""
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
+
+    return apply
 
 
 EXAMPLES = ROOT / "examples"
