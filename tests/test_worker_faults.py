@@ -308,3 +308,75 @@ def test_a_result_the_database_refuses_fails_its_step_only(db: Database, tmp_pat
             assert (row.status, row.output) == ("completed", "before\x00after")
     expected = {"completed": 6, "failed": 3} if db.kind == "postgresql" else {"completed": 9}
     assert instance_statuses(db.engine) == expected
+
+
+ENDLESS = """\
+process:
+  name: endless-template
+  steps:
+    - id: spin
+      type: agent_task
+      agent: noop
+      message: "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}\\
+{% endfor %}{% endfor %}{% endfor %}done"
+"""
+HUGE = """\
+process:
+  name: huge-template
+  steps:
+    - id: blow
+      type: agent_task
+      agent: noop
+      message: "{{ 'a' * 10000000000 }}"
+"""
+@pytest.mark.slow
+def test_hostile_templates_fail_their_step_within_the_limits(db: Database, tmp_path: Path) -> None:
+    """An endless template and a 10 GB one fail their steps without retry, at the limits; the workers keep
+    heartbeating through the render (no take-over with a lease shorter than the render), and the
+    other steps complete."""
+    env = db.cli_env()
+    [spin] = _deploy_and_start(env, tmp_path, ENDLESS, "endless-template", 1)
+    [blow] = _deploy_and_start(env, tmp_path, HUGE, "huge-template", 1)
+    fine = _deploy_and_start(env, tmp_path, FINE, "fine", 5)
+    env.update(FLOWDB_LEASE_SECONDS="1", FLOWDB_POLL_SECONDS="0.1", FLOWDB_TEMPLATE_TIMEOUT_SECONDS="3")
+    fleet = Fleet(env, tmp_path)
+    began = time.monotonic()
+    try:
+        fleet.start(2)
+        wait_until(lambda: not instance_statuses(db.engine).get("running"), 60, "the instances to finish", 0.1,
+                   fleet)
+        took = time.monotonic() - began
+        assert set(fleet.terminate(30).values()) == {0}, fleet.all_output()
+    finally:
+        fleet.close()
+    assert took < 30, f"{took:.1f}s"
+    row = steps(db.engine, spin)["spin"]
+    assert (row.status, row.attempt, row.reclaims) == ("failed", 1, 0)
+    assert row.error.startswith("step 'spin': ") and \
+        "longer than the 3 s time limit (FLOWDB_TEMPLATE_TIMEOUT_SECONDS)" in row.error, row.error
+    row = steps(db.engine, blow)["blow"]
+    assert (row.status, row.attempt) == ("failed", 1)
+    assert "1,000,000-byte limit (FLOWDB_TEMPLATE_MAX_BYTES)" in row.error, row.error
+    assert {steps(db.engine, iid)["fine"].status for iid in fine} == {"completed"}
+    assert event_count(db.engine, "step.retry_scheduled") == 0
+
+
+@pytest.mark.slow
+def test_a_worker_answers_sigterm_while_a_template_renders(db: Database, tmp_path: Path) -> None:
+    env = db.cli_env()
+    [spin] = _deploy_and_start(env, tmp_path, ENDLESS, "endless-template", 1)
+    env.update(FLOWDB_POLL_SECONDS="0.1", FLOWDB_TEMPLATE_TIMEOUT_SECONDS="60")
+    fleet = Fleet(env, tmp_path, "--grace", "1")
+    try:
+        [pid] = fleet.start(1)
+        wait_until(lambda: steps(db.engine, spin)["spin"].status == "running", 30, "the render to start", 0.05,
+                   fleet)
+        time.sleep(0.5)
+        began = time.monotonic()
+        codes = fleet.terminate(20)
+        took = time.monotonic() - began
+    finally:
+        fleet.close()
+    assert codes == {pid: 0} and took < 10, (codes, took, fleet.all_output())
+    row = steps(db.engine, spin)["spin"]
+    assert (row.status, row.attempt, row.releases) == ("ready", 0, 1)  # given back, not charged
