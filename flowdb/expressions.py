@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, nodes, pass_environment, pass_eval_context
 from jinja2.compiler import CodeGenerator, Frame
+from jinja2.environment import TemplateExpression
 from jinja2.filters import make_attrgetter, sync_do_join, sync_do_slice, sync_do_sum
 from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, Macro, markup_join
@@ -883,18 +884,41 @@ def _failure(kind: str, source: str, exc: Exception) -> TemplateError:
     return TemplateError(f"{kind} {_shown(source)} failed: {reason}")
 
 
+# How deep a template may nest: Jinja's code generator (and the reference reader) recurse over
+# the tree and fail somewhere past 40 {% %} blocks inside each other, or a few hundred nodes.
+MAX_BLOCK_DEPTH = 20
+MAX_NODE_DEPTH = 100
+
+
+def _generated(kind: str, source: str, build: Callable[[], Any]) -> Any:
+    """Generate a parsed template's Python code (the first time it runs, not when it is compiled:
+    a definition of 10,000 steps then validates in a few seconds instead of generating 10,000 modules)."""
+    try:
+        return build()
+    except Exception as exc:  # the parser accepted it, so this is a limit of the code generator
+        reason = _not_compiled(exc) or f"{type(exc).__name__}: {exc}"
+        raise TemplateError(f"{kind} {_shown(source)} cannot run: {reason}") from None
+
+
 @dataclass
 class Template:
-    """A compiled text template."""
+    """A parsed text template (static text when it has no {{ }}, {% %} or {# #} part)."""
 
     source: str
     refs: References
+    _ast: Any = field(repr=False, default=None)
     _compiled: Any = field(repr=False, default=None)
 
+    @property
+    def static(self) -> bool:
+        return self._ast is None
+
     def render(self, context: Mapping[str, Any]) -> str:
+        if self._ast is None:
+            return self.source
         compiled = self._compiled
         if compiled is None:
-            return self.source
+            compiled = self._compiled = _generated("template", self.source, lambda: _ENV.from_string(self._ast))
         limit = _limits.max_bytes
         parts: list[str] = []
         size = 0
@@ -911,18 +935,27 @@ class Template:
 
 @dataclass
 class Condition:
-    """A compiled condition: one expression whose value decides true or false."""
+    """A parsed condition: one expression whose value decides true or false."""
 
     source: str
     expression: str
     refs: References
+    _ast: Any = field(repr=False, default=None)  # the expression's node
     _compiled: Any = field(repr=False, default=None)
 
     def evaluate(self, context: Mapping[str, Any]) -> bool:
+        compiled = self._compiled
+        if compiled is None:
+            compiled = self._compiled = _generated("condition", self.source, self._build)
         try:
-            return bool(self._compiled(**context))
+            return bool(compiled(**context))
         except Exception as exc:  # whatever the expression did, the caller gets a TemplateError
             raise _failure("condition", self.source, exc) from None
+
+    def _build(self) -> TemplateExpression:
+        # What Environment.compile_expression builds, from the node parsed once already.
+        body = [nodes.Assign(nodes.Name("result", "store"), self._ast, lineno=1)]
+        return TemplateExpression(_ENV.from_string(nodes.Template(body, lineno=1)), undefined_to_none=False)
 
 
 def _not_compiled(exc: Exception) -> str | None:
@@ -934,22 +967,52 @@ def _not_compiled(exc: Exception) -> str | None:
     return None
 
 
-def compile_template(source: str) -> Template:
-    """Compile text with {{ }} parts; raise ValueError with the reason when it does not parse."""
-    if "{{" not in source and "{%" not in source and "{#" not in source:
-        return Template(source, References())
+def _depths(ast: nodes.Node) -> tuple[int, int]:
+    """How deep the tree's nodes, and its {% %} blocks, nest (found iteratively: the tree may be deep)."""
+    deepest = deepest_block = 0
+    stack: list[tuple[nodes.Node, int, int]] = [(ast, 0, 0)]
+    while stack:
+        node, depth, blocks = stack.pop()
+        if isinstance(node, nodes.Stmt) and "body" in node.fields:
+            blocks += 1
+        deepest, deepest_block = max(deepest, depth), max(deepest_block, blocks)
+        if deepest > MAX_NODE_DEPTH:
+            break
+        stack.extend((child, depth + 1, blocks) for child in node.iter_child_nodes())
+    return deepest, deepest_block
+
+
+def _parsed(source: str) -> nodes.Template:
+    """Parse (never evaluate, never generate code); ValueError says why it cannot be a template."""
     try:
         ast = _ENV.parse(source)
-        compiled = _ENV.from_string(ast)
-    except TemplateSyntaxError as exc:
-        raise ValueError(f"template does not parse: {_syntax_reason(exc)}; write values as "
-                         "{{ inputs.NAME }} or {{ steps.ID.output }}, each '{{' closed by '}}'") from None
+    except TemplateSyntaxError:
+        raise
     except (RecursionError, MemoryError, SyntaxError, ValueError) as exc:
         reason = _not_compiled(exc)
         if reason is None:
             raise
-        raise ValueError(f"template does not parse: {reason}") from None
-    return Template(source, _references(ast), compiled)
+        raise ValueError(reason) from None
+    depth, blocks = _depths(ast)
+    if depth > MAX_NODE_DEPTH:
+        raise ValueError("it is nested too deeply")
+    if blocks > MAX_BLOCK_DEPTH:
+        raise ValueError(f"its {{% %}} blocks nest {blocks} deep, more than {MAX_BLOCK_DEPTH}")
+    return ast
+
+
+def compile_template(source: str) -> Template:
+    """Parse text with {{ }} parts; raise ValueError with the reason when it does not parse."""
+    if "{{" not in source and "{%" not in source and "{#" not in source:
+        return Template(source, References())
+    try:
+        ast = _parsed(source)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"template does not parse: {_syntax_reason(exc)}; write values as "
+                         "{{ inputs.NAME }} or {{ steps.ID.output }}, each '{{' closed by '}}'") from None
+    except ValueError as exc:
+        raise ValueError(f"template does not parse: {exc}") from None
+    return Template(source, _references(ast), ast)
 
 
 def _syntax_reason(exc: TemplateSyntaxError) -> str:
@@ -962,7 +1025,7 @@ def condition_expression(source: str) -> str:
 
 
 def compile_condition(source: str) -> Condition:
-    """Compile a condition; raise ValueError with the reason when it is not one expression."""
+    """Parse a condition; raise ValueError with the reason when it is not one expression."""
     if "{%" in source or "{#" in source:
         raise ValueError("a condition is one expression; {% %} and {# #} blocks are not allowed, "
                          "write it like {{ steps.ID.output.ok }} == true")
@@ -970,17 +1033,16 @@ def compile_condition(source: str) -> Condition:
     if not expression:
         raise ValueError("the condition is empty")
     try:
-        ast = _ENV.parse("{{ " + expression + " }}")
-        compiled = _ENV.compile_expression(expression, undefined_to_none=False)
+        ast = _parsed("{{ " + expression + " }}")
     except TemplateSyntaxError as exc:
         raise ValueError(f"condition is not a valid expression ({_syntax_reason(exc)}); write one expression "
                          "such as {{ steps.ID.output.score }} >= 80 or {{ inputs.NAME }} == 'yes'") from None
-    except (RecursionError, MemoryError, SyntaxError, ValueError) as exc:
-        reason = _not_compiled(exc)
-        if reason is None:
-            raise
-        raise ValueError(f"condition is not a valid expression ({reason})") from None
-    return Condition(source, expression, _references(ast), compiled)
+    except ValueError as exc:
+        raise ValueError(f"condition is not a valid expression ({exc})") from None
+    body = ast.body
+    if len(body) != 1 or not isinstance(body[0], nodes.Output) or len(body[0].nodes) != 1:
+        raise ValueError("the condition is not one expression; write it like {{ steps.ID.output.ok }} == true")
+    return Condition(source, expression, _references(ast), body[0].nodes[0])
 
 
 class StepView(dict[str, Any]):

@@ -123,6 +123,7 @@ class Worker:
     async def run(self, until: Callable[[], bool] | None = None) -> None:
         self._nudge = asyncio.Event()
         self._stop = asyncio.Event()
+        self.renderer = BoundedRunner()  # its threads end with this run
         # Plain-function agents run in threads: give every handler slot one (asyncio's default
         # pool has min(32, cpus + 4) threads, which would cap a 2-core worker at 6 agent calls).
         asyncio.get_running_loop().set_default_executor(

@@ -152,6 +152,16 @@ def test_templates_that_cannot_be_compiled_say_why() -> None:
         compile_template("{{ " + "9" * 5000 + " }}")
     with pytest.raises(ValueError, match=r"^condition is not a valid expression \(it is nested too deeply\)$"):
         compile_condition("1" + " + 1" * 20000)
+    # Code is generated on first render, not at compile: what the generator cannot take is refused
+    # when parsing (Python's own indentation limit broke at 100 nested {% if %} before).
+    for blocks in (21, 40):
+        with pytest.raises(ValueError, match=rf"^template does not parse: its {{% %}} blocks nest {blocks} deep, "
+                                             "more than 20$"):
+            compile_template("{% if x %}" * blocks + "y" + "{% endif %}" * blocks)
+    with pytest.raises(ValueError, match=r"^template does not parse: it is nested too deeply$"):
+        compile_template("{% if x %}" * 100 + "y" + "{% endif %}" * 100)
+    assert compile_template("{% for a in x %}" * 20 + "y" + "{% endfor %}" * 20).render({"x": [1]}) == "y"
+    assert compile_template("{% if x %}" * 20 + "y" + "{% endif %}" * 20).render({"x": True}) == "y"
 
 
 HOSTILE_DEFINITIONS = {
