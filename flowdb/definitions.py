@@ -80,6 +80,14 @@ class CompiledStep:
         return str(self.model.type)
 
     @functools.cached_property
+    def evaluates(self) -> bool:
+        """Whether running the step evaluates user expressions: a condition, a route condition or a
+        template with {{ }} parts (what the worker renders off the event loop, under the limits)."""
+        templates = [*self.templates.values(), *([self.message] if self.message is not None else [])]
+        return self.condition is not None or any(c is not None for c in self.route_conditions) \
+            or any(not t.static for t in templates)
+
+    @functools.cached_property
     def references(self) -> References:
         """Union of what this step's templates and condition read (to load only that)."""
         parts = [t.refs for t in self.templates.values()]

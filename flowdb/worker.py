@@ -363,7 +363,7 @@ class Worker:
         handler = HANDLERS.get(ctx.claimed.type)
         try:
             # Shielded: cancelling this step (its lease lost) must not cancel its batch-mates' renders.
-            rendered = (await asyncio.shield(renders))[index].get() if renders is not None else None
+            rendered = (await asyncio.shield(renders))[index].get() if renders is not None else _render(ctx)
             if isinstance(rendered, Outcome):  # its condition is false
                 outcome = rendered
             elif handler is None:
@@ -516,10 +516,9 @@ class Worker:
 
 
 def _renders(ctx: StepContext) -> bool:
-    """Whether a claimed step has templates to evaluate (its condition, its type's own)."""
-    if ctx.claimed.woken:
-        return False
-    return ctx.step.condition is not None or ctx.claimed.type in RENDERERS
+    """Whether a claimed step has user expressions to evaluate (then its batch goes to the render
+    thread; otherwise its static texts are taken on the loop, which costs nothing)."""
+    return not ctx.claimed.woken and ctx.step.evaluates
 
 
 def _render(ctx: StepContext) -> Any:
