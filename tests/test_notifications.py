@@ -157,7 +157,7 @@ def test_bad_recipients_fail_at_once(smtp_server: Any, to: tuple[str, ...], mess
     with pytest.raises(NotificationError) as raised:
         notifier.deliver_once(notice)
     assert str(raised.value) == message
-    assert send(notifier, notice) == Delivery("email", ok=False, attempts=1, error=message)
+    assert send(notifier, notice) == Delivery("email", ok=False, attempts=1, error=message, retryable=False)
     assert handler.data_calls == 0
 
 
@@ -319,7 +319,8 @@ def test_other_schemes_are_refused(url: str) -> None:
     with pytest.raises(OutboundURLRefused):
         notifier.deliver_once(APPROVAL_SLACK)
     assert send(notifier, APPROVAL_SLACK) == Delivery(
-        "slack", ok=False, attempts=1, error=f"URL scheme '{scheme}' is not allowed; use https (or http)"
+        "slack", ok=False, attempts=1, error=f"URL scheme '{scheme}' is not allowed; use https (or http)",
+        retryable=False,
     )
 
 
@@ -373,14 +374,14 @@ def test_unconfigured_channels_fail_at_once_saying_what_to_set() -> None:
 
     mail = Notice(channel="email", title="t", text="x", to=("a@example.com",))
     assert send(notifier, mail) == Delivery(
-        "email", ok=False, attempts=1, error="email is not configured: set FLOWDB_SMTP_SENDER"
+        "email", ok=False, attempts=1, error="email is not configured: set FLOWDB_SMTP_SENDER", retryable=False
     )
     assert send(Notifier.log_only(), mail).error == (
         "email is not configured: set FLOWDB_SMTP_HOST and FLOWDB_SMTP_SENDER"
     )
     slack_notice = Notice(channel="slack", title="t", text="x")
     assert send(notifier, slack_notice) == Delivery(
-        "slack", ok=False, attempts=1, error="slack is not configured: set FLOWDB_SLACK_WEBHOOK_URL"
+        "slack", ok=False, attempts=1, error="slack is not configured: set FLOWDB_SLACK_WEBHOOK_URL", retryable=False
     )
     with pytest.raises(ChannelNotConfigured, match="slack is not configured"):
         notifier.deliver_once(slack_notice)
