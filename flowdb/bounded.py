@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
-from flowdb.errors import TemplateLimitError, TemplateTimeout
+from flowdb.errors import TemplateMemoryError, TemplateTimeout
 from flowdb.expressions import limits
 
 T = TypeVar("T")
@@ -71,16 +71,27 @@ class Result(Generic[T]):
 
 
 class _Job:
-    __slots__ = ("cancelled", "deliver", "fns", "next", "results", "timeout")
+    __slots__ = ("cancelled", "deliver", "each", "fns", "next", "results", "skipped", "timeout")
 
     def __init__(self, fns: list[Callable[[], Any]], timeout: float,
-                 deliver: Callable[[list[Result[Any]]], None]) -> None:
+                 deliver: Callable[[list[Result[Any]]], None],
+                 each: Callable[[int, Result[Any]], None] | None = None) -> None:
         self.fns = fns
         self.timeout = timeout
         self.deliver = deliver
+        self.each = each  # called with each call's result as soon as it has one
         self.results: list[Result[Any]] = [Result(error=RuntimeError("not run"))] * len(fns)
         self.next = 0
         self.cancelled = False
+        self.skipped: set[int] = set()  # calls nobody waits for any more: not started, or interrupted
+
+    def record(self, index: int, result: Result[Any]) -> None:  # under the runner's lock
+        self.results[index] = result
+        if self.each is not None:
+            self.each(index, result)
+
+    def dropped(self, index: int) -> bool:
+        return self.cancelled or index in self.skipped
 
 
 class _Item:
@@ -165,6 +176,41 @@ class BoundedRunner:
             self._cancel(job)
             raise
 
+    def start_each(self, fns: Sequence[Callable[[], T]], timeout: float | None = None) -> list[asyncio.Future[T]]:
+        """Like `run_each`, with one future per call, each done as soon as its call is (so a slow call
+        holds up only those who wait for it). Cancelling a future skips its call, or interrupts it if it
+        runs. Call it on the event loop."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[T]] = [loop.create_future() for _ in fns]
+        if not futures:
+            return futures
+
+        def settle(index: int, result: Result[T]) -> None:
+            future = futures[index]
+            if future.done():
+                return
+            if result.error is not None:
+                future.set_exception(result.error)
+            else:
+                future.set_result(cast(T, result.value))
+
+        def each(index: int, result: Result[Any]) -> None:
+            try:
+                loop.call_soon_threadsafe(settle, index, result)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+        job = self._submit(list(fns), timeout, lambda results: None, each)
+
+        def forget(index: int, future: asyncio.Future[T]) -> None:
+            if future.cancelled():
+                job.skipped.add(index)
+                self._wake.set()
+
+        for index, future in enumerate(futures):
+            future.add_done_callback(lambda f, i=index: forget(i, f))  # type: ignore[misc]
+        return futures
+
     def run_sync(self, fn: Callable[[], T], timeout: float | None = None) -> T:
         """Like `run`, blocking the calling thread (never call it on the event loop)."""
         [result] = self.run_each_sync([fn], timeout)
@@ -195,11 +241,12 @@ class BoundedRunner:
     # -- The caller's side
 
     def _submit(self, fns: list[Callable[[], Any]], timeout: float | None,
-                deliver: Callable[[list[Result[Any]]], None]) -> _Job:
+                deliver: Callable[[list[Result[Any]]], None],
+                each: Callable[[int, Result[Any]], None] | None = None) -> _Job:
         seconds = limits().timeout_seconds if timeout is None else timeout
         if seconds <= 0:
             raise ValueError(f"timeout must be positive, not {seconds!r}")
-        job = _Job(fns, seconds, deliver)
+        job = _Job(fns, seconds, deliver, each)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the BoundedRunner is closed")
@@ -261,7 +308,7 @@ class BoundedRunner:
             try:
                 with self._lock:
                     if done is not None and me.current is done and not me.abandoned:
-                        done.job.results[done.index] = cast(Result[Any], result)
+                        done.job.record(done.index, cast(Result[Any], result))
                         me.current = None
                     if me.interrupted is not None and me.current is None:
                         _async_raise(me.ident, None)
@@ -276,7 +323,9 @@ class BoundedRunner:
                 return None
             if self._jobs:
                 job = self._jobs[0]
-                if job.cancelled or job.next >= len(job.fns):
+                while job.next < len(job.fns) and job.dropped(job.next):
+                    job.next += 1
+                if job.next >= len(job.fns):
                     self._jobs.popleft()
                     job.deliver(job.results)
                     continue
@@ -293,8 +342,8 @@ class BoundedRunner:
     def _interruption(self, me: _Worker, item: _Item) -> BaseException:
         if me.interrupted == "memory":
             limit = limits().max_memory_bytes
-            return TemplateLimitError(f"the template grew the worker's memory by more than {limit / 2**20:,.0f} MiB "
-                                      "(FLOWDB_TEMPLATE_MAX_MEMORY_BYTES)")
+            return TemplateMemoryError(f"the worker's memory grew by more than {limit / 2**20:,.0f} MiB while the "
+                                       "template ran (FLOWDB_TEMPLATE_MAX_MEMORY_BYTES)")
         if me.interrupted == "cancelled":
             return asyncio.CancelledError()
         return TemplateTimeout(item.job.timeout)
@@ -326,7 +375,7 @@ class BoundedRunner:
                 elif resident is not None and resident - baseline > limits().max_memory_bytes:
                     self._interrupt(worker, item, "memory", now)
             if worker.interrupted is None:
-                if item.job.cancelled:
+                if item.job.dropped(item.index):
                     self._interrupt(worker, item, "cancelled", now)
                 elif now >= item.deadline:
                     self._interrupt(worker, item, "time", now)
@@ -353,7 +402,7 @@ class BoundedRunner:
             if worker.current is not item or worker.abandoned:
                 return
             worker.abandoned = True
-            item.job.results[item.index] = Result(error=self._interruption(worker, item))
+            item.job.record(item.index, Result(error=self._interruption(worker, item)))
             worker.current = None
             self._abandoned += 1
             self._start_worker()

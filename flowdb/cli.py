@@ -205,7 +205,7 @@ def worker(db_url: str | None, agents_file: str | None, concurrency: int | None,
     agents = load_agents(agents_file or settings.agents, None)
     options = WorkerOptions(lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
                             redis_url=settings.redis_url, batch=batch or settings.claim_batch,
-                            free_releases=settings.free_releases)
+                            free_releases=settings.free_releases, suspect_wait_seconds=settings.suspect_wait_seconds)
     if concurrency:
         options.concurrency = concurrency
     if grace is not None:
@@ -254,7 +254,8 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
     click.echo(f"{state} {deployed.name} version {deployed.version}; started instance {instance_id}")
     view = LiveView(definition, instance_id)
     options = WorkerOptions(lease_seconds=settings.lease_seconds, poll_seconds=min(settings.poll_seconds, 0.2),
-                            redis_url=settings.redis_url, instance_id=instance_id)
+                            redis_url=settings.redis_url, instance_id=instance_id, free_releases=settings.free_releases,
+                            suspect_wait_seconds=settings.suspect_wait_seconds)
     set_limits(TemplateLimits.from_settings(settings))
     runner = Worker(engine, agents, options, listener=view.on_event, notifier=Notifier.from_settings(settings))
     began = time.monotonic()

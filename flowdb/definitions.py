@@ -120,6 +120,12 @@ class CompiledDefinition:
     def name(self) -> str:
         return self.process.name
 
+    @classmethod
+    def unloadable(cls, name: str) -> CompiledDefinition:
+        """A stand-in for a stored definition this flowdb cannot compile: no steps and no output
+        actions, which is all the engine needs to fail the steps claimed from it."""
+        return cls(Process.model_construct(name=name, steps=[]), "", "", {}, [], [], [])
+
     def roots(self) -> list[str]:
         return [sid for sid, step in self.steps.items() if not step.parents]
 

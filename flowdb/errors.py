@@ -73,6 +73,14 @@ class TemplateTimeout(TemplateLimitError):
                          "(FLOWDB_TEMPLATE_TIMEOUT_SECONDS)")
 
 
+class TemplateMemoryError(TemplateLimitError):
+    """The worker's memory grew past FLOWDB_TEMPLATE_MAX_MEMORY_BYTES while a template ran. The growth is
+    the whole process's (an agent's thread may have allocated at the same time), so unlike the other
+    limits a step failing with it is retried."""
+
+    retryable = True
+
+
 class AgentConfigError(FlowdbError):
     """The agents file is missing, malformed, or names an agent that cannot be loaded."""
 

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flowdb.db.claims import FREE_RELEASES
+
 DEFAULT_DATABASE_URL = "sqlite:///flowdb.sqlite3"
 
 
@@ -20,7 +22,10 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(default=1.0, gt=0)
     claim_batch: int = Field(default=32, ge=1, le=1000)
     # Times a stopping worker may give a step back unfinished without charging it an attempt.
-    free_releases: int = Field(default=3, ge=0)
+    free_releases: int = Field(default=FREE_RELEASES, ge=0)
+    # How long a worker that took over a step whose worker died waits for its own steps to finish (the
+    # step must run alone) before it hands the step back for another worker.
+    suspect_wait_seconds: float = Field(default=60.0, gt=0)
 
     # Templates and conditions (flowdb.expressions): each evaluation is bounded in time, and its output and
     # every value it builds in size. Passing a limit fails the step without retry.

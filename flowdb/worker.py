@@ -4,10 +4,11 @@ record outcomes.
 Stateless: kill it at any instant and its steps are taken over once their leases expire, as
 suspects that run alone (db/claims.py, "Poison steps"). A database that goes away stops nothing:
 the loop waits with a capped back-off, keeps the outcomes it has not recorded yet, and carries on
-when the database is back. Database calls run on the loop's thread over one held connection (they
-take well under a millisecond each; handing each to a thread would cost more than the call). User
-templates never run on the loop or inside a transaction: a claimed batch's conditions and messages
-are rendered in one trip to a bounded thread (flowdb/bounded.py), under the template limits.
+when the database is back; a transaction whose COMMIT lost its answer is looked up before anything
+else. Database calls run on the loop's thread over one held connection (they take well under a
+millisecond each; handing each to a thread would cost more than the call). User templates never
+run on the loop or inside a transaction: a claimed batch's conditions and messages are rendered in
+one trip to a bounded thread (flowdb/bounded.py), under the template limits.
 """
 
 from __future__ import annotations
@@ -31,16 +32,15 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from flowdb.actions import RenderedAction, render_actions
 from flowdb.agents.registry import AgentRegistry
-from flowdb.bounded import BoundedRunner, Result
+from flowdb.bounded import BoundedRunner
 from flowdb.db.claims import FREE_RELEASES, Claimed, ClaimStatements
-from flowdb.db.connectivity import DatabaseUnavailable, Outage, first_line, is_conflict
-from flowdb.db.driver import as_json
-from flowdb.db.engine import database_unavailable
-from flowdb.db.instances import DefinitionCache
+from flowdb.db.connectivity import CommitUnknown, DatabaseUnavailable, Outage, first_line, is_conflict, refused_data
+from flowdb.db.events import EventRow, EventWriter, event_row
+from flowdb.db.instances import DefinitionCache, DefinitionUnloadable
 from flowdb.db.progress import DueActions, Progress, ProgressStatements, ProgressWriter, template_context
-from flowdb.db.tables import process_instances
+from flowdb.db.tables import process_instances, step_instances
 from flowdb.definitions import CompiledDefinition
-from flowdb.errors import TemplateError
+from flowdb.errors import TemplateError, TemplateMemoryError
 from flowdb.handlers import HANDLERS, LOADERS, RENDERERS, StepContext
 from flowdb.models import effective_retry
 from flowdb.notifications import Notifier
@@ -59,6 +59,9 @@ class WorkerOptions:
     poll_seconds: float = 1.0
     grace_seconds: float = 10.0
     free_releases: int = FREE_RELEASES  # releases at shutdown not charged, per step
+    # How long a worker that took a suspect over waits for its other steps to finish before it hands
+    # the suspect back for another worker.
+    suspect_wait_seconds: float = 60.0
     redis_url: str | None = None
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
     instance_id: int | None = None  # work only this instance (flowdb run)
@@ -74,14 +77,26 @@ class Held:
 
     item: Claimed
     task: asyncio.Task[None] | None = None  # its handler; None when decided at claim, or not started yet
-    waiting: StepContext | None = None  # a suspect's context, until the worker is free to run it alone
+    deferred: bool = False  # a suspect taken over, not started: it waits until the worker holds nothing else
 
     @property
     def running(self) -> bool:
         return self.task is not None and not self.task.done()
 
 
+@dataclass
+class InDoubt:
+    """A cycle whose COMMIT lost its answer: what it recorded and claimed, until it is known whether it landed."""
+
+    outcomes: list[Outcome]
+    events: list[EventRow]
+    token: str
+    progress: Progress | None
+    prepared: list[tuple[Claimed, StepContext | Outcome]]
+
+
 Listener = Callable[[str, Any], None]
+Prepared = list[tuple[Claimed, StepContext | Outcome]]
 
 
 class Worker:
@@ -95,14 +110,15 @@ class Worker:
         dialect = engine.dialect.name
         self.claims = ClaimStatements(dialect, one_instance=self.options.instance_id is not None)
         self.writer = ProgressWriter(ProgressStatements(dialect))
+        self.events = EventWriter(dialect)
         self.definitions = DefinitionCache()
-        self.renderer = BoundedRunner()
+        self.renderer: BoundedRunner  # made by run(): its threads end with it
         self.inflight: dict[int, Held] = {}
         self.done: list[Outcome] = []
-        self.pending_events: list[dict[str, Any]] = []  # events to write with the next transaction
+        self.unwritten: list[EventRow] = []  # events to write with the next transaction
+        self.in_doubt: InDoubt | None = None
         self.suspect: Claimed | None = None  # a step taken over from a dead worker: it runs alone
         self.stopping = False
-        self.finished: list[tuple[int, str]] = []
         self.abandoned = 0  # handlers left running: their step was released at shutdown or its lease lost
         self.sending: set[asyncio.Task[None]] = set()  # output actions being carried out
         self.outage = Outage(log)
@@ -111,6 +127,7 @@ class Worker:
         self._stop: asyncio.Event | None = None
         self._waker: Waker | None = None
         self._next_take_over = 0.0
+        self._suspect_since = 0.0
 
     # -- public ---------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -123,7 +140,7 @@ class Worker:
     async def run(self, until: Callable[[], bool] | None = None) -> None:
         self._nudge = asyncio.Event()
         self._stop = asyncio.Event()
-        self.renderer = BoundedRunner()  # its threads end with this run
+        self.renderer = BoundedRunner()
         # Plain-function agents run in threads: give every handler slot one (asyncio's default
         # pool has min(32, cpus + 4) threads, which would cap a 2-core worker at 6 agent calls).
         asyncio.get_running_loop().set_default_executor(
@@ -137,19 +154,18 @@ class Worker:
             while not self.stopping:
                 if until is not None and until():
                     break
-                if time.monotonic() >= next_heartbeat:
-                    self._heartbeat()
-                    next_heartbeat = time.monotonic() + opts.heartbeat_seconds
-                free = self._free_slots()
-                take_over = self._take_over_due()
                 try:
+                    if time.monotonic() >= next_heartbeat:
+                        self._heartbeat()
+                        next_heartbeat = time.monotonic() + opts.heartbeat_seconds
+                    free = self._free_slots()
+                    take_over = self._take_over_due()
                     claimed = await self._cycle(free, take_over) \
-                        if self.done or self.pending_events or free > 0 or take_over else []
-                    self._start_suspect_when_alone()
+                        if self.done or self.unwritten or self.in_doubt or free > 0 or take_over else []
+                    self._start_or_hand_back_suspect()
                 except DatabaseUnavailable as exc:
                     await self._pause(self.outage.failed(exc))
                     continue
-                self.outage.recovered()
                 if until is not None and until():
                     break
                 if claimed:
@@ -171,30 +187,41 @@ class Worker:
 
     # -- database -------------------------------------------------------------------------------
     def _transaction(self, work: Callable[[Connection], T]) -> T:
-        """Run work in one transaction; run it again at once when it lost to a concurrent one. A
-        database that does not answer (or is locked past its timeout) raises DatabaseUnavailable:
-        the caller waits and tries again."""
+        """Run work in one transaction.
+
+        A transaction that lost to a concurrent one runs again at once. Data the database refuses
+        (a value it cannot store) raises the DBAPIError for the caller to deal with. Anything else
+        raises DatabaseUnavailable, for the caller to wait and try again: a database that does not
+        answer, a full disk, a lock held past its timeout. When the connection was lost during the
+        COMMIT, it raises CommitUnknown: the transaction may have landed."""
         for attempt in range(8):
             try:
                 if self._conn is None:
                     self._conn = self.engine.connect()
             except (DBAPIError, PoolTimeout) as exc:
                 raise DatabaseUnavailable(first_line(exc)) from exc
+            worked = False
             try:
                 with self._conn.begin():
-                    return work(self._conn)
+                    value = work(self._conn)
+                    worked = True
             except DBAPIError as exc:
-                stale = exc.connection_invalidated or self._conn.invalidated
-                if stale:
+                lost = exc.connection_invalidated or self._conn.invalidated
+                if lost:
                     self._drop_connection()
-                if database_unavailable(exc):
-                    if stale and attempt == 0:  # a held connection that died while idle: one fresh try at once
-                        continue
-                    raise DatabaseUnavailable(first_line(exc)) from exc
-                if not is_conflict(exc) or attempt == 7:
+                if refused_data(exc):
                     raise
-                log.info("transaction lost to a concurrent one (%s); running it again", first_line(exc))
-                time.sleep(min(0.01 * 2 ** attempt, 0.5))
+                if is_conflict(exc) and attempt < 7:
+                    log.info("transaction lost to a concurrent one (%s); running it again", first_line(exc))
+                    time.sleep(min(0.01 * 2 ** attempt, 0.5))
+                    continue
+                if lost and worked:
+                    raise CommitUnknown(first_line(exc)) from exc
+                if lost and attempt == 0:  # a held connection that died while idle: one fresh try at once
+                    continue
+                raise DatabaseUnavailable(first_line(exc)) from exc
+            self.outage.recovered()
+            return value
         raise AssertionError("unreachable")
 
     def _drop_connection(self) -> None:
@@ -225,17 +252,20 @@ class Worker:
         return not self.stopping and self.suspect is None and time.monotonic() >= self._next_take_over
 
     async def _cycle(self, claim: int, take_over: bool = False) -> list[Claimed]:
-        """One transaction: record the finished outcomes, then take over one suspect or claim up to
-        `claim` steps. On any failure the outcomes are kept for the next try."""
+        """One transaction: record the finished outcomes and write the waiting events, then take over
+        one suspect or claim up to `claim` steps. On failure the outcomes and events are kept."""
+        if self.in_doubt is not None:
+            await self._resolve_doubt()
         outcomes, self.done = self.done, []
-        written, self.pending_events = self.pending_events, []
+        unwritten, self.unwritten = self.unwritten, []
         definitions = self._definitions_for(outcomes)
         token = uuid.uuid4().hex
         opts = self.options
+        box: list[tuple[Progress | None, Prepared]] = []
 
-        def work(conn: Connection) -> tuple[Progress | None, list[tuple[Claimed, StepContext | Outcome]]]:
+        def work(conn: Connection) -> None:
             progress = self.writer.apply(conn, outcomes, definitions) if outcomes else None
-            self.claims.insert_events.executemany(conn, written)
+            self.events.write(conn, unwritten)
             suspect = self.claims.take_over_step(conn, opts.name, token, opts.lease_seconds, opts.instance_id) \
                 if take_over else None
             if suspect is not None:
@@ -243,20 +273,28 @@ class Worker:
             else:
                 claimed = [] if claim <= 0 else self.claims.claim_steps(
                     conn, opts.name, token, claim, opts.lease_seconds, opts.instance_id)
-            return progress, [(item, self._prepare(conn, item)) for item in claimed]
+            box.append((progress, [(item, self._prepare(conn, item)) for item in claimed]))
 
         try:
-            progress, prepared = self._transaction(work)
+            self._transaction(work)
+        except CommitUnknown:
+            self.in_doubt = InDoubt(outcomes, unwritten, token, *box[0])
+            raise
         except BaseException as exc:
             self.done[:0] = outcomes
-            self.pending_events[:0] = written
-            if isinstance(exc, DBAPIError) and outcomes:
-                # Not an outage and not busy: perhaps a result the database refuses to store.
+            self.unwritten[:0] = unwritten
+            if isinstance(exc, DBAPIError):  # data the database refuses: find it, one row at a time
                 await self._record_one_by_one(exc)
                 return []
             raise
+        progress, prepared = box[0]
         if take_over and not any(item.suspect for item, _ in prepared):
             self._next_take_over = time.monotonic() + opts.poll_seconds
+        return await self._committed(outcomes, progress, prepared)
+
+    async def _committed(self, outcomes: list[Outcome], progress: Progress | None, prepared: Prepared
+                         ) -> list[Claimed]:
+        """After a cycle's commit: what it recorded, then the steps it claimed."""
         if progress is not None:
             await self._recorded(outcomes, progress)
         starting: list[tuple[Held, StepContext]] = []
@@ -266,8 +304,9 @@ class Worker:
             if isinstance(ready, Outcome):
                 self.done.append(ready)
             elif item.suspect:
-                held.waiting = ready
+                held.deferred = True
                 self.suspect = item
+                self._suspect_since = time.monotonic()
             else:
                 starting.append((held, ready))
         self._start(starting)
@@ -275,19 +314,57 @@ class Worker:
             self.listener("claimed", [item for item, _ in prepared])
         return [item for item, _ in prepared]
 
+    async def _resolve_doubt(self) -> None:
+        """Find out whether the cycle whose COMMIT lost its answer landed (a transaction lands whole,
+        so one witness tells): carry on from it if it did, else try its outcomes and events again."""
+        doubt = self.in_doubt
+        assert doubt is not None
+        S = step_instances
+
+        def landed(conn: Connection) -> bool:
+            late = {id(o) for o in doubt.progress.late} if doubt.progress is not None else set()
+            live = [o.step for o in doubt.outcomes if id(o) not in late]
+            if live:  # recorded: the step no longer runs under the lease its outcome came with
+                row = conn.execute(select(S.c.status, S.c.lease_token).where(S.c.id == live[0].id)).first()
+                return row is None or (row.status, row.lease_token) != ("running", live[0].lease_token)
+            if doubt.prepared:  # claimed: the step runs under the cycle's lease token
+                first_claimed = doubt.prepared[0][0]
+                return conn.execute(select(S.c.id).where(S.c.id == first_claimed.id,
+                                                         S.c.lease_token == doubt.token)).first() is not None
+            return False  # events alone: written again (at worst twice)
+
+        answer = self._transaction(landed)
+        self.in_doubt = None
+        log.warning("a commit lost its answer when the database went away; it %s",
+                    "had landed" if answer else "had not landed: trying again")
+        if answer:
+            await self._committed(doubt.outcomes, doubt.progress, doubt.prepared)
+        else:
+            self.done[:0] = doubt.outcomes
+            self.unwritten[:0] = doubt.events
+
     async def _record_one_by_one(self, error: DBAPIError) -> None:
-        """A batch the database refused for another reason than an outage or a lock: record each
-        outcome alone, and fail (without retry) a step whose own outcome cannot be stored, so one bad
-        result never stops the worker or its neighbours."""
+        """The database refused data in a batch: write each waiting event and record each outcome in
+        a transaction of its own. An event it refuses is dropped (and logged); a step whose outcome it
+        refuses fails without retry, so one bad value never stops the worker or its neighbours."""
         outcomes, self.done = self.done, []
-        log.warning("the database refused a batch of %d outcome(s) (%s); recording them one at a time",
-                    len(outcomes), first_line(error))
+        unwritten, self.unwritten = self.unwritten, []
+        log.warning("the database refused a batch (%s); recording its %d outcome(s) and %d event(s) one at a time",
+                    first_line(error), len(outcomes), len(unwritten))
+        for index, row in enumerate(unwritten):
+            try:
+                self._transaction(lambda conn, row=row: self.events.write(conn, [row]))  # type: ignore[misc]
+            except DatabaseUnavailable:
+                self.unwritten[:0] = unwritten[index:]
+                self.done[:0] = outcomes
+                raise
+            except DBAPIError as exc:
+                log.error("dropped a %s event of instance %s the database refuses: %s", row["type"],
+                          row["instance_id"], first_line(exc))
         for index, outcome in enumerate(outcomes):
             try:
                 try:
                     await self._record_alone(outcome)
-                except DatabaseUnavailable:
-                    raise
                 except DBAPIError as exc:
                     await self._record_alone(Outcome(outcome.step, "failed", retryable=False, error=(
                         f"flowdb could not store this step's result: {first_line(exc)}")))
@@ -297,7 +374,7 @@ class Worker:
             except DBAPIError as exc:
                 log.error("could not record step %s (instance %s) at all (%s); it runs again once its lease "
                           "expires", outcome.step.step_id, outcome.step.instance_id, first_line(exc))
-                self.inflight.pop(outcome.step.id, None)
+                self._forget(outcome.step.id)
 
     async def _record_alone(self, outcome: Outcome) -> None:
         definitions = self._definitions_for([outcome])
@@ -307,7 +384,10 @@ class Worker:
     def _prepare(self, conn: Connection, item: Claimed) -> StepContext | Outcome:
         """Everything a handler needs, read in the claim's transaction; or the outcome already decided.
         Nothing here evaluates a user template (that happens after the commit, off the loop)."""
-        definition = self.definitions.get(conn, item.definition_id)
+        try:
+            definition = self.definitions.get(conn, item.definition_id)
+        except DefinitionUnloadable as exc:
+            return Outcome(item, "failed", retryable=False, error=str(exc))
         step = definition.steps[item.step_id]
         if item.exhausted:
             return Outcome(item, "failed", retryable=False, error=item.exhausted_reason(self.options.free_releases))
@@ -328,42 +408,53 @@ class Worker:
 
     # -- running steps --------------------------------------------------------------------------
     def _start(self, starting: list[tuple[Held, StepContext]]) -> None:
-        """Start the handlers of claimed steps; their templates are rendered first, in one trip."""
-        if not starting:
-            return
-        contexts = [ctx for _, ctx in starting]
-        renders: asyncio.Future[list[Result[Any]]] | None = None
-        if any(_renders(ctx) for ctx in contexts):
-            jobs: list[Callable[[], Any]] = [functools.partial(_render, ctx) for ctx in contexts]
-            renders = asyncio.ensure_future(self.renderer.run_each(jobs))
-        for index, (held, ctx) in enumerate(starting):
-            held.task = asyncio.create_task(self._execute(ctx, renders, index))
+        """Start the handlers of claimed steps. The steps with user expressions to evaluate go to the
+        render thread in one trip; each handler waits only for its own step's render."""
+        evaluating = [ctx for _, ctx in starting if _evaluates(ctx)]
+        futures = iter(self.renderer.start_each([functools.partial(_render, ctx) for ctx in evaluating]))
+        for held, ctx in starting:
+            render = next(futures) if _evaluates(ctx) else None
+            held.task = asyncio.create_task(self._execute(ctx, render))
 
-    def _start_suspect_when_alone(self) -> None:
-        """Start the suspect once every other step this worker held is recorded: from then on, a
-        crash of this worker is the suspect's own (db/claims.py)."""
-        if self.suspect is None:
+    def _start_or_hand_back_suspect(self) -> None:
+        """Start the suspect once every other step this worker held is recorded (from then on, the loss
+        of this worker is the suspect's own: db/claims.py), with its context read afresh. If that takes
+        longer than suspect_wait_seconds, give it back for another worker."""
+        suspect = self.suspect
+        if suspect is None:
             return
-        held = self.inflight.get(self.suspect.id)
-        if held is None or held.waiting is None or len(self.inflight) > 1:
+        held = self.inflight.get(suspect.id)
+        if held is None or not held.deferred:
             return
-        if not self._transaction(lambda conn: self.claims.isolate_step(conn, held.item)):
-            log.warning("lost the lease on suspect step %s (instance %s) before it started",
-                        held.item.step_id, held.item.instance_id)
-            self.inflight.pop(held.item.id, None)
-            self.suspect = None
-            return
-        log.info("running step %s (instance %s) alone: its last worker stopped while running it",
-                 held.item.step_id, held.item.instance_id)
-        ctx, held.waiting = held.waiting, None
-        self._start([(held, ctx)])
+        if len(self.inflight) == 1:
+            def isolate(conn: Connection) -> StepContext | Outcome | None:
+                return self._prepare(conn, suspect) if self.claims.isolate_step(conn, suspect) else None
 
-    async def _execute(self, ctx: StepContext, renders: asyncio.Future[list[Result[Any]]] | None,
-                       index: int) -> None:
+            ready = self._transaction(isolate)
+            held.deferred = False
+            if ready is None:
+                log.warning("lost the lease on suspect step %s (instance %s) before it started", suspect.step_id,
+                            suspect.instance_id)
+                self._forget(suspect.id)
+            elif isinstance(ready, Outcome):
+                self.done.append(ready)
+            else:
+                log.info("running step %s (instance %s) alone: its last worker stopped while running it",
+                         suspect.step_id, suspect.instance_id)
+                self._start([(held, ready)])
+        elif time.monotonic() - self._suspect_since > self.options.suspect_wait_seconds:
+            wait = self.options.suspect_wait_seconds
+            self._transaction(lambda conn: self.claims.hand_back_step(
+                conn, suspect, f"its worker's other steps did not finish within {wait:g} s"))
+            log.info("handed step %s (instance %s) back: this worker's other steps did not finish within %g s, and "
+                     "it must run alone", suspect.step_id, suspect.instance_id, wait)
+            self._forget(suspect.id)
+            self._next_take_over = time.monotonic() + wait  # let a freer worker take it
+
+    async def _execute(self, ctx: StepContext, render: asyncio.Future[Any] | None) -> None:
         handler = HANDLERS.get(ctx.claimed.type)
         try:
-            # Shielded: cancelling this step (its lease lost) must not cancel its batch-mates' renders.
-            rendered = (await asyncio.shield(renders))[index].get() if renders is not None else _render(ctx)
+            rendered = await render if render is not None else _render(ctx)
             if isinstance(rendered, Outcome):  # its condition is false
                 outcome = rendered
             elif handler is None:
@@ -375,7 +466,8 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except TemplateError as exc:  # a template failed or passed a limit: the next attempt would too
-            outcome = Outcome(ctx.claimed, "failed", retryable=False, error=f"step {ctx.claimed.step_id!r}: {exc}")
+            outcome = Outcome(ctx.claimed, "failed", retryable=isinstance(exc, TemplateMemoryError),
+                              error=f"step {ctx.claimed.step_id!r}: {exc}")
         except Exception as exc:  # a handler bug must not take the worker down
             log.exception("handler for %s crashed", ctx.claimed.step_id)
             outcome = Outcome(ctx.claimed, "failed", error=f"handler crashed: {type(exc).__name__}: {exc}")
@@ -395,12 +487,17 @@ class Worker:
                 outcome.retry_delay = policy.delay_after(outcome.step.attempt) if policy else 0.0
         return definitions
 
+    def _forget(self, step_instance_id: int) -> None:
+        """The step is no longer this worker's (recorded, lost, handed back)."""
+        self.inflight.pop(step_instance_id, None)
+        if self.suspect is not None and self.suspect.id == step_instance_id:
+            self.suspect = None
+
     async def _recorded(self, outcomes: list[Outcome], progress: Progress) -> None:
         for outcome in outcomes:
-            self.inflight.pop(outcome.step.id, None)
             if self.suspect is not None and outcome.step.id == self.suspect.id:
-                self.suspect = None
                 self._next_take_over = 0.0  # where one worker died, others' steps may wait too
+            self._forget(outcome.step.id)
         for late in progress.late:
             log.warning("dropped the late result of step %s (instance %s): its lease was lost",
                         late.step.step_id, late.step.instance_id)
@@ -408,7 +505,6 @@ class Worker:
             task = asyncio.create_task(self._carry_out(progress.actions))
             self.sending.add(task)
             task.add_done_callback(self.sending.discard)
-        self.finished.extend(progress.finished_instances)
         self.listener("progress", (outcomes, progress))
         if self._waker is not None:
             if progress.made_ready:
@@ -420,30 +516,26 @@ class Worker:
         """Render finished instances' output actions (off the loop, under the limits), log or send
         them, and record each as an event with the next transaction."""
         jobs: list[Callable[[], list[RenderedAction]]] = [functools.partial(render_actions, d) for d in due]
-        done: list[RenderedAction] = []
+        carried: list[RenderedAction] = []
         for actions, result in zip(due, await self.renderer.run_each(jobs), strict=True):
             if result.error is not None:  # the limits apply to an instance's actions together
-                done.append(RenderedAction(actions.instance_id, "error",
-                                           f"output actions failed to render: {result.error}"))
+                carried.append(RenderedAction(actions.instance_id, "error",
+                                              f"output actions failed to render: {result.error}"))
             else:
-                done.extend(result.get())
-        self.listener("actions", done)
-        for action in done:
-            kind, payload = action.event()
-            self._event(action.instance_id, kind, payload)
+                carried.extend(result.get())
+        self.listener("actions", carried)
+        for action in carried:
+            self.unwritten.append(event_row(action.instance_id, *action.event()))
             if action.notice is None:
                 log.log(logging.getLevelNamesMapping()[action.level.upper()], "[instance %s] %s",
                         action.instance_id, action.message)
                 continue
             delivery = await self.notifier.send(action.notice)
-            self._event(action.instance_id, "action.notified", {
-                "channel": delivery.channel, "ok": delivery.ok, "attempts": delivery.attempts, "error": delivery.error})
+            self.unwritten.append(event_row(action.instance_id, "action.notified", {
+                "channel": delivery.channel, "ok": delivery.ok, "attempts": delivery.attempts,
+                "error": delivery.error}))
         if self._nudge is not None:
             self._nudge.set()
-
-    def _event(self, instance_id: int, kind: str, payload: dict[str, Any]) -> None:
-        self.pending_events.append({"instance_id": instance_id, "step_instance_id": None, "type": kind,
-                                    "payload": as_json(payload)})
 
     def _heartbeat(self) -> None:
         """Extend the leases of every step held; abandon (and record) those this worker lost."""
@@ -452,27 +544,24 @@ class Worker:
             return
         try:
             lost = self._transaction(lambda conn: self.claims.heartbeat_steps(conn, held, self.options.lease_seconds))
-        except DatabaseUnavailable as exc:
-            self.outage.failed(exc)
-            return
         except DBAPIError as exc:
-            log.warning("heartbeat failed (%s); will try again", first_line(exc))
+            log.warning("heartbeat refused (%s); will try again", first_line(exc))
             return
         for step_instance_id in lost:
-            gone = self.inflight.pop(step_instance_id)
+            gone = self.inflight[step_instance_id]
             log.warning("lost the lease on step %s (instance %s); abandoning it", gone.item.step_id,
                         gone.item.instance_id)
             if gone.task is not None and not gone.task.done():
                 gone.task.cancel()  # a plain-function agent's thread runs on: the process must not wait for it
                 self.abandoned += 1
             self.done = [o for o in self.done if o.step.id != step_instance_id]
-            if self.suspect is not None and self.suspect.id == step_instance_id:
-                self.suspect = None
+            self._forget(step_instance_id)
 
     # -- shutdown -------------------------------------------------------------------------------
     async def _shutdown(self) -> None:
         """Let running handlers finish within the grace period, renewing their leases and recording
-        what finishes as it does; then give back what is still running."""
+        what finishes as it does; then give back what is still running (a suspect that never
+        started is handed back, not released)."""
         opts = self.options
         deadline = time.monotonic() + opts.grace_seconds
         while True:
@@ -482,29 +571,35 @@ class Worker:
                 break
             await asyncio.wait(tasks, timeout=min(left, opts.heartbeat_seconds))
             await self._record_before(deadline)
-            self._heartbeat()
+            try:
+                self._heartbeat()
+            except DatabaseUnavailable as exc:
+                self.outage.failed(exc)
         self.abandoned += sum(h.running for h in self.inflight.values())
         await self._record_before(deadline)
         for held in self.inflight.values():
             if held.task is not None:
                 held.task.cancel()
-        leftover = [h.item for h in self.inflight.values()]
-        if leftover:
-            try:
+        deferred = [h.item for h in self.inflight.values() if h.deferred]
+        leftover = [h.item for h in self.inflight.values() if not h.deferred]
+        try:
+            if deferred:
+                self._transaction(lambda conn: [self.claims.hand_back_step(conn, item, "its worker stopped")
+                                                for item in deferred])
+            if leftover:
                 released = self._transaction(lambda conn: self.claims.release_steps(conn, leftover,
                                                                                     opts.free_releases))
                 log.info("released %d step(s) still running at shutdown", released)
-            except DatabaseUnavailable as exc:
-                log.error("could not release %d step(s) at shutdown (%s); they run again once their leases expire",
-                          len(leftover), first_line(exc))
+        except DatabaseUnavailable as exc:
+            log.error("could not give back %d step(s) at shutdown (%s); they run again once their leases expire",
+                      len(deferred) + len(leftover), first_line(exc))
         self.inflight.clear()
 
     async def _record_before(self, deadline: float) -> None:
         """Record the finished outcomes (claiming nothing), trying until the deadline if the database is away."""
-        while self.done or self.pending_events:
+        while self.done or self.unwritten or self.in_doubt:
             try:
                 await self._cycle(0)
-                self.outage.recovered()
                 return
             except DatabaseUnavailable as exc:
                 wait = self.outage.failed(exc)
@@ -515,21 +610,24 @@ class Worker:
                 await asyncio.sleep(wait)
 
 
-def _renders(ctx: StepContext) -> bool:
-    """Whether a claimed step has user expressions to evaluate (then its batch goes to the render
+def _evaluates(ctx: StepContext) -> bool:
+    """Whether a claimed step has user expressions to evaluate (then its render goes to the render
     thread; otherwise its static texts are taken on the loop, which costs nothing)."""
     return not ctx.claimed.woken and ctx.step.evaluates
 
 
 def _render(ctx: StepContext) -> Any:
-    """Runs in the render thread: the step's condition, then its type's templates. A false condition
-    gives the `skipped` outcome; a failing template raises TemplateError."""
+    """A step's condition, then its type's templates (in the render thread when they evaluate user
+    expressions). A false condition gives the `skipped` outcome; a failing template raises TemplateError.
+    A woken step (an approval's or a timer's later turn) renders nothing."""
     claimed, step = ctx.claimed, ctx.step
-    if step.condition is not None and not claimed.woken and not step.condition.evaluate(ctx.templates):
+    if claimed.woken:
+        return None
+    if step.condition is not None and not step.condition.evaluate(ctx.templates):
         return Outcome(claimed, "skipped", output=None, error=None,
                        input={"condition": step.condition.source, "value": False})
     render = RENDERERS.get(claimed.type)
-    return render(ctx) if render is not None and not claimed.woken else None
+    return render(ctx) if render is not None else None
 
 
 def _instance_cost(conn: Connection, instance_id: int) -> float:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, DateTime, bindparam, inspect, text
@@ -143,3 +144,25 @@ def test_alembic_run_by_hand_migrates_the_same_way(db: Database, tmp_path: Path)
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
     _timings_after_upgrade(db)
+
+
+def test_crash_accounting_is_checked_by_the_database(db: Database) -> None:
+    """Only a running step (or one handed back ready) is a suspect; only a suspect's run is isolated."""
+    from sqlalchemy.exc import IntegrityError
+
+    from flowdb.db.tables import step_instances as S
+
+    with db.engine.begin() as conn:
+        _one_instance(conn)
+        conn.execute(S.insert().values(id=1, instance_id=1, definition_id=1, step_id="s", type="agent_task",
+                                       status="completed", created_at=datetime.now(UTC)))
+    refused = [dict(suspect=True), dict(status="running", isolated=True), dict(status="ready", suspect=True,
+                                                                                isolated=True),
+               dict(reclaims=-1), dict(releases=-1)]
+    for values in refused:
+        with pytest.raises(IntegrityError), db.engine.begin() as conn:
+            conn.execute(S.update().where(S.c.id == 1).values(**values))
+    for values in (dict(status="running", suspect=True, isolated=True), dict(status="ready", suspect=True)):
+        with db.engine.begin() as conn:
+            conn.execute(S.update().where(S.c.id == 1).values(isolated=False, suspect=False))
+            conn.execute(S.update().where(S.c.id == 1).values(**values))

@@ -3,19 +3,22 @@ steps, a lease lost while a step runs, a result the database refuses. Real worke
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 
+from flowdb.db.progress import ProgressWriter
 from flowdb.db.tables import events, step_instances
 
 from conftest import Database, flowdb_cli
-from helpers import steps
+from helpers import start, steps
 from pgserver import PgServer
 from processes import Fleet, event_count, instance_statuses, read_call_log, wait_until
 
@@ -185,6 +188,24 @@ def test_a_step_that_crashes_its_worker_fails_alone(db: Database, tmp_path: Path
         assert "crashes the workers that run it" in poison.error, poison.error
         assert runs[(poisoned, "bad")] == 4 and poison.reclaims == 4
     assert deaths >= runs[(poisoned, "bad")] - 1
+    _assert_suspects_ran_alone(db)
+
+
+def _assert_suspects_ran_alone(db: Database) -> None:
+    """A worker that took a step over started nothing else until that step's run ended (its outcome; a
+    worker the run took down starts nothing more at all)."""
+    with db.engine.connect() as conn:
+        rows = conn.execute(select(events.c.id, events.c.step_instance_id, events.c.type, events.c.payload)
+                            .where(events.c.step_instance_id.is_not(None)).order_by(events.c.id)).all()
+    taken_over = [row for row in rows if row.type == "step.started" and (row.payload or {}).get("suspect")]
+    assert taken_over
+    for began in taken_over:
+        worker = began.payload["worker"]
+        end = next((row.id for row in rows if row.id > began.id and row.step_instance_id == began.step_instance_id
+                    and row.type != "step.started"), rows[-1].id + 1)
+        beside = [row for row in rows if began.id < row.id < end and row.type in ("step.started", "step.woken")
+                  and (row.payload or {}).get("worker") == worker]
+        assert beside == [], (began, beside)
 
 
 def _step_rows(db: Database) -> list:  # type: ignore[type-arg]
@@ -380,3 +401,158 @@ def test_a_worker_answers_sigterm_while_a_template_renders(db: Database, tmp_pat
     assert codes == {pid: 0} and took < 10, (codes, took, fleet.all_output())
     row = steps(db.engine, spin)["spin"]
     assert (row.status, row.attempt, row.releases) == ("ready", 0, 1)  # given back, not charged
+
+
+NUL_ACTION = """\
+process:
+  name: nul-action
+  steps:
+    - id: fine
+      type: agent_task
+      agent: noop
+      message: "fine"
+  output:
+    on_success:
+      - type: log
+        message: '{{ "before\\x00after" }}'  # a Jinja escape: the YAML holds no NUL, the rendered text does
+"""
+
+
+def test_an_event_the_database_refuses_is_dropped_and_the_worker_goes_on(db: Database, tmp_path: Path) -> None:
+    """An output action whose message PostgreSQL cannot store (a NUL character): its event is dropped and
+    logged; the worker goes on working (SQLite stores it)."""
+    env = db.cli_env()
+    ids = _deploy_and_start(env, tmp_path, NUL_ACTION, "nul-action", 2)
+    fleet = Fleet({**env, "FLOWDB_POLL_SECONDS": "0.1"}, tmp_path)
+    try:
+        [pid] = fleet.start(1)
+        wait_until(lambda: instance_statuses(db.engine) == {"completed": 2}, 60, "the instances to complete", 0.1,
+                   fleet)
+        later = _deploy_and_start(env, tmp_path, FINE, "fine", 2)
+        wait_until(lambda: instance_statuses(db.engine) == {"completed": 4}, 60, "more work to be done", 0.1, fleet)
+        assert fleet.terminate(30) == {pid: 0}, fleet.all_output()
+    finally:
+        fleet.close()
+    logged = event_count(db.engine, "action.log")
+    if db.kind == "postgresql":
+        assert logged == 0
+        assert fleet.output(pid).count("dropped a action.log event") == len(ids), fleet.output(pid)
+    else:
+        assert logged == len(ids)
+    assert {steps(db.engine, iid)["fine"].status for iid in later} == {"completed"}
+
+
+HANG_THEN_SUSPECT = """\
+process:
+  name: hang
+  steps:
+    - id: hang
+      type: agent_task
+      agent: sleepy
+      message: "hang"
+"""
+
+
+@pytest.mark.slow
+def test_a_suspect_is_handed_back_when_its_worker_cannot_get_free(db: Database, tmp_path: Path) -> None:
+    """A worker that takes a step over while one of its own steps hangs waits FLOWDB_SUSPECT_WAIT_SECONDS
+    for it, then hands the suspect back (its attempt given back); an idle worker takes it over and runs it."""
+    from flowdb.db.claims import ClaimStatements
+
+    env = db.cli_env()
+    [orphan] = _deploy_and_start(env, tmp_path, FINE, "fine", 1)
+    with db.engine.begin() as conn:  # a worker claims it and dies at once: its lease runs out in 4 s
+        ClaimStatements(db.kind).claim_steps(conn, "dead-worker", "dead-token", 1, 4)
+    [hang] = _deploy_and_start(env, tmp_path, HANG_THEN_SUSPECT, "hang", 1)
+    env.update(FLOWDB_LEASE_SECONDS="5", FLOWDB_POLL_SECONDS="0.1", FLOWDB_SUSPECT_WAIT_SECONDS="2")
+    busy = Fleet({**env, "FLOWDB_TEST_SLEEP": "600"}, tmp_path, "--grace", "1")
+    (tmp_path / "idle").mkdir()
+    idle = Fleet({**env, "FLOWDB_TEST_SLEEP": "0.1"}, tmp_path / "idle")
+    try:
+        [busy_pid] = busy.start(1)
+        wait_until(lambda: steps(db.engine, hang)["hang"].status == "running", 30, "the hang to start", 0.05, busy)
+        wait_until(lambda: steps(db.engine, orphan)["fine"].reclaims == 1, 30, "the busy worker's take-over", 0.05,
+                   busy)
+        idle.start(1)
+        wait_until(lambda: steps(db.engine, orphan)["fine"].status == "completed", 30, "the idle worker to run it",
+                   0.05, idle)
+        codes = busy.terminate(10) | idle.terminate(10)
+        assert set(codes.values()) == {0}, busy.all_output() + idle.all_output()
+    finally:
+        busy.close()
+        idle.close()
+    row = steps(db.engine, orphan)["fine"]
+    assert (row.attempt, row.reclaims, row.suspect, row.isolated) == (1, 1, False, False)
+    assert event_count(db.engine, "step.handed_back") == 1
+    assert "handed step fine (instance 1) back" in busy.output(busy_pid)
+    with db.engine.connect() as conn:
+        [reason] = conn.execute(select(events.c.payload).where(events.c.type == "step.handed_back")).scalars()
+    assert reason == {"attempt": 1, "reason": "its worker's other steps did not finish within 2 s"}
+    _assert_suspects_ran_alone(db)
+
+
+CHAIN_WITH_ACTION = """\
+process:
+  name: commit-in-doubt
+  steps:
+    - id: a
+      type: agent_task
+      agent: noop
+      message: "a"
+    - id: b
+      type: agent_task
+      agent: noop
+      message: "b"
+      depends_on: [a]
+  output:
+    on_success:
+      - {type: log, message: "done {{ process.instance_id }}"}
+"""
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])
+def test_a_commit_that_loses_its_answer_is_looked_up(db: Database, landed: bool,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The connection dies while a batch of completions commits (PostgreSQL over a network; a local SQLite
+    file cannot lose the answer). Whether the COMMIT landed or not, the worker finds out before anything
+    else: each step completes once, no result is dropped as late, no step is taken over, no output action
+    is lost."""
+    import psycopg
+
+    from helpers import work
+
+    if db.kind == "sqlite":
+        pytest.skip("a COMMIT to a local SQLite file cannot lose its answer")
+    ids = start(db.engine, CHAIN_WITH_ACTION, count=3)
+    dialect = db.engine.dialect
+    real_commit = dialect.do_commit
+    writer_apply = ProgressWriter.apply
+    state = {"recording": False, "faults": 0}
+
+    def apply(self: ProgressWriter, conn: Any, outcomes: Any, definitions: Any) -> Any:
+        state["recording"] = bool(outcomes)
+        return writer_apply(self, conn, outcomes, definitions)
+
+    def do_commit(dbapi_connection: Any) -> None:
+        fault = state["recording"] and state["faults"] == 0
+        state["recording"] = False
+        if fault and landed:
+            real_commit(dbapi_connection)
+        if fault:  # the answer never comes back: the connection is gone
+            state["faults"] += 1
+            dbapi_connection.dbapi_connection.close()  # the driver's connection under the pool's wrapper
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        real_commit(dbapi_connection)
+
+    caplog.set_level(logging.WARNING, "flowdb.worker")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ProgressWriter, "apply", apply)
+        patch.setattr(dialect, "do_commit", do_commit)
+        work(db.engine, timeout=30)
+    assert state["faults"] == 1
+    assert ("it had landed" if landed else "it had not landed: trying again") in caplog.text
+    assert instance_statuses(db.engine) == {"completed": 3}
+    assert event_count(db.engine, "step.completed") == 6
+    assert event_count(db.engine, "step.late_result_dropped") == 0
+    assert event_count(db.engine, "action.log") == 3
+    assert {(row.attempt, row.reclaims) for iid in ids for row in steps(db.engine, iid).values()} == {(1, 0)}

@@ -5,13 +5,18 @@ It takes ready steps whose ready time has come and waiting steps whose wake-up t
 through one partial index on claimable_at.
 
 Poison steps. A running step whose lease expired lost its worker: the worker was killed, crashed,
-or stopped answering. Any of the steps that worker held may have caused it, so none of them is
-charged an attempt for it. Each is *taken over* one at a time as a suspect (`take_over`), and runs
-alone on its new worker (the worker claims nothing else until it is done, and marks the run
-`isolated` once the run starts alone). Only a crash of an isolated run is charged: a step that
-crashes every worker it runs on fails after `max_attempts` runs alone, and its innocent neighbours
-are never charged for it. A stopping worker gives unfinished steps back (`release`) without charge,
-but only `free_releases` times per step, so a step that makes its own worker stop cannot run forever.
+froze or was cut off. Any of the steps that worker held may have caused it, so none of them is
+charged an attempt for it. Each is *taken over* one at a time as a suspect (`take_over`) and runs
+alone on its new worker: that worker claims nothing else, lets its other steps finish, then marks
+the run `isolated` and starts it (`isolate`). Only the loss of an isolated run is charged: a step
+that crashes every worker it runs on fails after `max_attempts` runs alone, and the steps claimed
+beside it are never charged for it. A suspect whose new worker cannot get free in time is handed
+back (`hand_back`: ready, still a suspect, for another worker to take over). A stopping worker gives
+unfinished steps back (`release`) without charge, but only `free_releases` times per step, so a
+step that makes its own worker stop cannot run forever.
+
+Attempts: a claim counts one (a woken waiting step none); a take-over gives back the crashed run's
+unless that run was isolated; a hand-back or a free release gives back the run that did not happen.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ from sqlalchemy import (
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
 from flowdb.db.clock import Clock
-from flowdb.db.driver import DriverStatement, as_json, from_json
-from flowdb.db.tables import CLAIMABLE, events, step_instances
+from flowdb.db.driver import DriverStatement, from_json
+from flowdb.db.events import EventWriter, event_row
+from flowdb.db.tables import CLAIMABLE, step_instances
 from flowdb.db.timings import CLEARED, timing
 
 S = step_instances
@@ -45,7 +51,7 @@ RUNNING: ColumnClause[str] = literal_column("'running'")
 READY: ColumnClause[str] = literal_column("'ready'")
 FREE_RELEASES = 3  # releases at shutdown not charged, per step
 # What every statement that moves a step out of `running` writes: no lease, and the crash
-# accounting of the run is over (a CHECK keeps `suspect` to running rows).
+# accounting of the run is over (a CHECK keeps `suspect` to running rows and handed-back ready ones).
 LEASE_DROPPED: dict[str, Any] = {"lease_owner": None, "lease_token": None, "lease_expires_at": None,
                                  "suspect": false(), "isolated": false()}
 
@@ -99,7 +105,7 @@ class ClaimStatements:
         queued = timing("queued", clock.milliseconds_between(S.c.ready_at))
         self.claim: Update = (
             update(S)
-            .where(S.c.id.in_(self._due(S.c.status != RUNNING).scalar_subquery()))
+            .where(S.c.id.in_(self._due(S.c.status != RUNNING, ~S.c.suspect).scalar_subquery()))
             .values(
                 **held,
                 # A woken step (timer, approval) keeps the start of its attempt: the wait is part of it.
@@ -111,32 +117,37 @@ class ClaimStatements:
             .returning(*returning)
         )
         self.claim_raw = DriverStatement(self.claim)
-        # A running step whose lease expired, as a suspect. Its queue time counts from the lease
-        # expiry (db/timings.py). The crashed run is charged only if it ran alone (`isolated`): the
-        # attempt number then moves on; otherwise this run takes the crashed run's number.
+        # A running step whose lease expired (or a suspect handed back), as a suspect. Its queue time
+        # counts from the lease expiry (db/timings.py). The attempt: the crashed run's number again,
+        # unless that run was isolated (then it was its own crash, and the number moves on).
+        taken_over = S.c.status == RUNNING
         lease_expired = timing("queued", clock.milliseconds_between(S.c.claimable_at))
         self.take_over: Update = (
             update(S)
-            .where(S.c.id.in_(self._due(S.c.status == RUNNING, n=literal(1)).scalar_subquery()))
+            .where(S.c.id.in_(self._due(taken_over | S.c.suspect, n=1).scalar_subquery()))
             .values(
                 **held,
                 started_at=clock.now,
-                ready_at=S.c.claimable_at,
-                **lease_expired,
-                attempt=S.c.attempt + case((S.c.isolated, literal(1)), else_=literal(0)),
+                ready_at=case((taken_over, S.c.claimable_at), else_=S.c.ready_at),
+                **{column: case((taken_over, value), else_=S.c[column]) for column, value in lease_expired.items()},
+                attempt=S.c.attempt + case((taken_over & ~S.c.isolated, literal(0)), else_=literal(1)),
                 suspect=true(),
                 isolated=false(),
-                reclaims=S.c.reclaims + literal(1),
-                error=literal("lease of worker ") + S.c.lease_owner + literal(" expired (it stopped heartbeating)"),
+                reclaims=S.c.reclaims + case((taken_over, literal(1)), else_=literal(0)),
+                error=case((taken_over, literal("lease of worker ") + S.c.lease_owner
+                            + literal(" expired (it stopped heartbeating)")), else_=S.c.error),
             )
             .returning(*returning)
         )
         self.take_over_raw = DriverStatement(self.take_over)
-        # A suspect's run starts alone: from now on a crash is its own.
-        self.isolate = (
-            update(S)
-            .where(S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"), S.c.status == RUNNING)
-            .values(isolated=true())
+        mine = (S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"), S.c.status == RUNNING)
+        # A suspect's run starts alone: from now on the loss of this worker is its own.
+        self.isolate = update(S).where(*mine, S.c.suspect).values(isolated=true(), started_at=clock.now)
+        # A suspect that never started, for another worker to take over: its attempt given back.
+        self.hand_back = (
+            update(S).where(*mine, S.c.suspect, ~S.c.isolated)
+            .values(status=READY, lease_owner=None, lease_token=None, lease_expires_at=None,
+                    claimable_at=clock.now, attempt=S.c.attempt - literal(1))
         )
         self.heartbeat = (
             update(S)
@@ -152,8 +163,7 @@ class ClaimStatements:
                     releases=S.c.releases + literal(1), **CLEARED)
             .returning(S.c.attempt, S.c.releases)
         )
-        self.insert_event = events.insert().values(created_at=clock.now)
-        self.insert_events = DriverStatement(self.insert_event, ["instance_id", "step_instance_id", "type", "payload"])
+        self.events = EventWriter(dialect_name)
 
     def _due(self, *conditions: ColumnElement[bool], n: Any = None) -> Select[Any]:
         """Ids of claimable rows whose time has come, oldest first, through the claimable index."""
@@ -203,14 +213,21 @@ class ClaimStatements:
             payload: dict[str, Any] = {"attempt": attempt, "worker": owner}
             if item.suspect:
                 payload.update(reclaimed=True, suspect=True, reclaims=reclaims)
-            started.append({"instance_id": iid, "step_instance_id": sid,
-                            "type": "step.woken" if woken else "step.started", "payload": as_json(payload)})
-        self.insert_events.executemany(conn, started)
+            started.append(event_row(iid, "step.woken" if woken else "step.started", payload, sid))
+        self.events.write(conn, started)
         return claimed
 
     def isolate_step(self, conn: Connection, item: Claimed) -> bool:
-        """Mark a suspect's run as running alone; False if the lease is gone."""
+        """Mark a suspect's run as running alone, starting now; False if the lease is gone."""
         return bool(conn.execute(self.isolate, {"sid": item.id, "token": item.lease_token}).rowcount)
+
+    def hand_back_step(self, conn: Connection, item: Claimed, reason: str) -> bool:
+        """Give a suspect that never started back, still a suspect, for another worker to take over."""
+        if not conn.execute(self.hand_back, {"sid": item.id, "token": item.lease_token}).rowcount:
+            return False
+        self.events.write(conn, [event_row(item.instance_id, "step.handed_back", {"attempt": item.attempt,
+                                                                                  "reason": reason}, item.id)])
+        return True
 
     def heartbeat_steps(self, conn: Connection, held: list[Claimed], lease_seconds: float) -> set[int]:
         """Extend the leases still held; return the ids whose lease this worker lost, each recorded as a
@@ -221,23 +238,22 @@ class ClaimStatements:
                                                    "lease_seconds": lease_seconds})
             if result.rowcount == 0:
                 lost.add(item.id)
-                conn.execute(self.insert_event, {
-                    "instance_id": item.instance_id, "step_instance_id": item.id, "type": "step.late_result_dropped",
-                    "payload": {"attempt": item.attempt, "outcome": "abandoned",
-                                "reason": "a heartbeat found the lease lost; the run was cancelled"}})
+        self.events.write(conn, [event_row(item.instance_id, "step.late_result_dropped", {
+            "attempt": item.attempt, "outcome": "abandoned",
+            "reason": "a heartbeat found the lease lost; the run was cancelled"}, item.id)
+            for item in held if item.id in lost])
         return lost
 
     def release_steps(self, conn: Connection, held: list[Claimed], free_releases: int = FREE_RELEASES) -> int:
         """Give steps back (worker shutting down): ready again, the attempt not counted for a step's
         first `free_releases` releases, counted after that."""
-        released = 0
+        rows = []
         for item in held:
             row = conn.execute(self.release, {"sid": item.id, "token": item.lease_token,
                                               "free_releases": free_releases}).first()
             if row is not None:
-                released += 1
-                conn.execute(self.insert_event, {
-                    "instance_id": item.instance_id, "step_instance_id": item.id, "type": "step.released",
-                    "payload": {"attempt": item.attempt, "releases": row.releases,
-                                "charged": row.releases > free_releases}})
-        return released
+                rows.append(event_row(item.instance_id, "step.released", {
+                    "attempt": item.attempt, "releases": row.releases, "charged": row.releases > free_releases},
+                    item.id))
+        self.events.write(conn, rows)
+        return len(rows)

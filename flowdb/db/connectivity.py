@@ -8,6 +8,7 @@ one when it is back, not one per try.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 
 from sqlalchemy.exc import DBAPIError
@@ -19,7 +20,22 @@ MAX_DELAY = 5.0  # the back-off never waits longer than this between tries
 
 
 class DatabaseUnavailable(FlowdbError):
-    """The database does not answer (a restart, a network cut, a server that is not running)."""
+    """The database does not take work now (a restart, a network cut, a server that is not running,
+    a full disk, a lock held past its timeout): waiting and trying again is the answer."""
+
+
+class CommitUnknown(DatabaseUnavailable):
+    """The connection was lost while the transaction committed: it may or may not have landed."""
+
+
+def refused_data(exc: DBAPIError) -> bool:
+    """The database refused the data itself (a value it cannot store, a constraint, a size limit): the
+    same statement with the same values would fail again, so retrying it is no answer."""
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:  # PostgreSQL: data exception, integrity constraint violation, program limit exceeded
+        return str(sqlstate)[:2] in ("22", "23", "54")
+    return isinstance(orig, sqlite3.DataError | sqlite3.IntegrityError) or "too big" in str(orig)
 
 
 def is_conflict(exc: DBAPIError) -> bool:

@@ -11,7 +11,14 @@ from sqlalchemy.exc import IntegrityError
 from flowdb.db.clock import Clock
 from flowdb.db.tables import events, process_definitions, process_instances, step_edges, step_instances
 from flowdb.definitions import CompiledDefinition, parse_definition
-from flowdb.errors import DefinitionConflict, IdempotencyConflict, IdempotencyInProgress, NotFound
+from flowdb.errors import (
+    DefinitionConflict,
+    DefinitionError,
+    FlowdbError,
+    IdempotencyConflict,
+    IdempotencyInProgress,
+    NotFound,
+)
 from flowdb.inputs import validate_inputs
 from flowdb.models import effective_retry
 
@@ -63,25 +70,40 @@ def deploy(conn: Connection, definition: CompiledDefinition) -> Deployed:
     return Deployed(new_id, name, version, definition.content_hash, True)
 
 
+class DefinitionUnloadable(FlowdbError):
+    """A stored definition that this flowdb cannot compile (deployed by a version with other rules)."""
+
+
 class DefinitionCache:
     """Compiled definitions by id. Versions are immutable, so entries never go stale."""
 
     def __init__(self) -> None:
         self._by_id: dict[int, CompiledDefinition] = {}
+        self._unloadable: dict[int, tuple[CompiledDefinition, str]] = {}  # a stand-in and why
 
     def get(self, conn: Connection, definition_id: int) -> CompiledDefinition:
+        """The compiled definition; DefinitionUnloadable if it no longer compiles."""
         found = self._by_id.get(definition_id)
         if found is None:
+            if definition_id in self._unloadable:
+                raise DefinitionUnloadable(self._unloadable[definition_id][1])
             row = conn.execute(select(D.c.name, D.c.version, D.c.source).where(D.c.id == definition_id)).first()
             if row is None:
                 raise NotFound(f"process definition #{definition_id} does not exist")
-            found = parse_definition(row.source, f"{row.name} v{row.version}")
+            try:
+                found = parse_definition(row.source, f"{row.name} v{row.version}")
+            except DefinitionError as exc:
+                why = (f"{row.name} version {row.version} does not compile with this flowdb ({exc.problems[0]}); "
+                       "deploy it again under the current rules")
+                self._unloadable[definition_id] = (CompiledDefinition.unloadable(row.name), why)
+                raise DefinitionUnloadable(why) from None
             self._by_id[definition_id] = found
         return found
 
     def cached(self, definition_id: int) -> CompiledDefinition:
-        """A definition already loaded by get() (KeyError otherwise)."""
-        return self._by_id[definition_id]
+        """A definition already loaded by get() (its stand-in if it did not compile; KeyError if never loaded)."""
+        found = self._by_id.get(definition_id)
+        return found if found is not None else self._unloadable[definition_id][0]
 
     def put(self, definition_id: int, definition: CompiledDefinition) -> None:
         self._by_id[definition_id] = definition

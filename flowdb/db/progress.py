@@ -32,7 +32,8 @@ from flowdb.db.approvals import ApprovalStatements
 from flowdb.db.claims import LEASE_DROPPED
 from flowdb.db.clock import Clock
 from flowdb.db.driver import DriverStatement, as_json
-from flowdb.db.tables import events, process_instances, step_edges, step_instances
+from flowdb.db.events import EventRow, EventWriter, event_row
+from flowdb.db.tables import process_instances, step_edges, step_instances
 from flowdb.db.timings import CLEARED, timing
 from flowdb.definitions import CompiledDefinition
 from flowdb.expressions import StepView, Template
@@ -153,8 +154,7 @@ class ProgressStatements:
         self.mark_edges = DriverStatement(self.mark_edge)
         self.count_down_many = DriverStatement(self.count_down)
         self.account_many = DriverStatement(self.account)
-        self.insert_events = DriverStatement(events.insert().values(created_at=clock.now),
-                                             ["instance_id", "step_instance_id", "type", "payload"])
+        self.events = EventWriter(dialect_name)
         self.approvals = ApprovalStatements(dialect_name)
 
 
@@ -164,14 +164,13 @@ class _Batch:
 
     progress: Progress
     definitions: dict[int, CompiledDefinition] = field(default_factory=dict)  # by instance id
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)
     closed: dict[int, int] = field(default_factory=dict)
     cost: dict[int, float] = field(default_factory=dict)
 
     def event(self, instance_id: int, kind: str, payload: dict[str, Any] | None = None,
               step_instance_id: int | None = None) -> None:
-        self.events.append({"instance_id": instance_id, "step_instance_id": step_instance_id,
-                            "type": kind, "payload": as_json(payload)})
+        self.events.append(event_row(instance_id, kind, payload, step_instance_id))
 
     def close(self, instance_id: int, steps: int = 1) -> None:
         self.closed[instance_id] = self.closed.get(instance_id, 0) + steps
@@ -227,7 +226,7 @@ class ProgressWriter:
         self._account(conn, batch)
         for o in finals:
             self._fail_instance(conn, o.step.instance_id, f"step {o.step.step_id!r} failed: {o.error}", batch)
-        self.q.insert_events.executemany(conn, batch.events)
+        self.q.events.write(conn, batch.events)
         return batch.progress
 
     def _approval(self, conn: Connection, o: Outcome, batch: _Batch) -> bool:

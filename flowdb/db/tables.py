@@ -123,16 +123,16 @@ step_instances = Table(
     Column("run_ms", BigInteger),
     Column("run_bucket", BigInteger),
     # Crash accounting (db/claims.py, "Poison steps"): a step taken over from a worker whose lease
-    # expired is a suspect and runs alone on its next worker; `isolated` says its current run is
-    # alone, so a crash of that run is charged to it. `reclaims` counts the take-overs, `releases`
-    # the times a stopping worker gave the step back unfinished.
+    # expired is a suspect and runs alone on its next worker (ready again if handed back before it
+    # started); `isolated` says its current run is alone, so the loss of that run is charged to it.
+    # `reclaims` counts the take-overs, `releases` the times a stopping worker gave the step back unfinished.
     Column("suspect", Boolean, nullable=False, server_default=false()),
     Column("isolated", Boolean, nullable=False, server_default=false()),
     Column("reclaims", Integer, nullable=False, server_default="0"),
     Column("releases", Integer, nullable=False, server_default="0"),
     CheckConstraint("reclaims >= 0 AND releases >= 0", name="ck_step_instances_crash_counts"),
-    CheckConstraint("(status = 'running' OR NOT suspect) AND (suspect OR NOT isolated)",
-                    name="ck_step_instances_suspect_running"),
+    CheckConstraint("(status IN ('running', 'ready') OR NOT suspect) "
+                    "AND (NOT isolated OR (suspect AND status = 'running'))", name="ck_step_instances_suspect_running"),
     UniqueConstraint("instance_id", "step_id"),
     # Only claimable rows are in this index, so the claim costs the same with a million finished rows.
     Index(

@@ -42,10 +42,9 @@ class HumanApprovalHandler:
             return None
         return _statements(conn.dialect.name).get(conn, int(claimed.input["approval_id"]))
 
-    def render(self, ctx: StepContext) -> tuple[str, str | None, list[str]] | None:
-        """The title, instructions and artifacts of the approval the first turn opens."""
-        if ctx.claimed.woken:
-            return None
+    def render(self, ctx: StepContext) -> tuple[str, str | None, list[str]]:
+        """The title, instructions and artifacts of the approval the first turn opens (later turns,
+        woken, render nothing)."""
         templates = ctx.step.templates
         title = (templates["title"].render(ctx.templates) if "title" in templates
                  else f"Approval needed: {ctx.definition.name} / {ctx.step.id}")

@@ -9,7 +9,8 @@ worker stop cannot run forever.
 
 Adding columns with constant defaults is instant on both databases. SQLite takes the CHECKs as
 column constraints of ADD COLUMN (a table constraint would need a rebuild); PostgreSQL as table
-constraints. Either way the same rules hold.
+constraints, added NOT VALID (no scan under an exclusive lock) and then validated (a scan that lets
+writes go on). Either way the same rules hold.
 
 Revision ID: 0007
 Revises: 0006
@@ -31,8 +32,9 @@ depends_on: str | Sequence[str] | None = None
 COLUMNS = ("suspect", "isolated", "reclaims", "releases")
 CHECKS = {
     "ck_step_instances_crash_counts": "reclaims >= 0 AND releases >= 0",
-    # A suspect is a running step; only a suspect's run is isolated.
-    "ck_step_instances_suspect_running": "(status = 'running' OR NOT suspect) AND (suspect OR NOT isolated)",
+    # A suspect runs, or waits ready after a hand-back; only a suspect's run is isolated.
+    "ck_step_instances_suspect_running": "(status IN ('running', 'ready') OR NOT suspect) "
+                                         "AND (NOT isolated OR (suspect AND status = 'running'))",
 }
 
 SQLITE_CHECKS = ("ck_step_instances_suspect", "ck_step_instances_isolated", "ck_step_instances_reclaims",
@@ -42,9 +44,9 @@ SQLITE_CHECKS = ("ck_step_instances_suspect", "ck_step_instances_isolated", "ck_
 def upgrade() -> None:
     if op.get_bind().dialect.name == "sqlite":
         op.execute("ALTER TABLE step_instances ADD COLUMN suspect BOOLEAN NOT NULL DEFAULT 0 "
-                   "CONSTRAINT ck_step_instances_suspect CHECK (status = 'running' OR NOT suspect)")
+                   "CONSTRAINT ck_step_instances_suspect CHECK (status IN ('running', 'ready') OR NOT suspect)")
         op.execute("ALTER TABLE step_instances ADD COLUMN isolated BOOLEAN NOT NULL DEFAULT 0 "
-                   "CONSTRAINT ck_step_instances_isolated CHECK (suspect OR NOT isolated)")
+                   "CONSTRAINT ck_step_instances_isolated CHECK (NOT isolated OR (suspect AND status = 'running'))")
         op.execute("ALTER TABLE step_instances ADD COLUMN reclaims INTEGER NOT NULL DEFAULT 0 "
                    "CONSTRAINT ck_step_instances_reclaims CHECK (reclaims >= 0)")
         op.execute("ALTER TABLE step_instances ADD COLUMN releases INTEGER NOT NULL DEFAULT 0 "
@@ -55,7 +57,8 @@ def upgrade() -> None:
     op.add_column("step_instances", sa.Column("reclaims", sa.Integer(), nullable=False, server_default="0"))
     op.add_column("step_instances", sa.Column("releases", sa.Integer(), nullable=False, server_default="0"))
     for name, condition in CHECKS.items():
-        op.create_check_constraint(name, "step_instances", condition)
+        op.execute(f"ALTER TABLE step_instances ADD CONSTRAINT {name} CHECK ({condition}) NOT VALID")
+        op.execute(f"ALTER TABLE step_instances VALIDATE CONSTRAINT {name}")
 
 
 def downgrade() -> None:
