@@ -885,7 +885,7 @@ def _failure(kind: str, source: str, exc: Exception) -> TemplateError:
 
 
 # How deep a template may nest: Jinja's code generator (and the reference reader) recurse over
-# the tree and fail somewhere past 40 {% %} blocks inside each other, or a few hundred nodes.
+# the tree and fail at about 40 {% %} blocks inside each other, or 190 nodes (measured).
 MAX_BLOCK_DEPTH = 20
 MAX_NODE_DEPTH = 150
 

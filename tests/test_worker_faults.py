@@ -11,14 +11,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from flowdb.db.claims import ClaimStatements
 from flowdb.db.progress import ProgressWriter
-from flowdb.db.tables import events, step_instances
+from flowdb.db.tables import events, process_definitions, step_instances
 
 from conftest import Database, flowdb_cli
-from helpers import start, steps
+from helpers import start, steps, work
 from pgserver import PgServer
 from processes import Fleet, event_count, instance_statuses, read_call_log, wait_until
 
@@ -457,8 +459,6 @@ process:
 def test_a_suspect_is_handed_back_when_its_worker_cannot_get_free(db: Database, tmp_path: Path) -> None:
     """A worker that takes a step over while one of its own steps hangs waits FLOWDB_SUSPECT_WAIT_SECONDS
     for it, then hands the suspect back (its attempt given back); an idle worker takes it over and runs it."""
-    from flowdb.db.claims import ClaimStatements
-
     env = db.cli_env()
     [orphan] = _deploy_and_start(env, tmp_path, FINE, "fine", 1)
     with db.engine.begin() as conn:  # a worker claims it and dies at once: its lease runs out in 4 s
@@ -517,10 +517,6 @@ def test_a_commit_that_loses_its_answer_is_looked_up(db: Database, landed: bool,
     file cannot lose the answer). Whether the COMMIT landed or not, the worker finds out before anything
     else: each step completes once, no result is dropped as late, no step is taken over, no output action
     is lost."""
-    import psycopg
-
-    from helpers import work
-
     if db.kind == "sqlite":
         pytest.skip("a COMMIT to a local SQLite file cannot lose its answer")
     ids = start(db.engine, CHAIN_WITH_ACTION, count=3)
@@ -556,3 +552,21 @@ def test_a_commit_that_loses_its_answer_is_looked_up(db: Database, landed: bool,
     assert event_count(db.engine, "step.late_result_dropped") == 0
     assert event_count(db.engine, "action.log") == 3
     assert {(row.attempt, row.reclaims) for iid in ids for row in steps(db.engine, iid).values()} == {(1, 0)}
+
+
+def test_a_stored_definition_that_no_longer_compiles_fails_its_steps_only(db: Database) -> None:
+    """A definition deployed under other rules (here: edited in place to what this flowdb refuses) fails the
+    steps claimed from it, with the reason, instead of stopping the worker; other processes run on."""
+    [broken] = start(db.engine, FINE.replace("name: fine", "name: old"))
+    [fine] = start(db.engine, FINE)
+    nested = "{% if x %}" * 30 + "y" + "{% endif %}" * 30
+    with db.engine.begin() as conn:
+        conn.execute(update(process_definitions).where(process_definitions.c.name == "old").values(
+            source=FINE.replace("name: fine", "name: old").replace('message: "fine"', f"message: '{nested}'")))
+    work(db.engine, timeout=30)
+    row = steps(db.engine, broken)["fine"]
+    assert (row.status, row.attempt) == ("failed", 1)
+    assert row.error.startswith("old version 1 does not compile with this flowdb (") and "blocks nest 30 deep" in \
+        row.error and row.error.endswith("deploy it again under the current rules"), row.error
+    assert steps(db.engine, fine)["fine"].status == "completed"
+    assert instance_statuses(db.engine) == {"completed": 1, "failed": 1}
