@@ -15,6 +15,7 @@ from api import openapi, problems
 from api.endpoints import Endpoint, route_of
 from api.routes import approvals, definitions, events, health, instances
 from flowdb.db.engine import make_engine
+from flowdb.db.instances import DefinitionCache
 from flowdb.errors import FlowdbError
 from flowdb.notify import BackgroundWakeups
 from flowdb.settings import Settings, load_settings
@@ -53,4 +54,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     app.state.wakeups = wakeups
     app.state.openapi = document  # served by GET /openapi.json (routes/health.py)
+    app.state.definitions = DefinitionCache()  # compiled definitions by id, for starts
     return app

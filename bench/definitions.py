@@ -18,12 +18,17 @@ import time
 from pathlib import Path
 
 
-def chain(steps: int) -> str:
-    lines = ["process:", f"  name: chain-{steps}", "  steps:"]
+def chain(steps: int, *, cycle: bool = False, name: str | None = None) -> str:
+    """s0 -> s1 -> ... -> s{steps-1}; each message reads the step before, the last one also reads s0.
+
+    With `cycle`, s0 depends on the last step (line 8, column 20 of the text)."""
+    lines = ["process:", f"  name: {name or f'chain-{steps}'}", "  steps:"]
     for i in range(steps):
         lines += [f"    - id: s{i}", "      type: agent_task", "      agent: writer"]
         if i == 0:
             lines.append('      message: "Start"')
+            if cycle:
+                lines.append(f"      depends_on: [s{steps - 1}]")
             continue
         first = " and {{ steps.s0.output }}" if i == steps - 1 else ""
         lines += [f'      message: "Go on from {{{{ steps.s{i - 1}.output }}}}{first}"',
@@ -31,9 +36,10 @@ def chain(steps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fan(steps: int) -> str:
+def fan(steps: int, name: str | None = None) -> str:
+    """start -> w0 .. w{steps-3} -> end: a wide fan-out and one fan-in of steps - 2 parents."""
     workers = [f"w{i}" for i in range(steps - 2)]
-    lines = ["process:", f"  name: fan-{steps}", "  steps:",
+    lines = ["process:", f"  name: {name or f'fan-{steps}'}", "  steps:",
              "    - id: start", "      type: agent_task", "      agent: writer", '      message: "Start"']
     for worker in workers:
         lines += [f"    - id: {worker}", "      type: agent_task", "      agent: writer", "      depends_on: [start]",

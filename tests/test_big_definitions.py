@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.definitions import chain, fan
 from flowdb.definitions import MAX_STEPS, CompiledStep, _Precedence, parse_definition
 from flowdb.errors import DefinitionError
 from flowdb.models import AgentTask
@@ -31,38 +32,6 @@ from conftest import ROOT, flowdb_cli
 Result = subprocess.CompletedProcess[str]
 YAML = {"content-type": "application/yaml"}
 CLI_SECONDS = 300  # a bound for a hang, far above the seconds these take
-
-
-def chain(steps: int, *, cycle: bool = False, name: str | None = None) -> str:
-    """s0 -> s1 -> ... -> s{steps-1}; each message reads the step before, the last one also reads s0.
-
-    With `cycle`, s0 depends on the last step (line 8, column 20 of the text)."""
-    lines = ["process:", f"  name: {name or f'chain-{steps}'}", "  steps:"]
-    for i in range(steps):
-        lines += [f"    - id: s{i}", "      type: agent_task", "      agent: writer"]
-        if i == 0:
-            lines.append('      message: "Start"')
-            if cycle:
-                lines.append(f"      depends_on: [s{steps - 1}]")
-            continue
-        first = " and {{ steps.s0.output }}" if i == steps - 1 else ""
-        lines += [f'      message: "Go on from {{{{ steps.s{i - 1}.output }}}}{first}"',
-                  f"      depends_on: [s{i - 1}]"]
-    return "\n".join(lines) + "\n"
-
-
-def fan(steps: int, name: str | None = None) -> str:
-    """start -> w0 .. w{steps-3} -> end: a wide fan-out and one fan-in of steps - 2 parents."""
-    workers = [f"w{i}" for i in range(steps - 2)]
-    lines = ["process:", f"  name: {name or f'fan-{steps}'}", "  steps:",
-             "    - id: start", "      type: agent_task", "      agent: writer", '      message: "Start"']
-    for worker in workers:
-        lines += [f"    - id: {worker}", "      type: agent_task", "      agent: writer", "      depends_on: [start]",
-                  f'      message: "Part {worker} of {{{{ steps.start.output }}}}"']
-    lines += ["    - id: end", "      type: agent_task", "      agent: writer",
-              f"      depends_on: [{', '.join(workers)}]",
-              f'      message: "All of {{{{ steps.{workers[0]}.output }}}} to {{{{ steps.{workers[-1]}.output }}}}"']
-    return "\n".join(lines) + "\n"
 
 
 def plain_env() -> dict[str, str]:

@@ -65,10 +65,12 @@ async def start_instance(call: Call) -> Response:
     if key is not None and not 1 <= len(key) <= 200:
         raise ApiError(422, "Idempotency-Key must be 1 to 200 characters", kind="invalid-header")
 
+    definitions: DefinitionCache = call.request.app.state.definitions  # compiled once per process
+
     def start(engine: Engine) -> tuple[InstanceDetail, bool]:
         with engine.begin() as conn:
             definition_id, version = find_definition(conn, name, body.version)
-            definition = DefinitionCache().get(conn, definition_id)
+            definition = definitions.get(conn, definition_id)
             [(instance_id, created)] = start_instances(conn, definition_id, version, definition,
                                                        [StartRequest(body.inputs, key)], trigger="api",
                                                        pinned_version=body.version is not None)
