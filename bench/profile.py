@@ -1,6 +1,7 @@
 """One in-process worker on a fresh database, optionally under cProfile: where a step's time goes.
 
-    python -m bench.profile [--agent noop|noop_async] [--chains 3000] [--db sqlite|postgresql] [--profile]
+    python -m bench.profile [--agent noop|noop_async] [--chains 3000] [--db sqlite|postgresql] [--templated]
+                            [--profile]
 
 Prints steps/s (and the top functions by own time with --profile). Figures from one run on a shared
 machine swing; compare variants in the same minute.
@@ -32,9 +33,11 @@ def main() -> None:
     parser.add_argument("--agent", choices=("noop", "noop_async"), default="noop_async")
     parser.add_argument("--chains", type=int, default=3000)
     parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--templated", action="store_true", help="messages are templates reading the step before")
     parser.add_argument("--profile", action="store_true", help="run under cProfile and print the top 30")
     args = parser.parse_args()
-    definition = parse_definition(WORKLOADS["chain"](args.agent), "chain.yaml")
+    workload = "templated-chain" if args.templated else "chain"
+    definition = parse_definition(WORKLOADS[workload](args.agent), "chain.yaml")
     with scratch_database(args.db) as url:
         engine = make_engine(url)
         migrate.upgrade(engine)

@@ -5,15 +5,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
-def _step(sid: str, parents: list[str], agent: str) -> str:
+def _step(sid: str, parents: list[str], agent: str, message: str | None = None) -> str:
     deps = f", depends_on: [{', '.join(parents)}]" if parents else ""
-    return f'    - {{id: {sid}, type: agent_task, agent: {agent}, message: "{sid}"{deps}}}\n'
+    return f'    - {{id: {sid}, type: agent_task, agent: {agent}, message: "{message or sid}"{deps}}}\n'
 
 
 def chain(agent: str = "noop") -> str:
     """3 sequential steps."""
     steps = _step("a", [], agent) + _step("b", ["a"], agent) + _step("c", ["b"], agent)
     return "process:\n  name: bench-chain\n  steps:\n" + steps
+
+
+def templated_chain(agent: str = "noop") -> str:
+    """The chain, each message a template reading the step before (so each step is rendered)."""
+    steps = (_step("a", [], agent, "start {{ process.instance_id }}")
+             + _step("b", ["a"], agent, "go on from {{ steps.a.output }}")
+             + _step("c", ["b"], agent, "finish {{ steps.b.output }}"))
+    return "process:\n  name: bench-templated-chain\n  steps:\n" + steps
 
 
 def fanout(agent: str = "noop") -> str:
@@ -28,5 +36,6 @@ def wide(agent: str = "noop") -> str:
     return "process:\n  name: bench-wide\n  steps:\n" + _step("only", [], agent)
 
 
-WORKLOADS: dict[str, Callable[[str], str]] = {"chain": chain, "fanout": fanout, "wide": wide}
-STEPS_PER_INSTANCE = {"chain": 3, "fanout": 12, "wide": 1}
+WORKLOADS: dict[str, Callable[[str], str]] = {"chain": chain, "fanout": fanout, "wide": wide,
+                                               "templated-chain": templated_chain}
+STEPS_PER_INSTANCE = {"chain": 3, "fanout": 12, "wide": 1, "templated-chain": 3}

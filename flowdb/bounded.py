@@ -43,10 +43,24 @@ class _Interrupt(BaseException):
     """Raised inside a call by the watchdog. A BaseException, so `except Exception` in the call cannot keep it."""
 
 
-def _async_raise(thread_id: int, exc: type[BaseException] | None) -> None:
-    """Make `exc` pending in the thread (raised at its next bytecode); None drops a pending one."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
-                                               ctypes.py_object(exc) if exc is not None else None)
+def _async_raise(thread_id: int, exc: type[BaseException]) -> None:
+    """Make `exc` pending in the thread (raised at its next bytecode)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc))
+
+
+def _absorb_pending() -> None:
+    """Let an interrupt still pending for the calling thread land here, harmlessly.
+
+    Never drop it with PyThreadState_SetAsyncExc(id, NULL): that leaves the interpreter's "an async
+    exception is pending" signal set for good (only delivering the exception clears it), so every
+    thread then takes the eval loop's slow path at every check, and an event loop running under a
+    profiler never finishes. A pending exception is delivered at the next backward jump.
+    """
+    try:
+        for _ in range(3):
+            pass
+    except _Interrupt:
+        pass
 
 
 def _resident_bytes() -> int | None:
@@ -279,7 +293,7 @@ class BoundedRunner:
             try:
                 self._serve(me)
                 with self._lock:
-                    _async_raise(me.ident, None)
+                    _absorb_pending()
                 return
             except _Interrupt:  # landed outside the call it was meant for: record that call as interrupted
                 item = me.current
@@ -311,7 +325,7 @@ class BoundedRunner:
                         done.job.record(done.index, cast(Result[Any], result))
                         me.current = None
                     if me.interrupted is not None and me.current is None:
-                        _async_raise(me.ident, None)
+                        _absorb_pending()
                         me.interrupted = None
                     return self._take(me) if take else None
             except _Interrupt:

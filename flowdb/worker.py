@@ -273,7 +273,7 @@ class Worker:
             else:
                 claimed = [] if claim <= 0 else self.claims.claim_steps(
                     conn, opts.name, token, claim, opts.lease_seconds, opts.instance_id)
-            box.append((progress, [(item, self._prepare(conn, item)) for item in claimed]))
+            box[:] = [(progress, [(item, self._prepare(conn, item)) for item in claimed])]  # the last try's
 
         try:
             self._transaction(work)

@@ -83,6 +83,19 @@ def test_claim_uses_the_claimable_index_even_after_analyze(db: Database) -> None
         assert "Seq Scan on step_instances" not in plan, plan
 
 
+def test_take_over_finds_suspects_through_their_index_whatever_the_backlog(db: Database) -> None:
+    """The look-up for steps to take over runs often: it must not scan the ready backlog."""
+    _fill(db)
+    with db.engine.begin() as conn:  # a backlog of 5,000 ready steps, claimable already
+        conn.execute(text("UPDATE step_instances SET status = 'ready', claimable_at = CAST('2026-01-01' AS "
+                          "TIMESTAMP) WHERE CAST(SUBSTR(step_id, 2) AS INTEGER) < 5000"))
+        conn.exec_driver_sql("ANALYZE")
+    take_over = ClaimStatements(db.engine.dialect.name).take_over
+    plan = _plan(db, take_over, {"owner": "w", "token": "t", "lease_seconds": 30})
+    assert "ix_step_instances_suspects" in plan, plan
+    assert "ix_step_instances_claimable" not in plan, plan
+
+
 def test_per_instance_reads_of_the_completion_path_use_the_instance_key(db: Database) -> None:
     """Reads made while recording outcomes must cost the same however many finished rows there are."""
     _fill(db)

@@ -219,7 +219,8 @@ def test_a_step_taken_over_from_a_dead_worker_queues_from_its_lease_expiry(db: D
             lease_owner="dead", lease_token="t0", claimable_at=claims.clock.plus(bindparam("ago")), attempt=1,
             max_attempts=2), {"ago": -60.0})
         lease_expiry = conn.execute(select(S.c.claimable_at).where(S.c.id == 1)).scalar_one()
-    with db.engine.begin() as conn:
+    with db.engine.begin() as conn:  # the claim sweeps the expired lease; the take-over runs it
+        assert claims.claim_steps(conn, "alive", "t1", 10, 30.0) == []
         claimed = claims.take_over_step(conn, "alive", "t1", 30.0)
     assert claimed is not None and claimed.id == 1
     with db.engine.connect() as conn:

@@ -6,8 +6,10 @@ through one partial index on claimable_at.
 
 Poison steps. A running step whose lease expired lost its worker: the worker was killed, crashed,
 froze or was cut off. Any of the steps that worker held may have caused it, so none of them is
-charged an attempt for it. Each is *taken over* one at a time as a suspect (`take_over`) and runs
-alone on its new worker: that worker claims nothing else, lets its other steps finish, then marks
+charged an attempt for it. The claim sweeps each into a ready *suspect* as its scan meets it (no
+scan of its own: a backlog of ready steps would make one cost as much as the backlog). Suspects are
+*taken over* one at a time (`take_over`, through a small index of suspects) and run alone on
+their new worker: that worker claims nothing else, lets its other steps finish, then marks
 the run `isolated` and starts it (`isolate`). Only the loss of an isolated run is charged: a step
 that crashes every worker it runs on fails after `max_attempts` runs alone, and the steps claimed
 beside it are never charged for it. A suspect whose new worker cannot get free in time is handed
@@ -15,8 +17,9 @@ back (`hand_back`: ready, still a suspect, for another worker to take over). A s
 unfinished steps back (`release`) without charge, but only `free_releases` times per step, so a
 step that makes its own worker stop cannot run forever.
 
-Attempts: a claim counts one (a woken waiting step none); a take-over gives back the crashed run's
-unless that run was isolated; a hand-back or a free release gives back the run that did not happen.
+Attempts: a claim or a take-over counts one (a woken waiting step none); the sweep gives back the
+crashed run's unless that run was isolated; a hand-back or a free release gives back the run that
+did not happen.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ S = step_instances
 RUNNING: ColumnClause[str] = literal_column("'running'")
 READY: ColumnClause[str] = literal_column("'ready'")
 FREE_RELEASES = 3  # releases at shutdown not charged, per step
+# The condition of the suspects' partial index, written as in the index (SQLAlchemy would write a
+# Boolean column as `suspect = 1` on SQLite, which SQLite does not match with the index's `suspect`).
+SUSPECT: ColumnElement[bool] = literal_column("step_instances.suspect")
 # What every statement that moves a step out of `running` writes: no lease, and the crash
 # accounting of the run is over (a CHECK keeps `suspect` to running rows and handed-back ready ones).
 LEASE_DROPPED: dict[str, Any] = {"lease_owner": None, "lease_token": None, "lease_expires_at": None,
@@ -100,43 +106,45 @@ class ClaimStatements:
         returning = (S.c.id, S.c.instance_id, S.c.definition_id, S.c.step_id, S.c.type, S.c.attempt,
                      S.c.max_attempts, S.c.input, S.c.suspect, S.c.reclaims, S.c.releases)
 
-        # Ready and waiting steps (never a running one: those are taken over one at a time below).
-        was_waiting = S.c.status == literal_column("'waiting'")
+        # Ready and waiting steps whose time has come. The same scan sweeps the running steps whose
+        # lease expired (they sort among them by claimable_at, the lease expiry) instead of claiming
+        # them: each becomes a ready suspect, the crashed run given back unless it ran alone, for
+        # take_over below. Suspects waiting ready are left to take_over.
+        waiting = S.c.status == literal_column("'waiting'")
+        expired = S.c.status == RUNNING
         queued = timing("queued", clock.milliseconds_between(S.c.ready_at))
         self.claim: Update = (
             update(S)
-            .where(S.c.id.in_(self._due(S.c.status != RUNNING, ~S.c.suspect).scalar_subquery()))
+            .where(S.c.id.in_(self._due(expired | ~S.c.suspect).scalar_subquery()))
             .values(
-                **held,
+                status=case((expired, READY), else_=RUNNING),
+                lease_owner=case((expired, None), else_=bindparam("owner")),
+                lease_token=case((expired, None), else_=bindparam("token")),
+                lease_expires_at=case((expired, None), else_=clock.plus(lease)),
+                claimable_at=case((expired, clock.now), else_=clock.plus(lease)),
+                heartbeat_at=case((expired, S.c.heartbeat_at), else_=clock.now),
                 # A woken step (timer, approval) keeps the start of its attempt: the wait is part of it.
-                started_at=case((was_waiting, S.c.started_at), else_=clock.now),
-                **{column: case((was_waiting, S.c[column]), else_=value) for column, value in queued.items()},
-                attempt=S.c.attempt + case((was_waiting, literal(0)), else_=literal(1)),
-                error=case((was_waiting, S.c.error), else_=None),
+                started_at=case((waiting | expired, S.c.started_at), else_=clock.now),
+                # A swept step queues from its lease expiry (db/timings.py).
+                ready_at=case((expired, S.c.claimable_at), else_=S.c.ready_at),
+                **{column: case((waiting, S.c[column]), (expired, None), else_=value)
+                   for column, value in queued.items()},
+                attempt=S.c.attempt + case((waiting, literal(0)), (expired & S.c.isolated, literal(0)),
+                                           (expired, literal(-1)), else_=literal(1)),
+                suspect=expired,
+                isolated=false(),
+                reclaims=S.c.reclaims + case((expired, literal(1)), else_=literal(0)),
+                error=case((waiting, S.c.error), (expired, literal("lease of worker ") + S.c.lease_owner
+                                                  + literal(" expired (it stopped heartbeating)")), else_=None),
             )
             .returning(*returning)
         )
         self.claim_raw = DriverStatement(self.claim)
-        # A running step whose lease expired (or a suspect handed back), as a suspect. Its queue time
-        # counts from the lease expiry (db/timings.py). The attempt: the crashed run's number again,
-        # unless that run was isolated (then it was its own crash, and the number moves on).
-        taken_over = S.c.status == RUNNING
-        lease_expired = timing("queued", clock.milliseconds_between(S.c.claimable_at))
+        # A suspect, taken over by one worker (found through the small index of suspects).
         self.take_over: Update = (
             update(S)
-            .where(S.c.id.in_(self._due(taken_over | S.c.suspect, n=1).scalar_subquery()))
-            .values(
-                **held,
-                started_at=clock.now,
-                ready_at=case((taken_over, S.c.claimable_at), else_=S.c.ready_at),
-                **{column: case((taken_over, value), else_=S.c[column]) for column, value in lease_expired.items()},
-                attempt=S.c.attempt + case((taken_over & ~S.c.isolated, literal(0)), else_=literal(1)),
-                suspect=true(),
-                isolated=false(),
-                reclaims=S.c.reclaims + case((taken_over, literal(1)), else_=literal(0)),
-                error=case((taken_over, literal("lease of worker ") + S.c.lease_owner
-                            + literal(" expired (it stopped heartbeating)")), else_=S.c.error),
-            )
+            .where(S.c.id.in_(self._due(SUSPECT, S.c.status == READY, n=1, index=False).scalar_subquery()))
+            .values(**held, started_at=clock.now, **queued, attempt=S.c.attempt + literal(1), isolated=false())
             .returning(*returning)
         )
         self.take_over_raw = DriverStatement(self.take_over)
@@ -165,12 +173,14 @@ class ClaimStatements:
         )
         self.events = EventWriter(dialect_name)
 
-    def _due(self, *conditions: ColumnElement[bool], n: Any = None) -> Select[Any]:
-        """Ids of claimable rows whose time has come, oldest first, through the claimable index."""
+    def _due(self, *conditions: ColumnElement[bool], n: Any = None, index: bool = True) -> Select[Any]:
+        """Ids of claimable rows whose time has come, oldest first, through the claimable index (its
+        condition written as in the index, so SQLite uses it too)."""
+        claimable: list[ColumnElement[bool]] = [literal_column(f"step_instances.status IN {CLAIMABLE}")] if index \
+            else []
         due = (
             select(S.c.id)
-            .where(literal_column(f"step_instances.status IN {CLAIMABLE}"), S.c.claimable_at <= self.clock.now,
-                   *conditions)
+            .where(*claimable, S.c.claimable_at <= self.clock.now, *conditions)
             .order_by(S.c.claimable_at, S.c.id)
             .limit(bindparam("n") if n is None else n)
         )
@@ -182,13 +192,15 @@ class ClaimStatements:
 
     def claim_steps(self, conn: Connection, owner: str, token: str, n: int, lease_seconds: float,
                     instance_id: int | None = None) -> list[Claimed]:
-        """Claim up to n ready or waiting steps in the current transaction; write a step.started event
-        (step.woken for a waiting one) for each."""
-        return self._claimed(conn, self.claim_raw, self._params(owner, token, n, lease_seconds, instance_id))
+        """Claim up to n ready or waiting steps in the current transaction, sweeping the expired leases
+        met on the way into suspects; write a step.started event (step.woken for a waiting one) for
+        each step claimed and a step.lease_expired event for each swept."""
+        return self._claimed(conn, self.claim_raw, self._params(owner, token, n, lease_seconds, instance_id),
+                             sweeps=True)
 
     def take_over_step(self, conn: Connection, owner: str, token: str, lease_seconds: float,
                        instance_id: int | None = None) -> Claimed | None:
-        """Take over one running step whose lease expired, as a suspect (see the module's docstring)."""
+        """Take over one suspect, to run alone (see the module's docstring)."""
         claimed = self._claimed(conn, self.take_over_raw, self._params(owner, token, 1, lease_seconds, instance_id))
         return claimed[0] if claimed else None
 
@@ -199,12 +211,16 @@ class ClaimStatements:
             params["iid"] = instance_id
         return params
 
-    def _claimed(self, conn: Connection, statement: DriverStatement, params: dict[str, Any]) -> list[Claimed]:
+    def _claimed(self, conn: Connection, statement: DriverStatement, params: dict[str, Any], *,
+                 sweeps: bool = False) -> list[Claimed]:
         claimed = []
         started = []
         owner, token = params["owner"], params["token"]
         for sid, iid, definition_id, step_id, step_type, attempt, max_attempts, raw_input, suspect, reclaims, \
                 releases in statement.execute(conn, params):
+            if sweeps and suspect:  # an expired lease the claim swept: not claimed
+                started.append(event_row(iid, "step.lease_expired", {"reclaims": reclaims}, sid))
+                continue
             state = from_json(raw_input)
             woken = isinstance(state, dict) and "wake" in state
             item = Claimed(sid, iid, definition_id, step_id, step_type, attempt, max_attempts, token, state, woken,

@@ -361,22 +361,25 @@ class ProgressWriter:
             batch.progress.actions.append(DueActions(instance_id, definition, actions, context))
 
 
+# Built once (a statement built per call costs more than its execution on SQLite).
+_CONTEXT_INSTANCE = select(I.c.inputs, I.c.process_name, I.c.version, I.c.status).where(I.c.id == bindparam("iid"))
+_CONTEXT_STEPS = select(S.c.step_id, S.c.status, S.c.output, S.c.error, S.c.cost_usd, S.c.attempt).where(
+    S.c.instance_id == bindparam("iid"))
+_CONTEXT_SOME_STEPS = _CONTEXT_STEPS.where(S.c.step_id.in_(bindparam("sids", expanding=True)))
+
+
 def template_context(conn: Connection, instance_id: int, definition: CompiledDefinition,
                      only_steps: frozenset[str] | None = None) -> dict[str, Any]:
     """The names templates see: inputs, process and steps.<id> (loaded from the database)."""
-    instance = conn.execute(select(I.c.inputs, I.c.process_name, I.c.version, I.c.status)
-                            .where(I.c.id == instance_id)).one()
-    query = select(S.c.step_id, S.c.status, S.c.output, S.c.error, S.c.cost_usd, S.c.attempt).where(
-        S.c.instance_id == instance_id)
-    if only_steps is not None:
-        if not only_steps:
-            query = query.where(literal(False))
-        else:
-            query = query.where(S.c.step_id.in_(sorted(only_steps)))
+    instance = conn.execute(_CONTEXT_INSTANCE, {"iid": instance_id}).one()
+    if only_steps is None:
+        rows = conn.execute(_CONTEXT_STEPS, {"iid": instance_id}).all()
+    else:
+        rows = conn.execute(_CONTEXT_SOME_STEPS, {"iid": instance_id, "sids": sorted(only_steps)}).all() \
+            if only_steps else []
     steps = {row.step_id: StepView.of({"id": row.step_id, "status": row.status, "output": row.output,
                                        "error": row.error, "cost": row.cost_usd, "attempt": row.attempt})
-             for row in conn.execute(query)}
+             for row in rows}
     return {"inputs": instance.inputs or {}, "steps": steps,
             "process": {"name": instance.process_name, "version": instance.version, "instance_id": instance_id,
                         "status": instance.status}}
-

@@ -142,6 +142,9 @@ step_instances = Table(
         sqlite_where=text(f"status IN {CLAIMABLE}"),
         postgresql_where=text(f"status IN {CLAIMABLE}"),
     ),
+    # The steps to take over after their worker died (db/claims.py): few, so the look-up costs nothing.
+    Index("ix_step_instances_suspects", "claimable_at", "id", sqlite_where=text("suspect"),
+          postgresql_where=text("suspect")),
     # Percentiles of the timings by index order, a step of a definition at a time (v_step_stats).
     *(Index(None, "definition_id", "step_id", f"{timing}_bucket", f"{timing}_ms",
             sqlite_where=text(f"{timing}_ms IS NOT NULL"), postgresql_where=text(f"{timing}_ms IS NOT NULL"))

@@ -1,4 +1,4 @@
-"""crash accounting: suspect, isolated, reclaims and releases on step_instances
+"""crash accounting: suspect, isolated, reclaims and releases on step_instances, an index of suspects
 
 A step whose worker died while running it (its lease expired) is taken over as a *suspect*: it runs
 alone on its next worker, and only a crash of a run that was alone (`isolated`) is charged to it,
@@ -51,6 +51,7 @@ def upgrade() -> None:
                    "CONSTRAINT ck_step_instances_reclaims CHECK (reclaims >= 0)")
         op.execute("ALTER TABLE step_instances ADD COLUMN releases INTEGER NOT NULL DEFAULT 0 "
                    "CONSTRAINT ck_step_instances_releases CHECK (releases >= 0)")
+        _suspects_index()
         return
     op.add_column("step_instances", sa.Column("suspect", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.add_column("step_instances", sa.Column("isolated", sa.Boolean(), nullable=False, server_default=sa.false()))
@@ -59,9 +60,17 @@ def upgrade() -> None:
     for name, condition in CHECKS.items():
         op.execute(f"ALTER TABLE step_instances ADD CONSTRAINT {name} CHECK ({condition}) NOT VALID")
         op.execute(f"ALTER TABLE step_instances VALIDATE CONSTRAINT {name}")
+    _suspects_index()
+
+
+def _suspects_index() -> None:
+    # The suspects waiting to be taken over: few, so finding one costs nothing whatever the backlog.
+    op.create_index("ix_step_instances_suspects", "step_instances", ["claimable_at", "id"],
+                    sqlite_where=sa.text("suspect"), postgresql_where=sa.text("suspect"))
 
 
 def downgrade() -> None:
+    op.drop_index("ix_step_instances_suspects", table_name="step_instances")
     if op.get_bind().dialect.name == "sqlite":  # DROP COLUMN needs SQLite 3.35: rebuild the table instead
         with op.batch_alter_table("step_instances", recreate="always") as batch:
             for name in SQLITE_CHECKS:
