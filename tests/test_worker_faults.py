@@ -69,6 +69,7 @@ def test_workers_ride_out_a_database_restart(private_pg: PgServer, tmp_path: Pat
     fleet = Fleet(env, tmp_path, "--concurrency", "8")
     try:
         fleet.start(3)
+        fleet.wait_ready()  # every worker is in its loop when the database goes away
         wait_until(lambda: sum(1 for kind, *_ in read_call_log(call_log) if kind == "end") >= 60, 60,
                    "60 steps to run", 0.05, fleet)
         engine.dispose()
