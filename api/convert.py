@@ -24,7 +24,8 @@ def instance_out(row: Any) -> InstanceOut:
 
 
 def step_out(row: Any) -> StepOut:
-    return StepOut(step_id=row.step_id, type=row.type, status=row.status, attempt=row.attempt,
+    return StepOut(id=row.id, step_id=row.step_id, round=row.round, item=row.item, type=row.type,
+                   status=row.status, attempt=row.attempt,
                    max_attempts=row.max_attempts, agent=row.agent, ready_at=utc(row.ready_at),
                    started_at=utc(row.started_at), finished_at=utc(row.finished_at), input=row.input,
                    output=row.output, error=row.error, cost_usd=float(row.cost_usd or 0), tokens_in=row.tokens_in,

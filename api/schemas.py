@@ -52,7 +52,10 @@ class StartIn(Strict):
 
 
 class StepOut(Strict):
+    id: int = Field(description="step_instances.id (the step_instance_id of its events)")
     step_id: str
+    round: int = Field(description="the loop round this row ran (1: the first visit)")
+    item: int | None = Field(description="the for_each item's index; null for the step's own row")
     type: str
     status: str
     attempt: int
@@ -112,6 +115,12 @@ class CancelOut(Strict):
     id: int
     status: Literal["cancelled"]
     cancelled_steps: list[str]
+
+
+class CancelStepOut(Strict):
+    id: int
+    step_id: str
+    step_status: Literal["cancelled"]
 
 
 class RetryOut(Strict):

@@ -24,12 +24,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, literal_column, select, update
+from sqlalchemy import Connection, Engine, func, select, update
 
 from flowdb.db.approvals import ApprovalRow, ApprovalStatements, approver_key, row_of
 from flowdb.db.clock import Clock
 from flowdb.db.engine import read_only
-from flowdb.db.tables import approval_approvers, approvals, events, process_instances
+from flowdb.db.events import EventWriter, event_row
+from flowdb.db.tables import approval_approvers, approvals, process_instances
+from flowdb.engine.status import ApprovalStatus, word
 from flowdb.errors import FlowdbError, NotFound
 from flowdb.notify import Wakeups
 
@@ -172,7 +174,7 @@ def _decide(conn: Connection, q: ApprovalStatements, approval_id: int, vote: str
     payload: dict[str, Any] = {"approval_id": approval_id, "by": name, "decision": vote, "comment": comment}
     if decided:
         closed = conn.execute(
-            update(A).where(A.c.id == approval_id, A.c.status == literal_column("'pending'"))
+            update(A).where(A.c.id == approval_id, A.c.status == word(ApprovalStatus.PENDING))
             .values(status=vote, decision=vote, decided_by=name, comment=comment, decided_at=clock.now))
         if closed.rowcount != 1:  # cannot happen under the instance lock; refuse rather than guess
             raise AlreadyDecided(f"approval {approval_id} was decided at the same moment; try `flowdb approvals "
@@ -214,8 +216,8 @@ def _when(moment: datetime | None) -> str:
 
 
 def _event(conn: Connection, clock: Clock, approval: ApprovalRow, kind: str, payload: dict[str, Any]) -> None:
-    conn.execute(insert(events).values(instance_id=approval.instance_id, step_instance_id=approval.step_instance_id,
-                                       type=kind, payload=payload, created_at=clock.now))
+    EventWriter(conn.dialect.name).write(conn, [event_row(approval.instance_id, kind, payload,
+                                                          approval.step_instance_id)])
 
 
 def _record_refusal(engine: Engine, approval_id: int, identity: str, decision: str, refused: ApprovalError) -> None:
@@ -225,11 +227,10 @@ def _record_refusal(engine: Engine, approval_id: int, identity: str, decision: s
         found = conn.execute(select(A.c.instance_id, A.c.step_instance_id).where(A.c.id == approval_id)).first()
         if found is None:
             return
-        conn.execute(insert(events).values(
-            instance_id=found.instance_id, step_instance_id=found.step_instance_id, type="approval.refused",
-            payload={"approval_id": approval_id, "by": identity, "decision": decision, "reason": refused.reason,
-                     "error": str(refused)},
-            created_at=Clock(conn.dialect.name).now))
+        EventWriter(conn.dialect.name).write(conn, [event_row(
+            found.instance_id, "approval.refused", {"approval_id": approval_id, "by": identity, "decision": decision,
+                                                    "reason": refused.reason, "error": str(refused)},
+            found.step_instance_id)])
 
 
 def get_approval(engine: Engine, approval_id: int) -> tuple[ApprovalRow, list[Vote]]:

@@ -26,12 +26,12 @@ from flowdb.db.instances import StartRequest, deploy, find_definition, start_ins
 from flowdb.definitions import CompiledDefinition, load_definition_file
 from flowdb.errors import DefinitionError, FlowdbError
 from flowdb.expressions import TemplateLimits, set_limits
-from flowdb.handlers import check_runnable
 from flowdb.inputs import parse_assignments
 from flowdb.notifications import Notifier
-from flowdb.notify import publish_events_sync, publish_sync
+from flowdb.notify import Wakeups, publish_events_sync, publish_sync
 from flowdb.settings import load_settings
 from flowdb.status import print_status, status_json
+from flowdb.steptypes.registry import STEP_TYPES
 from flowdb.worker import Worker, WorkerOptions
 
 
@@ -74,7 +74,7 @@ def _check_files(files: tuple[str, ...], agents_file: str | None) -> list[Compil
     for file in files:
         try:
             definition = load_definition_file(file)
-            check_runnable(definition)
+            STEP_TYPES.check_runnable(definition)
             if agents_file is not None or find_agents_file(None, file):
                 agents = load_agents(agents_file, file)
                 _check_agents(definition, agents)
@@ -300,13 +300,21 @@ def retry(db_url: str | None, instance_id: int, step_id: str) -> None:
 @main.command()
 @db_option
 @click.argument("instance_id", type=int)
+@click.option("--step", "step_id", default=None, metavar="STEP",
+              help="Cancel only this step; its successors go on as after a skipped step.")
 @click.option("--reason", default="cancelled by an operator", show_default=True, help="Kept as the instance's error.")
-def cancel(db_url: str | None, instance_id: int, reason: str) -> None:
-    """Cancel a running instance: its unfinished steps and pending approvals are cancelled."""
-    from flowdb.control import cancel_instance
+def cancel(db_url: str | None, instance_id: int, step_id: str | None, reason: str) -> None:
+    """Cancel a running instance (its unfinished steps and pending approvals), or one of its steps."""
+    from flowdb.control import cancel_instance, cancel_step
 
+    settings = load_settings(database_url=db_url)
     engine = open_database(db_url)
-    steps = cancel_instance(engine, instance_id, reason)
+    wakeups = Wakeups(settings.redis_url)
+    if step_id is not None:
+        cancel_step(engine, instance_id, step_id, reason, wakeups)
+        click.echo(f"step {step_id} of instance {instance_id} cancelled")
+        return
+    steps = cancel_instance(engine, instance_id, reason, wakeups)
     click.echo(f"instance {instance_id} cancelled" + (f" ({len(steps)} unfinished step(s): {', '.join(steps)})"
                                                       if steps else ""))
 

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Engine, case, func, insert, literal, literal_column, select, update
+from sqlalchemy import Connection, Engine, case, func, literal, select, update
 
 from flowdb.db.clock import Clock
+from flowdb.db.events import EventRow, EventWriter, event_row
 from flowdb.db.instances import DefinitionCache
 from flowdb.db.progress import ProgressStatements
-from flowdb.db.tables import events, process_instances, step_instances
+from flowdb.db.tables import process_instances, step_instances
 from flowdb.db.timings import CLEARED
+from flowdb.definitions import CompiledDefinition
+from flowdb.engine.settle import Settled
+from flowdb.engine.status import OPEN_STEP, InstanceStatus, StepStatus, sql_in, word
+from flowdb.engine.stop import Stopper
 from flowdb.errors import FlowdbError, NotFound
 from flowdb.models import effective_retry
+from flowdb.notify import Wakeups
 
 I, S = process_instances, step_instances  # noqa: E741
 
@@ -31,29 +37,95 @@ class InstanceNotRunning(FlowdbError):
     """The instance already finished (completed, failed or cancelled)."""
 
 
-def cancel_instance(engine: Engine, instance_id: int, reason: str = "cancelled by an operator") -> list[str]:
-    """Cancel a running instance in one transaction: its unfinished steps and pending approvals
-    become `cancelled`, their leases are cleared (a worker still running one of its handlers loses
-    the lease; its late result is dropped). Returns the ids of the steps that were cancelled."""
-    q = ProgressStatements(engine.dialect.name)
-    clock = Clock(engine.dialect.name)
+def cancel_instance(engine: Engine, instance_id: int, reason: str = "cancelled by an operator",
+                    wakeups: Wakeups | None = None) -> list[str]:
+    """Cancel a running instance in one transaction (engine/stop.py): its unfinished steps become
+    `cancelled` through their step types (a pending approval is cancelled too), their leases are
+    cleared (a worker still running one loses it; its late result is dropped). Returns the ids of
+    the steps that were cancelled; the event streams are woken after the commit."""
+    stopper = Stopper(engine.dialect.name)
+    events: list[EventRow] = []
+    cancelled: list[str] = []
+
+    def record(iid: int, kind: str, payload: dict[str, Any] | None = None, sid: int | None = None) -> None:
+        events.append(event_row(iid, kind, payload, sid))
+        if kind == "step.cancelled":
+            cancelled.append(steps_by_id[sid])
+
     with engine.begin() as conn:
         status = _locked_instance(conn, instance_id).status
-        if status != "running":
+        if status != InstanceStatus.RUNNING:
             raise InstanceNotRunning(f"instance {instance_id} is already {status}; only running instances can be "
                                      "cancelled")
-        rows: list[dict[str, object]] = []
-        cancelled = []
-        for row in conn.execute(q.cancel_open_steps, {"iid": instance_id}).all():
-            cancelled.append(row.step_id)
-            rows.append({"step_instance_id": row.id, "type": "step.cancelled", "payload": {"reason": reason}})
-        for approval_id in q.approvals.cancel_for_instance(conn, instance_id):
-            rows.append({"step_instance_id": None, "type": "approval.cancelled",
-                         "payload": {"approval_id": approval_id, "reason": reason}})
-        conn.execute(q.finish_instance, {"iid": instance_id, "status": "cancelled", "outputs": None, "error": reason})
-        rows.append({"step_instance_id": None, "type": "instance.cancelled", "payload": {"reason": reason}})
-        conn.execute(insert(events).values(instance_id=instance_id, created_at=clock.now), rows)
+        steps_by_id = dict(conn.execute(select(S.c.id, S.c.step_id).where(S.c.instance_id == instance_id)).all())
+        stopper.finish_instance(conn, instance_id, InstanceStatus.CANCELLED, record, error=reason)
+        EventWriter(engine.dialect.name).write(conn, events)
+    (wakeups or Wakeups(None)).notify(events=True)
     return cancelled
+
+
+class StepNotCancellable(FlowdbError):
+    """The step is not open (it finished already), or its instance is not running."""
+
+
+def cancel_step(engine: Engine, instance_id: int, step_id: str, reason: str = "cancelled by an operator",
+                wakeups: Wakeups | None = None) -> list[str]:
+    """Cancel one step of a running instance (its latest round, and its for_each items): a running
+    step loses its lease, a waiting approval becomes `cancelled`; its successors go on as after a
+    skipped parent (engine/settle.py). Returns the step ids that the cancellation settled in turn
+    (skipped or cancelled successors), the step itself first."""
+    dialect = engine.dialect.name
+    progress = ProgressStatements(dialect)
+    events: list[EventRow] = []
+
+    class _Sink:
+        made_ready = 0
+
+        def event(self, iid: int, kind: str, payload: dict[str, Any] | None = None, sid: int | None = None) -> None:
+            events.append(event_row(iid, kind, payload, sid))
+
+        def close(self, iid: int, steps: int = 1) -> None:
+            closed[0] += steps
+
+    closed = [0]
+    sink = _Sink()
+    with engine.begin() as conn:
+        found = _locked_instance(conn, instance_id)
+        if found.status != InstanceStatus.RUNNING:
+            raise StepNotCancellable(f"instance {instance_id} is {found.status}; steps can be cancelled only in a "
+                                     "running instance")
+        definition = DefinitionCache().get(conn, found.definition_id)
+        if step_id not in definition.steps:
+            raise NotFound(f"instance {instance_id} has no step {step_id!r} (its steps: "
+                           f"{', '.join(definition.steps)})")
+        rows = conn.execute(select(S.c.id, S.c.round, S.c.item, S.c.status).where(
+            S.c.instance_id == instance_id, S.c.step_id == step_id)).all()
+        latest = max(r.round for r in rows)
+        targets = [r.id for r in rows if r.round == latest]
+        own = next(r for r in rows if r.round == latest and r.item is None)
+        if own.status not in OPEN_STEP:
+            raise StepNotCancellable(f"step {step_id!r} of instance {instance_id} is {own.status}; only a pending, "
+                                     "ready, running or waiting step can be cancelled")
+        stopped = progress.stopper.cancel_steps(conn, reason, sink.event, rows=targets)
+        sink.close(instance_id, len(stopped))
+        progress.settler.settle(conn, [Settled(instance_id, step_id, False, None, found.definition_id)],
+                                {instance_id: definition}, sink)
+        conn.execute(progress.account, {"iid": instance_id, "closed": closed[0], "cost": 0.0})
+        if conn.execute(select(I.c.open_steps).where(I.c.id == instance_id)).scalar_one() == 0:
+            outputs = _leaf_outputs(conn, instance_id, definition)
+            progress.stopper.finish_instance(conn, instance_id, InstanceStatus.COMPLETED, sink.event, outputs=outputs,
+                                             reason=f"its last open step {step_id!r} was cancelled")
+        EventWriter(dialect).write(conn, events)
+    (wakeups or Wakeups(None)).notify(workers=sink.made_ready > 0, events=True)
+    return [step_id]
+
+
+def _leaf_outputs(conn: Connection, instance_id: int, definition: CompiledDefinition) -> dict[str, Any]:
+    leaves = [sid for sid, step in definition.steps.items() if not step.children]
+    rows = conn.execute(select(S.c.step_id, S.c.output).where(
+        S.c.instance_id == instance_id, S.c.step_id.in_(leaves), S.c.item.is_(None),
+        S.c.status == StepStatus.COMPLETED.value).order_by(S.c.round)).all()
+    return {row.step_id: row.output for row in rows}
 
 
 class StepNotRetryable(FlowdbError):
@@ -67,8 +139,9 @@ def retry_step(engine: Engine, instance_id: int, step_id: str) -> str:
     clock = Clock(engine.dialect.name)
     with engine.begin() as conn:
         found = _locked_instance(conn, instance_id)
-        step = conn.execute(select(S.c.id, S.c.status, S.c.attempt).where(
-            S.c.instance_id == instance_id, S.c.step_id == step_id)).first()
+        step = conn.execute(select(S.c.id, S.c.status, S.c.attempt).where(  # its latest round
+            S.c.instance_id == instance_id, S.c.step_id == step_id, S.c.item.is_(None))
+            .order_by(S.c.round.desc()).limit(1)).first()
         if step is None:
             raise NotFound(f"instance {instance_id} has no step {step_id!r}")
         if step.status != "failed":
@@ -81,29 +154,29 @@ def retry_step(engine: Engine, instance_id: int, step_id: str) -> str:
         policy = effective_retry(definition.steps[step_id].model)
         fresh = policy.max_attempts if policy else 1
         conn.execute(update(S).where(S.c.id == step.id).values(
-            status=literal_column("'ready'"), max_attempts=S.c.attempt + fresh, error=None, finished_at=None,
+            status=word(StepStatus.READY), max_attempts=S.c.attempt + fresh, error=None, finished_at=None,
             ready_at=clock.now, claimable_at=clock.now, releases=literal(0), **CLEARED))
-        rows: list[dict[str, object]] = [{"step_instance_id": step.id, "type": "step.retry_requested",
-                                          "payload": {"attempt": step.attempt, "fresh_attempts": fresh}}]
+        rows = [event_row(instance_id, "step.retry_requested", {"attempt": step.attempt, "fresh_attempts": fresh},
+                          step.id)]
         if found.status == "failed":
             # The failure cancelled the instance's open steps: give them back what they were waiting on.
             restored = conn.execute(
-                update(S).where(S.c.instance_id == instance_id, S.c.status == literal_column("'cancelled'"))
-                .values(status=case((S.c.pending_parents > literal(0), literal_column("'pending'")),
-                                    else_=literal_column("'ready'")),
+                update(S).where(S.c.instance_id == instance_id, S.c.status == word(StepStatus.CANCELLED))
+                .values(status=case((S.c.pending_parents > literal(0), word(StepStatus.PENDING)),
+                                    else_=word(StepStatus.READY)),
                         claimable_at=case((S.c.pending_parents > literal(0), None), else_=clock.now),
                         ready_at=case((S.c.pending_parents > literal(0), S.c.ready_at), else_=clock.now),
                         finished_at=None, input=None, **CLEARED)
                 .returning(S.c.id, S.c.step_id)).all()
             for row in restored:
-                rows.append({"step_instance_id": row.id, "type": "step.restored", "payload": {"reason": "retry"}})
+                rows.append(event_row(instance_id, "step.restored", {"reason": "retry"}, row.id))
             open_steps = conn.execute(select(func.count()).where(
                 S.c.instance_id == instance_id,
-                literal_column("step_instances.status IN ('pending', 'ready', 'running', 'waiting')"))).scalar_one()
+                sql_in("step_instances.status", OPEN_STEP))).scalar_one()
             conn.execute(update(I).where(I.c.id == instance_id).values(
-                status=literal_column("'running'"), error=None, finished_at=None, outputs=None, open_steps=open_steps))
-            rows.append({"step_instance_id": None, "type": "instance.resumed", "payload": {"from_step": step_id}})
+                status=word(InstanceStatus.RUNNING), error=None, finished_at=None, outputs=None, open_steps=open_steps))
+            rows.append(event_row(instance_id, "instance.resumed", {"from_step": step_id}))
         else:
             conn.execute(update(I).where(I.c.id == instance_id).values(open_steps=I.c.open_steps + literal(1)))
-        conn.execute(insert(events).values(instance_id=instance_id, created_at=clock.now), rows)
+        EventWriter(engine.dialect.name).write(conn, rows)
     return "running"

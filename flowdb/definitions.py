@@ -17,18 +17,24 @@ import functools
 import hashlib
 import itertools
 import json
-import re
-import zoneinfo
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path as FsPath
 from typing import Any
 
 from pydantic import ValidationError
 
 from flowdb.errors import DefinitionError, Located
-from flowdb.expressions import ROOT_NAMES, Condition, References, Template, compile_condition, compile_template
+from flowdb.expressions import (
+    GATHER_NAMES,
+    ITEM_NAMES,
+    ROOT_NAMES,
+    Condition,
+    References,
+    Template,
+    compile_condition,
+    compile_template,
+)
 from flowdb.inputs import check_defaults
 from flowdb.models import (
     COMMON_FIELDS,
@@ -40,7 +46,6 @@ from flowdb.models import (
     Notification,
     Process,
     SubProcess,
-    Timer,
 )
 from flowdb.problems import Locator, kind_of, shown, sorted_problems, suggest
 from flowdb.yamlsafe import Path, load_yaml
@@ -50,26 +55,58 @@ _LISTED = 20  # names listed in a message before "... (N more)"
 _CYCLE_SHOWN = 5  # steps shown at each end of a long cycle
 _SUGGEST_BUDGET = 200_000  # names compared for "did you mean" suggestions in one definition
 
-_HHMM = re.compile(r"^([01]?[0-9]|2[0-3]):([0-5][0-9])(?::([0-5][0-9]))?$")
 
 
 @dataclass(frozen=True)
 class Edge:
     from_step: str
     to_step: str
-    kind: str  # dependency | route
+    kind: str  # dependency | route | loop (a route back to an ancestor: it starts a new round)
+
+
+@dataclass(frozen=True)
+class JoinRule:
+    """When a step with several parents starts (DESIGN.md, R6): once `needed` parents completed, and,
+    for `join: all`, every parent settled. It is skipped once `needed` completions can no longer come."""
+
+    needed: int = 1
+    waits_for_all: bool = True
+    cancel_others: bool = False  # when it starts, cancel the parents still open (a race)
+
+    @classmethod
+    def of(cls, model: Any) -> JoinRule:
+        join = model.join
+        if join == "all":
+            return cls(1, True, model.cancel_others)
+        if join == "any":
+            return cls(1, False, model.cancel_others)
+        return cls(join.at_least, False, model.cancel_others)
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A gateway's route back to an ancestor (R1): taking it starts a new round of `body`, every step
+    on a path from `target` to the gateway (both included), in topological order (R4)."""
+
+    gateway: str
+    target: str
+    body: tuple[str, ...]
 
 
 @dataclass
 class CompiledStep:
     model: Any  # one of the step models
-    parents: list[str] = field(default_factory=list)
+    parents: list[str] = field(default_factory=list)  # through depends_on and forward routes (no loop-backs)
     children: list[str] = field(default_factory=list)
+    loops: dict[str, Loop] = field(default_factory=dict)  # a gateway's loop-backs, by target
+    join: JoinRule = JoinRule()
     message: Template | None = None
     condition: Condition | None = None
     templates: dict[str, Template] = field(default_factory=dict)  # other text fields by name
     route_conditions: list[Condition | None] = field(default_factory=list)
     position: tuple[int, int] = (1, 1)  # line and column of the step in its file
+    for_each: Condition | None = None  # a for_each given as an expression (a list literal is on the model)
+    complete_when: Condition | None = None
 
     @property
     def id(self) -> str:
@@ -85,7 +122,7 @@ class CompiledStep:
         template with {{ }} parts (what the worker renders off the event loop, under the limits)."""
         templates = [*self.templates.values(), *([self.message] if self.message is not None else [])]
         return self.condition is not None or any(c is not None for c in self.route_conditions) \
-            or any(not t.static for t in templates)
+            or any(not t.static for t in templates) or self.for_each is not None or self.complete_when is not None
 
     @functools.cached_property
     def references(self) -> References:
@@ -94,8 +131,9 @@ class CompiledStep:
         parts += [c.refs for c in self.route_conditions if c is not None]
         if self.message is not None:
             parts.append(self.message.refs)
-        if self.condition is not None:
-            parts.append(self.condition.refs)
+        for expression in (self.condition, self.for_each, self.complete_when):
+            if expression is not None:
+                parts.append(expression.refs)
         return References(
             frozenset().union(*(p.inputs for p in parts)),
             frozenset().union(*(p.steps for p in parts)),
@@ -115,6 +153,20 @@ class CompiledDefinition:
     on_success: list[tuple[Action, Template]]  # each output action with its compiled message
     on_failure: list[tuple[Action, Template]]
     filename: str = "<definition>"
+
+    @functools.cached_property
+    def has_loops(self) -> bool:
+        return any(step.loops for step in self.steps.values())
+
+    @functools.cached_property
+    def loop_bodies(self) -> dict[str, frozenset[str]]:
+        """For each step, the steps that share a loop body with it (they may run again together)."""
+        together: dict[str, set[str]] = {}
+        for step in self.steps.values():
+            for loop in step.loops.values():
+                for sid in loop.body:
+                    together.setdefault(sid, set()).update(loop.body)
+        return {sid: frozenset(peers) for sid, peers in together.items()}
 
     @property
     def name(self) -> str:
@@ -278,16 +330,25 @@ def _compile(
                 edges.append(Edge(parent, sid, "dependency"))
         if isinstance(step.model, Gateway):
             _gateway_edges(sid, step.model, path, steps, seen, edges, suggestions, locator, problems)
+    edges = _without_doubles(edges, step_path, steps, locator, problems)
     for edge in edges:
         steps[edge.to_step].parents.append(edge.from_step)
         steps[edge.from_step].children.append(edge.to_step)
 
-    cycle = _find_cycle(steps)
+    cycle, loop_backs = _find_cycle(steps, edges)
     if cycle:
         problems.append(_cycle_problem(cycle, step_path, steps, locator))
         return steps, edges, [], []
+    edges = _loops(steps, edges, loop_backs, step_path, locator, problems)
+    for sid, step in steps.items():
+        _check_join(step, step_path[sid], locator, problems)
 
-    scope = _Scope(process, steps, _Precedence(steps), suggestions, locator, problems)
+    peers: dict[str, set[str]] = {}
+    for step in steps.values():
+        for loop in step.loops.values():
+            for member in loop.body:
+                peers.setdefault(member, set()).update(loop.body)
+    scope = _Scope(process, steps, _Precedence(steps), peers, suggestions, locator, problems)
     for sid, step in steps.items():
         _compile_step(step, step_path[sid], scope)
 
@@ -315,6 +376,14 @@ def _gateway_edges(sid: str, model: Gateway, path: Path, steps: dict[str, Compil
     defaults = 0
     for i, route in enumerate(model.routes):
         where = (*path, "routes", i, "next")
+        if model.gateway_type == "parallel" and (route.condition is not None or route.default):
+            field_name = "condition" if route.condition is not None else "default"
+            problems.append(locator.at((*path, "routes", i, field_name),
+                                       f"gateway {sid!r} is parallel: it takes every route, so a route has no "
+                                       f"{field_name}; use gateway_type: inclusive to choose routes by condition"))
+        elif model.gateway_type != "parallel" and route.condition is None and not route.default:
+            problems.append(locator.at((*path, "routes", i), f"route {i + 1} of {model.gateway_type} gateway "
+                                       f"{sid!r} needs a condition or `default: true`"))
         if route.default:
             defaults += 1
             if defaults == 2:
@@ -327,12 +396,26 @@ def _gateway_edges(sid: str, model: Gateway, path: Path, steps: dict[str, Compil
                                           f"{suggestions(route.next, steps)}; known steps: {_listed(steps)}"))
         elif route.next in targets:
             problems.append(locator.value(where, f"gateway {sid!r} routes to {route.next!r} twice"))
-        elif route.next in seen:  # `seen` holds every step the gateway depends on
-            problems.append(locator.value(where, f"gateway {sid!r} routes to {route.next!r}, which it also "
-                                          "depends on"))
         else:
             targets.add(route.next)
             edges.append(Edge(sid, route.next, "route"))
+
+
+def _without_doubles(edges: list[Edge], step_path: dict[str, Path], steps: dict[str, CompiledStep],
+                     locator: Locator, problems: list[Located]) -> list[Edge]:
+    """A step that depends on a gateway and is one of its routes too: refused (the route decides)."""
+    routes = {(e.from_step, e.to_step) for e in edges if e.kind == "route"}
+    kept = []
+    for edge in edges:
+        if edge.kind == "dependency" and (edge.from_step, edge.to_step) in routes:
+            model = steps[edge.to_step].model
+            where = (*step_path[edge.to_step], "depends_on", model.depends_on.index(edge.from_step))
+            problems.append(locator.value(where, f"step {edge.to_step!r} depends on gateway {edge.from_step!r} and "
+                                          f"is one of its routes too; remove {edge.from_step!r} from its depends_on "
+                                          "(a route's target waits for the gateway to choose it)"))
+            continue
+        kept.append(edge)
+    return kept
 
 
 def _cycle_problem(cycle: list[str], step_path: dict[str, Path], steps: dict[str, CompiledStep],
@@ -364,6 +447,7 @@ class _Scope:
     process: Process
     steps: dict[str, CompiledStep]
     order: _Precedence | None  # None: what is checked runs after every step
+    loop_peers: dict[str, set[str]]  # steps sharing a loop body: each may read the others' last round
     suggestions: _Suggestions
     locator: Locator
     problems: list[Located]
@@ -374,13 +458,17 @@ def _compile_step(step: CompiledStep, path: Path, scope: _Scope) -> None:
     sid = step.id
     locator, problems = scope.locator, scope.problems
 
+    per_item = ITEM_NAMES if model.for_each is not None else frozenset()
+
     def text(name: str, value: str | None, where: Path) -> Template | None:
         if value is None:
             return None
         template = _template(value, where, locator, problems)
         if template is not None:
-            _check_refs(template.refs, where, sid, scope)
+            _check_refs(template.refs, where, sid, scope, per_item)
         return template
+
+    _compile_for_each(step, path, scope)
 
     if model.condition is not None:
         where = (*path, "condition")
@@ -418,40 +506,37 @@ def _compile_step(step: CompiledStep, path: Path, scope: _Scope) -> None:
                 if compiled is not None:
                     _check_refs(compiled.refs, where, sid, scope)
             step.route_conditions.append(compiled)
-    if isinstance(model, Timer):
-        _check_timer(model, path, locator, problems)
+    from flowdb.steptypes.registry import STEP_TYPES  # the types import this module
+
+    step_type = STEP_TYPES.get(model.type)
+    for where, problem, at_value in step_type.check(model) if step_type is not None else ():
+        problems.append(locator.value((*path, *where), problem) if at_value else locator.at((*path, *where), problem))
 
 
-def _check_timer(model: Timer, path: Path, locator: Locator, problems: list[Located]) -> None:
-    given = [name for name in ("duration", "wait_until", "until") if getattr(model, name) is not None]
-    if not given:
-        problems.append(locator.at(path, f"timer {model.id!r} needs one of duration, wait_until, until"))
-    elif len(given) > 1:
-        problems.append(locator.at((*path, given[1]), f"timer {model.id!r} needs exactly one of duration, "
-                                   f"wait_until, until (got {', '.join(given)}); keep one"))
-    if model.timezone is not None:
-        try:
-            zoneinfo.ZoneInfo(model.timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            problems.append(locator.value((*path, "timezone"), f"unknown time zone {model.timezone!r}"
-                                          f"{suggest(model.timezone, _zones())}; use an IANA name such as "
-                                          "Europe/Paris or America/New_York"))
-    if model.wait_until is not None and not _HHMM.match(model.wait_until):
-        problems.append(locator.value((*path, "wait_until"), f"wait_until {model.wait_until!r} is not a time "
-                                      "of day; write it as HH:MM or HH:MM:SS (24-hour), in quotes"))
-    if model.until is not None:
-        try:
-            datetime.fromisoformat(model.until)
-        except ValueError:
-            problems.append(locator.value((*path, "until"), f"until {model.until!r} is not an ISO 8601 "
-                                          "date-time such as 2026-12-01T09:30:00+01:00"))
-
-
-def _zones() -> set[str]:
-    try:
-        return zoneinfo.available_timezones()
-    except (OSError, ValueError):  # no tz database to list: no suggestion
-        return set()
+def _compile_for_each(step: CompiledStep, path: Path, scope: _Scope) -> None:
+    """for_each (R7): an expression (or a list), complete_when, and the fields that need them."""
+    model, sid = step.model, step.id
+    locator, problems = scope.locator, scope.problems
+    if isinstance(model.for_each, str):
+        where = (*path, "for_each")
+        expression = _condition(model.for_each, where, locator, problems)
+        if expression is not None:
+            _check_refs(expression.refs, where, sid, scope)
+            step.for_each = expression
+    if model.complete_when is not None:
+        where = (*path, "complete_when")
+        expression = _condition(model.complete_when, where, locator, problems)
+        if expression is not None:
+            _check_refs(expression.refs, where, sid, scope, GATHER_NAMES)
+            step.complete_when = expression
+    needs = {"max_parallel": model.max_parallel is not None, "complete_when": model.complete_when is not None}
+    for name, given in needs.items():
+        if given and model.for_each is None:
+            problems.append(locator.at((*path, name), f"step {sid!r} has {name} but no for_each; {name} says how "
+                                       "a for_each runs its items"))
+    if model.cancel_remaining and model.complete_when is None:
+        problems.append(locator.at((*path, "cancel_remaining"), f"step {sid!r} has cancel_remaining but no "
+                                   "complete_when: its items are never cut short; add complete_when"))
 
 
 def _template(value: str, where: Path, locator: Locator, problems: list[Located]) -> Template | None:
@@ -470,12 +555,14 @@ def _condition(value: str, where: Path, locator: Locator, problems: list[Located
         return None
 
 
-def _check_refs(refs: References, where: Path, sid: str | None, scope: _Scope) -> None:
+def _check_refs(refs: References, where: Path, sid: str | None, scope: _Scope,
+                extra: frozenset[str] = frozenset()) -> None:
+    """Check what a template reads; `extra` names it may use besides inputs, steps and process."""
     process, steps, locator, problems = scope.process, scope.steps, scope.locator, scope.problems
-    for root in sorted(refs.unknown_roots):
+    for root in sorted(refs.unknown_roots - extra):
+        usable = ", ".join(sorted(ROOT_NAMES | extra))
         problems.append(locator.value(where, f"unknown name {root!r} in template"
-                                      f"{suggest(root, ROOT_NAMES)}; templates can use inputs, steps and "
-                                      "process"))
+                                      f"{suggest(root, ROOT_NAMES | extra)}; templates here can use {usable}"))
     for name in sorted(refs.inputs - set(process.inputs)):
         declared = _listed(sorted(process.inputs)) or "none are declared"
         problems.append(locator.value(where, f"template uses unknown input {name!r}"
@@ -487,7 +574,8 @@ def _check_refs(refs: References, where: Path, sid: str | None, scope: _Scope) -
         elif ref == sid:
             problems.append(locator.value(where, f"step {sid!r} uses its own steps.{ref}, which has no value "
                                           "before the step has run; use an earlier step's output"))
-        elif sid is not None and scope.order is not None and not scope.order.runs_before(ref, sid):
+        elif sid is not None and scope.order is not None and not scope.order.runs_before(ref, sid) \
+                and ref not in scope.loop_peers.get(sid, ()):  # a loop's later step, from the round before
             problems.append(locator.value(where, f"step {sid!r} uses steps.{ref} but does not run after it; "
                                           f"add {ref!r} to its depends_on"))
 
@@ -551,11 +639,15 @@ def _topological_order(steps: dict[str, CompiledStep]) -> list[str]:
     return order
 
 
-def _find_cycle(steps: dict[str, CompiledStep]) -> list[str] | None:
-    """A cycle of steps, as a depth-first search in file order meets it (with an explicit stack)."""
+def _find_cycle(steps: dict[str, CompiledStep], edges: list[Edge]) -> tuple[list[str] | None, set[Edge]]:
+    """The back edges of a depth-first walk from the entry steps (in file order, with an explicit
+    stack): a route among them is a loop-back (R1); any other closes a cycle, returned as its steps."""
+    routes = {(e.from_step, e.to_step) for e in edges if e.kind == "route"}
     white, grey, black = 0, 1, 2
     color = dict.fromkeys(steps, white)
-    for start in steps:
+    back: set[Edge] = set()
+    entries = [sid for sid, step in steps.items() if not step.parents]
+    for start in [*entries, *steps]:
         if color[start] != white:
             continue
         color[start] = grey
@@ -573,9 +665,67 @@ def _find_cycle(steps: dict[str, CompiledStep]) -> list[str] | None:
             next_child[-1] = i + 1
             child = children[i]
             if color[child] == grey:
-                return trail[trail.index(child):]
-            if color[child] == white:
+                if (node, child) not in routes:
+                    return trail[trail.index(child):], back
+                back.add(Edge(node, child, "route"))
+            elif color[child] == white:
                 color[child] = grey
                 trail.append(child)
                 next_child.append(0)
-    return None
+    return None, back
+
+
+def _loops(steps: dict[str, CompiledStep], edges: list[Edge], loop_backs: set[Edge], step_path: dict[str, Path],
+           locator: Locator, problems: list[Located]) -> list[Edge]:
+    """Take the loop-backs out of the step graph (which is then acyclic) and give each its body; the
+    edges with loop-backs marked as such."""
+    if not loop_backs:
+        return edges
+    for edge in loop_backs:
+        steps[edge.to_step].parents.remove(edge.from_step)
+        steps[edge.from_step].children.remove(edge.to_step)
+    order = {sid: i for i, sid in enumerate(_topological_order(steps))}
+    for edge in sorted(loop_backs, key=lambda e: (order[e.from_step], e.to_step)):
+        gateway, target = edge.from_step, edge.to_step
+        after_target = _reach(steps, target, lambda step: step.children)
+        before_gateway = _reach(steps, gateway, lambda step: step.parents)
+        body = tuple(sorted(after_target & before_gateway, key=order.__getitem__))
+        steps[gateway].loops[target] = Loop(gateway, target, body)
+    for sid, step in steps.items():
+        if step.loops and getattr(step.model, "gateway_type", None) == "parallel":
+            problems.append(locator.at((*step_path[sid], "gateway_type"), f"parallel gateway {sid!r} routes back to "
+                                       f"{', '.join(repr(t) for t in step.loops)}: it takes every route, so the loop "
+                                       "would run until max_visits; use an exclusive gateway with a condition"))
+        elif step.loops and not step.children:
+            where = (*step_path[sid], "routes")
+            problems.append(locator.at(where, f"gateway {sid!r} only routes back to "
+                                       f"{', '.join(repr(t) for t in step.loops)}: the loop has no exit; add a "
+                                       "route (or a default route) to a step after the loop"))
+    return [Edge(e.from_step, e.to_step, "loop") if e in loop_backs else e for e in edges]
+
+
+def _reach(steps: dict[str, CompiledStep], start: str, next_of: Any) -> set[str]:
+    seen = {start}
+    stack = [start]
+    while stack:
+        for other in next_of(steps[stack.pop()]):
+            if other not in seen:
+                seen.add(other)
+                stack.append(other)
+    return seen
+
+
+def _check_join(step: CompiledStep, path: Path, locator: Locator, problems: list[Located]) -> None:
+    model = step.model
+    step.join = JoinRule.of(model)
+    parents = len(step.parents)
+    if model.join != "all" and parents < 2:
+        problems.append(locator.at((*path, "join"), f"step {step.id!r} has {parents} parent(s): a join needs two "
+                                   "or more; remove `join`"))
+    elif not isinstance(model.join, str) and step.join.needed > parents:
+        problems.append(locator.value((*path, "join", "at_least"), f"step {step.id!r} joins at least "
+                                      f"{step.join.needed} of its {parents} parents; lower at_least"))
+    if model.cancel_others and model.join == "all":
+        problems.append(locator.at((*path, "cancel_others"), f"step {step.id!r} waits for all its parents "
+                                   "(join: all), so there are none left to cancel; use join: any or "
+                                   "join: {at_least: N}"))

@@ -833,6 +833,8 @@ class References:
 
 
 ROOT_NAMES = frozenset({"inputs", "steps", "process"})
+ITEM_NAMES = frozenset({"item", "index"})  # in the templates of a for_each step's items
+GATHER_NAMES = frozenset({"items", "completed", "total"})  # in a for_each step's complete_when
 
 
 def _references(ast: nodes.Node) -> References:
@@ -951,6 +953,16 @@ class Condition:
             return bool(compiled(**context))
         except Exception as exc:  # whatever the expression did, the caller gets a TemplateError
             raise _failure("condition", self.source, exc) from None
+
+    def value(self, context: Mapping[str, Any]) -> Any:
+        """The expression's value itself (a for_each list), not its truth."""
+        compiled = self._compiled
+        if compiled is None:
+            compiled = self._compiled = _generated("expression", self.source, self._build)
+        try:
+            return compiled(**context)
+        except Exception as exc:  # whatever the expression did, the caller gets a TemplateError
+            raise _failure("expression", self.source, exc) from None
 
     def _build(self) -> TemplateExpression:
         # What Environment.compile_expression builds, from the node parsed once already.

@@ -8,12 +8,11 @@ from typing import Any
 
 import click
 
-from flowdb.db.approvals import ParkApproval
 from flowdb.db.claims import Claimed
 from flowdb.db.progress import Progress
 from flowdb.definitions import CompiledDefinition
-from flowdb.notifications import decide_command
 from flowdb.outcomes import Outcome
+from flowdb.steptypes.registry import STEP_TYPES
 
 MARKS = {"completed": "✓", "failed": "✗", "skipped": "–", "waiting": "…"}
 
@@ -60,8 +59,10 @@ class LiveView:
             if outcome.error:
                 line += f"  ({outcome.error})"
             click.echo(line)
-            if isinstance(outcome.approval, ParkApproval) and outcome.approval.notified:
-                click.echo(f"      waiting for a decision: {decide_command(outcome.approval.approval_id)}")
+            step_type = STEP_TYPES.get(outcome.step.type)
+            waiting_for = step_type.describe_wait(outcome) if step_type is not None else None
+            if waiting_for:
+                click.echo(f"      {waiting_for}")
         for instance_id, status in progress.finished_instances:
             if instance_id == self.instance_id:
                 self.final = status

@@ -81,11 +81,30 @@ class OutputActions(Strict):
     on_failure: list[Action] = []
 
 
+class AtLeast(Strict):
+    at_least: int = Field(ge=1)
+
+
+# How a step with several parents joins them (DESIGN.md, R6): `all` waits for every parent and runs
+# when at least one completed; `any` runs at the first completion; `at_least: N` at the N-th.
+Join = Literal["all", "any"] | AtLeast
+
+
 class StepBase(Strict):
     id: str = Field(pattern=STEP_ID_PATTERN, max_length=100)
     name: str | None = None
     description: str | None = None
     depends_on: list[str] = []
+    join: Join = "all"
+    cancel_others: bool = False  # once the join fires, cancel the parents still open (a race)
+    max_visits: int = Field(default=10, ge=1, le=10_000)  # rounds a loop may run this step, counting the first (R3)
+    # for_each (R7): run the step once per element of a list (or of an expression giving one), with
+    # {{ item }} and {{ index }}; at most max_parallel at once; complete_when releases the successors
+    # early (cancel_remaining: and cancels the items not finished).
+    for_each: list[Any] | str | None = None
+    max_parallel: int | None = Field(default=None, ge=1)
+    complete_when: str | None = None
+    cancel_remaining: bool = False
     condition: str | None = None
     retry: RetryPolicy | None = None
     timeout: float | None = None
@@ -137,14 +156,17 @@ class HumanApproval(StepBase):
 
 
 class Route(Strict):
+    """One way out of a gateway: its condition, or `default: true`, or neither on a parallel gateway
+    (which takes every route); which of these a gateway needs is checked in definitions.py."""
+
     next: str
     condition: str | None = None
     default: bool = False
 
     @model_validator(mode="after")
     def _one_kind(self) -> Route:
-        if self.default == (self.condition is not None):
-            raise ValueError("a route has either a condition or `default: true`, exactly one of them")
+        if self.default and self.condition is not None:
+            raise ValueError("a route has either a condition or `default: true`, not both")
         return self
 
 
@@ -174,6 +196,12 @@ class SubProcess(StepBase):
     inputs: dict[str, Any] = {}
 
 
+class End(StepBase):
+    """Completes the instance at once; what still runs or waits is cancelled."""
+
+    type: Literal["end"]
+
+
 class Notification(StepBase):
     type: Literal["notification"]
     channel: Literal["log", "email", "slack"]
@@ -191,13 +219,15 @@ def effective_retry(model: StepBase) -> RetryPolicy | None:
 
 
 Step = Annotated[
-    AgentTask | HumanApproval | Gateway | Timer | SubProcess | Notification,
+    AgentTask | HumanApproval | Gateway | Timer | SubProcess | Notification | End,
     Field(discriminator="type"),
 ]
-STEP_TYPES = ("agent_task", "human_approval", "gateway", "timer", "sub_process", "notification")
+STEP_TYPES = ("agent_task", "human_approval", "gateway", "timer", "sub_process", "notification", "end")
 
 # Fields that place a step in the graph; any other field may be written under `config:` instead.
-COMMON_FIELDS = frozenset({"id", "type", "name", "description", "depends_on", "condition", "config"})
+COMMON_FIELDS = frozenset({"id", "type", "name", "description", "depends_on", "join", "cancel_others", "max_visits",
+                           "for_each", "max_parallel", "complete_when", "cancel_remaining", "condition",
+                           "config"})
 
 
 class Process(Strict):

@@ -24,8 +24,12 @@ class Outcome:
     tokens_out: int = 0
     input: Any = None  # what the step was given (rendered message, ...), kept on the row
     taken: frozenset[str] | None = None  # children whose edge is taken; None = all (gateways choose)
+    ends_instance: bool = False  # completing this step completes its instance (`end`)
+    expand: list[Any] | None = None  # for `waiting`: a for_each step's list, one item row per element
+    cancel_items: bool = False  # for `completed`: a for_each's complete_when held; cancel its unfinished items
     wake_in: float | None = None  # for `waiting`: seconds until the claim query should wake it
-    # Rows about an approval to write in the same transaction (db/approvals.py); it may turn the
-    # outcome into another (an expiry that lost the race against a human decision parks again).
-    approval: Any = None
+    # Side rows the step type writes in the same transaction (its record() hook: an approval's rows,
+    # db/approvals.py); it may turn the outcome into another (an expiry that lost the race against a
+    # human decision parks again).
+    side: Any = None
     events: Sequence[tuple[str, dict[str, Any]]] = ()  # facts recorded with the outcome (a notice sent...)

@@ -27,7 +27,8 @@ def status_json(conn: Connection, instance_id: int) -> dict[str, Any]:
     steps = []
     for row in step_rows(conn, instance_id):
         steps.append({
-            "step_id": row.step_id, "type": row.type, "status": row.status, "attempt": row.attempt,
+            "id": row.id, "step_id": row.step_id, "round": row.round, "item": row.item, "type": row.type,
+            "status": row.status, "attempt": row.attempt,
             "started_at": _iso(row.started_at), "finished_at": _iso(row.finished_at),
             "duration_s": _seconds(row.started_at, row.finished_at), "cost_usd": row.cost_usd,
             "output": row.output, "error": row.error,
@@ -62,7 +63,9 @@ def print_status(data: dict[str, Any]) -> None:
     for step in data["steps"]:
         secs = f"{step['duration_s']:.3f}" if step["duration_s"] is not None else ""
         detail = step["error"] if step["error"] else _short(step["output"])
-        click.echo(f"{step['step_id']:<24} {step['type']:<14} {step['status']:<10} {step['attempt']:>3} "
+        name = step["step_id"] + (f" #{step['round']}" if step["round"] > 1 else "") + (
+            f"[{step['item']}]" if step["item"] is not None else "")
+        click.echo(f"{name:<24} {step['type']:<14} {step['status']:<10} {step['attempt']:>3} "
                    f"{secs:>8}  {_short(detail)}")
     if data["outputs"] is not None:
         click.echo("outputs:")

@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, select
@@ -34,18 +33,22 @@ from flowdb.actions import RenderedAction, render_actions
 from flowdb.agents.registry import AgentRegistry
 from flowdb.bounded import BoundedRunner
 from flowdb.db.claims import FREE_RELEASES, Claimed, ClaimStatements
+from flowdb.db.clock import utcnow
 from flowdb.db.connectivity import CommitUnknown, DatabaseUnavailable, Outage, first_line, is_conflict, refused_data
 from flowdb.db.events import EventRow, EventWriter, event_row
 from flowdb.db.instances import DefinitionCache, DefinitionUnloadable
 from flowdb.db.progress import DueActions, Progress, ProgressStatements, ProgressWriter, template_context
 from flowdb.db.tables import process_instances, step_instances
 from flowdb.definitions import CompiledDefinition
+from flowdb.engine import for_each
+from flowdb.engine.for_each import ForEachStatements
 from flowdb.errors import TemplateError, TemplateMemoryError
-from flowdb.handlers import HANDLERS, LOADERS, RENDERERS, StepContext
 from flowdb.models import effective_retry
 from flowdb.notifications import Notifier
 from flowdb.notify import Waker
 from flowdb.outcomes import Outcome
+from flowdb.steptypes.base import StepContext
+from flowdb.steptypes.registry import STEP_TYPES
 
 log = logging.getLogger("flowdb.worker")
 T = TypeVar("T")
@@ -112,6 +115,7 @@ class Worker:
         self.writer = ProgressWriter(ProgressStatements(dialect))
         self.events = EventWriter(dialect)
         self.definitions = DefinitionCache()
+        self.for_each = ForEachStatements(dialect)
         self.renderer: BoundedRunner  # made by run(): its threads end with it
         self.inflight: dict[int, Held] = {}
         self.done: list[Outcome] = []
@@ -396,15 +400,20 @@ class Worker:
         if refs.needs_context:
             context = template_context(conn, item.instance_id, definition,
                                        None if refs.dynamic_steps else refs.steps)
+        if item.item is not None:  # one item of a for_each step
+            context.update(item=item.item_value, index=item.item)
+        gathered = self.for_each.load_items(conn, item.instance_id, item.step_id, item.round) \
+            if item.woken and item.item is None and step.model.for_each is not None else None
         budget = definition.process.budget
         if budget is not None and item.type == "agent_task":
             spent = _instance_cost(conn, item.instance_id)
             if spent >= budget.max_cost_usd:
                 return Outcome(item, "failed", retryable=False,
                                error=f"budget of ${budget.max_cost_usd:g} is spent (${spent:g}); step not started")
-        load = LOADERS.get(item.type)
-        loaded = load(conn, item) if load is not None else None
-        return StepContext(item, definition, step, context, self.agents, datetime.now(UTC), self.notifier, loaded)
+        step_type = STEP_TYPES.get(item.type)
+        loaded = step_type.load(conn, item, step) if step_type is not None and step_type.loads else None
+        return StepContext(item, definition, step, context, self.agents, utcnow(), self.notifier, loaded,
+                           items=gathered)
 
     # -- running steps --------------------------------------------------------------------------
     def _start(self, starting: list[tuple[Held, StepContext]]) -> None:
@@ -452,7 +461,7 @@ class Worker:
             self._next_take_over = time.monotonic() + wait  # let a freer worker take it
 
     async def _execute(self, ctx: StepContext, render: asyncio.Future[Any] | None) -> None:
-        handler = HANDLERS.get(ctx.claimed.type)
+        handler = STEP_TYPES.get(ctx.claimed.type)
         try:
             rendered = await render if render is not None else _render(ctx)
             if isinstance(rendered, Outcome):  # its condition is false
@@ -613,6 +622,8 @@ class Worker:
 def _evaluates(ctx: StepContext) -> bool:
     """Whether a claimed step has user expressions to evaluate (then its render goes to the render
     thread; otherwise its static texts are taken on the loop, which costs nothing)."""
+    if for_each.is_own_row(ctx):
+        return for_each.needs_render(ctx)
     return not ctx.claimed.woken and ctx.step.evaluates
 
 
@@ -621,13 +632,17 @@ def _render(ctx: StepContext) -> Any:
     expressions). A false condition gives the `skipped` outcome; a failing template raises TemplateError.
     A woken step (an approval's or a timer's later turn) renders nothing."""
     claimed, step = ctx.claimed, ctx.step
-    if claimed.woken:
+    own_row = for_each.is_own_row(ctx)
+    if claimed.woken and not own_row:
         return None
-    if step.condition is not None and not step.condition.evaluate(ctx.templates):
+    if step.condition is not None and claimed.item is None and not claimed.woken \
+            and not step.condition.evaluate(ctx.templates):
         return Outcome(claimed, "skipped", output=None, error=None,
                        input={"condition": step.condition.source, "value": False})
-    render = RENDERERS.get(claimed.type)
-    return render(ctx) if render is not None else None
+    if own_row:  # a for_each step's own row expands its list, or gathers its items
+        return for_each.decide(ctx)
+    step_type = STEP_TYPES.get(claimed.type)
+    return step_type.render(ctx) if step_type is not None and step_type.renders else None
 
 
 def _instance_cost(conn: Connection, instance_id: int) -> float:

@@ -1,4 +1,5 @@
--- v_step_runs: one row per step of every instance (a step row, with all its attempts).
+-- v_step_runs: one row per run of a step in every instance (a step row, with all its attempts): a
+-- step in a loop has a row per round, a for_each step a row per item beside its own row.
 --
 -- A step's row keeps its latest attempt: started_at is when a worker claimed that attempt (for a
 -- timer or an approval, the first claim: the wait is part of the run), ready_at when that attempt
@@ -11,7 +12,10 @@
 --   process           process name
 --   version           definition version
 --   step_id           the step's id in the definition
---   type              agent_task | human_approval | gateway | timer | sub_process | notification
+--   round             the loop round this row ran (1: the first visit; later rounds only in loops)
+--   item              the for_each item's index (from 0), NULL for a step's own row (a for_each
+--                     step's own row has the list of its items' outputs as output, no cost)
+--   type              agent_task | human_approval | gateway | timer | sub_process | notification | end
 --   agent             the agent of an agent_task (NULL for other types)
 --   status            pending | ready | running | waiting | completed | failed | skipped | cancelled
 --   attempts          handler runs so far (0: never claimed)
@@ -40,6 +44,8 @@ SELECT
     d.name AS process,
     d.version,
     s.step_id,
+    s.round,
+    s.item,
     s.type,
     s.agent,
     s.status,

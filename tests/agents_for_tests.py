@@ -83,3 +83,22 @@ def poison(request: AgentRequest) -> dict[str, Any]:
 def nul(request: AgentRequest) -> str:
     """An answer PostgreSQL cannot store in a JSON column (a NUL character)."""
     return "before\x00after"
+
+
+def quality(request: AgentRequest) -> dict[str, Any]:
+    """An analyst whose score is $FLOWDB_TEST_QUALITY (the conditional-flow example's three cases)."""
+    return {"summary": "analysed", "quality_score": int(os.environ.get("FLOWDB_TEST_QUALITY", "50"))}
+
+
+def lister(request: AgentRequest) -> dict[str, Any]:
+    """A list of `message` company names, for for_each."""
+    return {"companies": [f"company-{i}" for i in range(int(request.message))]}
+
+
+def timed(request: AgentRequest) -> dict[str, Any]:
+    """Sleeps $FLOWDB_TEST_SLEEP and says when it ran (for max_parallel)."""
+    began = time.time()
+    time.sleep(float(os.environ.get("FLOWDB_TEST_SLEEP", "0.2")))
+    if request.message == "fail":
+        raise NonRetryableError("this item fails")
+    return {"message": request.message, "began": began, "ended": time.time()}

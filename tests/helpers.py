@@ -61,9 +61,20 @@ def instance(engine: Engine, instance_id: int) -> Any:
 
 
 def steps(engine: Engine, instance_id: int) -> dict[str, Any]:
+    """Each step's own row of its latest round (what a step's state is)."""
     with engine.connect() as conn:
-        rows = conn.execute(select(step_instances).where(step_instances.c.instance_id == instance_id)).all()
+        rows = conn.execute(select(step_instances).where(step_instances.c.instance_id == instance_id,
+                                                         step_instances.c.item.is_(None))
+                            .order_by(step_instances.c.round)).all()
     return {row.step_id: row for row in rows}
+
+
+def runs(engine: Engine, instance_id: int, step_id: str) -> list[Any]:
+    """Every row of one step (rounds, items), in round and item order."""
+    S = step_instances
+    with engine.connect() as conn:
+        return list(conn.execute(select(S).where(S.c.instance_id == instance_id, S.c.step_id == step_id)
+                                 .order_by(S.c.round, S.c.item.is_not(None), S.c.item)).all())
 
 
 def event_types(engine: Engine, instance_id: int) -> list[str]:

@@ -21,8 +21,8 @@ import pytest
 from sqlalchemy import func, select
 
 from flowdb.db.tables import events, process_definitions, process_instances, step_instances
-from flowdb.handlers import HANDLERS
 from flowdb.models import STEP_TYPES
+from flowdb.steptypes.registry import STEP_TYPES as RUNNABLE
 
 from conftest import EXAMPLES, Database, flowdb_cli
 
@@ -119,7 +119,7 @@ def test_deploy_refuses_every_invalid_file_and_writes_nothing(db: Database) -> N
 
 
 EXAMPLE_FILES = sorted(path for path in EXAMPLES.glob("*.yaml") if path.name != "agents.yaml")
-NOT_RUNNABLE = sorted(set(STEP_TYPES) - set(HANDLERS))
+NOT_RUNNABLE = sorted(set(STEP_TYPES) - set(RUNNABLE.names()))
 
 
 def steps_of_types(path: Path, types: list[str]) -> list[tuple[int, int, str]]:

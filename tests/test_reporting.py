@@ -228,13 +228,14 @@ def _step(n: int, iid: int, process: str, version: int, step: str, kind: str, ag
           attempts: int, most: int, day: str | None, ready: str | None, began: str | None, finished: str | None,
           queued: float | None, ran: float | None, cost: float = 0.0, tin: int = 0, tout: int = 0,
           error: str | None = None) -> tuple[Any, ...]:
-    return (n, iid, process, version, step, kind, agent, status, attempts, most, max(attempts - 1, 0), day, ready,
-            began, finished, queued, ran, cost, tin, tout, error)
+    return (n, iid, process, version, step, 1, None, kind, agent, status, attempts, most, max(attempts - 1, 0), day,
+            ready, began, finished, queued, ran, cost, tin, tout, error)
 
 
 def test_step_runs(history: Database) -> None:
     columns, got = rows(history.engine, "SELECT * FROM v_step_runs ORDER BY step_instance_id")
-    assert columns == ["step_instance_id", "instance_id", "process", "version", "step_id", "type", "agent",
+    assert columns == ["step_instance_id", "instance_id", "process", "version", "step_id", "round", "item", "type",
+                       "agent",
                        "status", "attempts", "max_attempts", "retries", "day", "ready_at", "started_at",
                        "finished_at", "queued_s", "run_s", "cost_usd", "tokens_in", "tokens_out", "error"]
     d23, d24, d26 = "2026-11-23", "2026-11-24", "2026-11-26"

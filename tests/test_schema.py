@@ -101,7 +101,7 @@ def test_per_instance_reads_of_the_completion_path_use_the_instance_key(db: Data
     _fill(db)
     statements = ProgressStatements(db.engine.dialect.name)
     for statement in (statements.leaf_outputs.params(iids=[1], leaves=["s7"]),
-                      statements.settled_children.params(iids=[1], children=["s3", "s7"])):
+                      statements.settler.children.params(iids=[1], sids=["s3", "s7"])):
         sql = str(statement.compile(dialect=db.engine.dialect, compile_kwargs={"literal_binds": True}))
         with db.engine.begin() as conn:
             if db.kind == "sqlite":
@@ -109,7 +109,7 @@ def test_per_instance_reads_of_the_completion_path_use_the_instance_key(db: Data
                 assert "(instance_id=? AND step_id=?)" in plan, plan
             else:
                 plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql))
-                assert "uq_step_instances_instance_id_step_id" in plan, plan
+                assert "uq_step_instances_run" in plan, plan
 
 
 def _history_at_0005(db: Database) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from flowdb.definitions import load_definition_file
-from flowdb.handlers.timer import due_time, next_time_of_day
 from flowdb.models import Timer
+from flowdb.steptypes.timer import due_time, next_time_of_day
 
 from conftest import EXAMPLES
 

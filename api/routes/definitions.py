@@ -16,7 +16,7 @@ from flowdb.db.instances import deploy
 from flowdb.db.tables import process_definitions
 from flowdb.definitions import parse_definition
 from flowdb.errors import NotFound
-from flowdb.handlers import check_runnable
+from flowdb.steptypes.registry import STEP_TYPES
 
 D = process_definitions
 YAML_TYPES = {"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain"}
@@ -40,7 +40,7 @@ async def post_definition(call: Call) -> Response:
         # Parsing and compiling take seconds for the largest definitions: here, in a thread, never on the
         # event loop. DefinitionError → 422 with FILE:LINE:COL errors.
         definition = parse_definition(text, filename)
-        check_runnable(definition)
+        STEP_TYPES.check_runnable(definition)
         with engine.begin() as conn:
             deployed = deploy(conn, definition)
             created_at = conn.execute(select(D.c.created_at).where(D.c.id == deployed.id)).scalar_one()

@@ -13,6 +13,7 @@ from api.endpoints import MAX_ID, Call, Endpoint, Header, Query, json_response
 from api.problems import ApiError
 from api.schemas import (
     CancelOut,
+    CancelStepOut,
     EventOut,
     EventPage,
     InstanceDetail,
@@ -20,7 +21,7 @@ from api.schemas import (
     RetryOut,
     StartIn,
 )
-from flowdb.control import cancel_instance, retry_step
+from flowdb.control import cancel_instance, cancel_step, retry_step
 from flowdb.db.instances import DefinitionCache, StartRequest, find_definition, instance_row, start_instances, step_rows
 from flowdb.db.tables import events, process_instances
 
@@ -148,9 +149,16 @@ async def instance_events(call: Call) -> Response:
 async def cancel(call: Call) -> Response:
     instance_id = call.path_int("instance_id")
     reason = f"cancelled by {call.who.identity} over the API"
-    steps = await call.db(cancel_instance, call.engine, instance_id, reason)
-    call.wakeups.notify(events=True)
+    steps = await call.db(cancel_instance, call.engine, instance_id, reason, call.wakeups)
     return json_response(CancelOut(id=instance_id, status="cancelled", cancelled_steps=steps))
+
+
+async def cancel_one_step(call: Call) -> Response:
+    instance_id = call.path_int("instance_id")
+    step_id = call.request.path_params["step_id"]
+    reason = f"cancelled by {call.who.identity} over the API"
+    await call.db(cancel_step, call.engine, instance_id, step_id, reason, call.wakeups)
+    return json_response(CancelStepOut(id=instance_id, step_id=step_id, step_status="cancelled"))
 
 
 async def retry(call: Call) -> Response:
@@ -182,6 +190,9 @@ ENDPOINTS = [
                     Query("cursor", {"type": "string"}, "next_cursor of the previous page"))),
     Endpoint("POST", "/v1/instances/{instance_id:int}/cancel", cancel, "Cancel a running instance", "operator",
              "instances", responses={200: CancelOut}, errors=(404, 409)),
+    Endpoint("POST", "/v1/instances/{instance_id:int}/steps/{step_id}/cancel", cancel_one_step,
+             "Cancel one step (its successors go on as after a skipped step)", "operator", "instances",
+             responses={200: CancelStepOut}, errors=(404, 409)),
     Endpoint("POST", "/v1/instances/{instance_id:int}/steps/{step_id}/retry", retry,
              "Retry a failed step (its instance runs again from there)", "operator", "instances",
              responses={200: RetryOut}, errors=(404, 409)),

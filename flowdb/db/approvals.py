@@ -19,19 +19,30 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BindParameter, Connection, Update, bindparam, case, literal, literal_column, select, update
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    Update,
+    bindparam,
+    case,
+    literal,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
 from flowdb.db.claims import LEASE_DROPPED
 from flowdb.db.clock import Clock
 from flowdb.db.tables import approval_approvers, approvals, step_instances
+from flowdb.engine.status import ApprovalStatus, StepStatus, word
 from flowdb.outcomes import Outcome
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 A, S, AA = approvals, step_instances, approval_approvers
-PENDING: ColumnClause[str] = literal_column("'pending'")
+PENDING: ColumnClause[str] = word(ApprovalStatus.PENDING)
 
 
 @dataclass(frozen=True)
@@ -121,11 +132,11 @@ class ApprovalStatements:
         self.remind = update(A).where(A.c.id == aid, A.c.status == PENDING).values(
             due_at=clock.plus(A.c.timeout_s), reminders=A.c.reminders + literal(1))
         self.expire = update(A).where(A.c.id == aid, A.c.status == PENDING).values(
-            status=literal_column("'expired'"), decision=bindparam("decision"), decided_at=clock.now)
+            status=word(ApprovalStatus.EXPIRED), decision=bindparam("decision"), decided_at=clock.now)
         self.cancel_pending = (
-            update(A).where(A.c.instance_id == bindparam("iid"), A.c.status == PENDING)
-            .values(status=literal_column("'cancelled'"), decided_at=clock.now)
-            .returning(A.c.id, A.c.step_instance_id)
+            update(A).where(A.c.step_instance_id.in_(bindparam("sids", expanding=True)), A.c.status == PENDING)
+            .values(status=word(ApprovalStatus.CANCELLED), decided_at=clock.now)
+            .returning(A.c.id, A.c.instance_id)
         )
         # Park the step until the approval's due_at (NULL: no timeout, only a decision wakes it), or
         # make it claimable now when the approval is no longer pending (decided while notices went out).
@@ -134,8 +145,8 @@ class ApprovalStatements:
         self.park: Update = (
             update(S)
             .where(S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"),
-                   S.c.status == literal_column("'running'"))
-            .values(status=literal_column("'waiting'"), input=bindparam("input"),
+                   S.c.status == word(StepStatus.RUNNING))
+            .values(status=word(StepStatus.WAITING), input=bindparam("input"), woken=true(),
                     claimable_at=case((approval_status == PENDING, approval_due), else_=clock.now),
                     **LEASE_DROPPED)
         )
@@ -143,13 +154,13 @@ class ApprovalStatements:
         self.park_now: Update = (
             update(S)
             .where(S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"),
-                   S.c.status == literal_column("'running'"))
-            .values(status=literal_column("'waiting'"), input=bindparam("input"), claimable_at=clock.now,
+                   S.c.status == word(StepStatus.RUNNING))
+            .values(status=word(StepStatus.WAITING), input=bindparam("input"), woken=true(), claimable_at=clock.now,
                     **LEASE_DROPPED)
         )
         # A decision wakes the waiting step: the claim query takes waiting rows whose time has come.
         self.wake_step = (
-            update(S).where(S.c.id == bindparam("sid"), S.c.status == literal_column("'waiting'"))
+            update(S).where(S.c.id == bindparam("sid"), S.c.status == word(StepStatus.WAITING))
             .values(claimable_at=clock.now)
         )
 
@@ -160,7 +171,7 @@ class ApprovalStatements:
     def apply(self, conn: Connection, o: Outcome, event: Callable[[str, dict[str, Any]], None]) -> Parked | None:
         """Write the outcome's approval change. When that parked the step too, where it waits; None
         when the caller still records the outcome as it stands (an expiry that went through)."""
-        change = o.approval
+        change = o.side
         step = o.step
         if isinstance(change, OpenApproval):
             statement = self.insert_timed if change.timeout_s is not None else self.insert_untimed
@@ -193,13 +204,15 @@ class ApprovalStatements:
         raise TypeError(f"unknown approval change {change!r}")
 
     def _park(self, conn: Connection, o: Outcome, approval_id: int, phase: str) -> None:
-        state = {"wake": phase, "approval_id": approval_id}
+        state = {"phase": phase, "approval_id": approval_id}
         conn.execute(self.park_now if phase == "notify" else self.park,
                      {"sid": o.step.id, "token": o.step.lease_token, "aid": approval_id, "input": state})
 
-    def cancel_for_instance(self, conn: Connection, instance_id: int) -> list[int]:
-        """Pending approvals of a stopped instance become `cancelled`; their ids."""
-        return [row.id for row in conn.execute(self.cancel_pending, {"iid": instance_id})]
+    def cancel_for_steps(self, conn: Connection, step_instance_ids: list[int]) -> list[tuple[int, int]]:
+        """Pending approvals of stopped steps become `cancelled`: (approval id, instance id) of each."""
+        if not step_instance_ids:
+            return []
+        return [(row.id, row.instance_id) for row in conn.execute(self.cancel_pending, {"sids": step_instance_ids})]
 
 
 def approver_key(identity: str) -> str:

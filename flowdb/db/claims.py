@@ -48,10 +48,11 @@ from flowdb.db.driver import DriverStatement, from_json
 from flowdb.db.events import EventWriter, event_row
 from flowdb.db.tables import CLAIMABLE, step_instances
 from flowdb.db.timings import CLEARED, timing
+from flowdb.engine.status import StepStatus, word
 
 S = step_instances
-RUNNING: ColumnClause[str] = literal_column("'running'")
-READY: ColumnClause[str] = literal_column("'ready'")
+RUNNING: ColumnClause[str] = word(StepStatus.RUNNING)
+READY: ColumnClause[str] = word(StepStatus.READY)
 FREE_RELEASES = 3  # releases at shutdown not charged, per step
 # The condition of the suspects' partial index, written as in the index (SQLAlchemy would write a
 # Boolean column as `suspect = 1` on SQLite, which SQLite does not match with the index's `suspect`).
@@ -75,10 +76,14 @@ class Claimed:
     max_attempts: int
     lease_token: str
     input: Any
-    woken: bool  # claimed from `waiting` (a timer or deadline fired), not a fresh attempt
+    woken: bool  # the row waited before (a timer, an approval, for_each items): this run goes on from there
     suspect: bool = False  # taken over from a worker whose lease expired: it must run alone
     reclaims: int = 0  # how many times it was taken over
     releases: int = 0  # how many times stopping workers gave it back unfinished
+    round: int = 1  # the loop round this row runs (1: the first visit)
+    item: int | None = None  # the for_each index of an item's row (None: a step's own row)
+    item_value: Any = None  # that item's element of the list
+    items_left: int | None = None  # a for_each step's own row: its items not finished yet
 
     @property
     def exhausted(self) -> bool:
@@ -104,13 +109,14 @@ class ClaimStatements:
         held = {"status": RUNNING, "lease_owner": bindparam("owner"), "lease_token": bindparam("token"),
                 "lease_expires_at": clock.plus(lease), "claimable_at": clock.plus(lease), "heartbeat_at": clock.now}
         returning = (S.c.id, S.c.instance_id, S.c.definition_id, S.c.step_id, S.c.type, S.c.attempt,
-                     S.c.max_attempts, S.c.input, S.c.suspect, S.c.reclaims, S.c.releases)
+                     S.c.max_attempts, S.c.input, S.c.suspect, S.c.reclaims, S.c.releases, S.c.woken, S.c.round,
+                     S.c.item, S.c.item_value, S.c.items_left)
 
         # Ready and waiting steps whose time has come. The same scan sweeps the running steps whose
         # lease expired (they sort among them by claimable_at, the lease expiry) instead of claiming
         # them: each becomes a ready suspect, the crashed run given back unless it ran alone, for
         # take_over below. Suspects waiting ready are left to take_over.
-        waiting = S.c.status == literal_column("'waiting'")
+        waiting = S.c.status == word(StepStatus.WAITING)
         expired = S.c.status == RUNNING
         queued = timing("queued", clock.milliseconds_between(S.c.ready_at))
         self.claim: Update = (
@@ -217,14 +223,15 @@ class ClaimStatements:
         started = []
         owner, token = params["owner"], params["token"]
         for sid, iid, definition_id, step_id, step_type, attempt, max_attempts, raw_input, suspect, reclaims, \
-                releases in statement.execute(conn, params):
+                releases, woken, visit, item, item_value, items_left in statement.execute(conn, params):
             if sweeps and suspect:  # an expired lease the claim swept: not claimed
                 started.append(event_row(iid, "step.lease_expired", {"reclaims": reclaims}, sid))
                 continue
-            state = from_json(raw_input)
-            woken = isinstance(state, dict) and "wake" in state
-            item = Claimed(sid, iid, definition_id, step_id, step_type, attempt, max_attempts, token, state, woken,
-                           bool(suspect), reclaims, releases)
+            state = from_json(raw_input, as_text=not self.postgres)
+            item = Claimed(sid, iid, definition_id, step_id, step_type, attempt, max_attempts, token, state,
+                           bool(woken), bool(suspect), reclaims, releases, visit, item,
+                           from_json(item_value, as_text=not self.postgres),
+                           items_left)
             claimed.append(item)
             payload: dict[str, Any] = {"attempt": attempt, "worker": owner}
             if item.suspect:

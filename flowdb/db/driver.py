@@ -104,6 +104,7 @@ def as_json(value: Any) -> str | None:
     return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-def from_json(value: Any) -> Any:
-    """A JSON column read raw: SQLite gives text, psycopg gives the decoded value."""
-    return json.loads(value) if isinstance(value, str) else value
+def from_json(value: Any, *, as_text: bool) -> Any:
+    """A JSON column read raw: SQLite gives text (`as_text`), psycopg the decoded value (which may be a
+    string itself: it must not be decoded again)."""
+    return json.loads(value) if as_text and isinstance(value, str) else value

@@ -9,7 +9,8 @@ from sqlalchemy import Connection, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from flowdb.db.clock import Clock
-from flowdb.db.tables import events, process_definitions, process_instances, step_edges, step_instances
+from flowdb.db.events import EventRow, EventWriter, event_row
+from flowdb.db.tables import process_definitions, process_instances, step_edges, step_instances
 from flowdb.definitions import CompiledDefinition, parse_definition
 from flowdb.errors import (
     DefinitionConflict,
@@ -229,10 +230,9 @@ def _insert_instances(conn: Connection, definition_id: int, version: int, defini
         return None
     step_rows = []
     edge_rows = []
-    event_rows = []
+    event_rows: list[EventRow] = []
     for instance_id in ids:
-        event_rows.append({"instance_id": instance_id, "step_instance_id": None, "type": "instance.started",
-                           "payload": {"process": definition.name, "version": version}})
+        event_rows.append(event_row(instance_id, "instance.started", {"process": definition.name, "version": version}))
         for sid, step in definition.steps.items():
             retry = effective_retry(step.model)
             step_rows.append({
@@ -253,13 +253,12 @@ def _insert_instances(conn: Connection, definition_id: int, version: int, defini
             insert(S).values(created_at=clock.now, ready_at=clock.now, claimable_at=clock.now)
             .returning(S.c.id, S.c.instance_id, sort_by_parameter_order=True), roots
         ).all()
-        event_rows += [{"instance_id": r.instance_id, "step_instance_id": r.id, "type": "step.ready",
-                        "payload": None} for r in inserted]
+        event_rows += [event_row(r.instance_id, "step.ready", None, r.id) for r in inserted]
     if others:
         conn.execute(insert(S).values(created_at=clock.now), others)
     if edge_rows:
         conn.execute(insert(E), edge_rows)
-    conn.execute(insert(events).values(created_at=clock.now), event_rows)
+    EventWriter(conn.dialect.name).write(conn, event_rows)
     return ids
 
 

@@ -1,12 +1,12 @@
 """Recording outcomes: one transaction per batch, fenced by lease tokens.
 
 A batch first checks which of its steps this worker still holds (lease token, row locked on
-PostgreSQL); the others are late and dropped. Then the settled steps' rows are written, their
-out-edges marked and their children counted down (`pending_parents`), each by one executemany. A child whose count
-reaches 0 becomes ready when at least one parent completed, and is skipped otherwise (dead-path
-elimination, which cascades). The instance row counts open steps; the update that brings it to 0
-finishes the instance. On PostgreSQL the instance rows are locked first, in id order, so
-concurrent completions of one instance (a fan-in) serialize and never deadlock.
+PostgreSQL); the others are late and dropped. Then the settled steps' rows are written (one
+executemany) and settled (engine/settle.py: edges, joins, loops). The instance row counts open
+steps; the update that brings it to 0 completes the instance, and an `end` step completes it at
+once (engine/stop.py stops what is still open, as it does when a step fails for good). On
+PostgreSQL the instance rows are locked first, in id order, so concurrent completions of one
+instance (a fan-in) serialize and never deadlock.
 """
 
 from __future__ import annotations
@@ -21,14 +21,12 @@ from sqlalchemy import (
     Update,
     bindparam,
     case,
-    literal,
-    literal_column,
     or_,
     select,
+    true,
     update,
 )
 
-from flowdb.db.approvals import ApprovalStatements
 from flowdb.db.claims import LEASE_DROPPED
 from flowdb.db.clock import Clock
 from flowdb.db.driver import DriverStatement, as_json
@@ -36,17 +34,21 @@ from flowdb.db.events import EventRow, EventWriter, event_row
 from flowdb.db.tables import process_instances, step_edges, step_instances
 from flowdb.db.timings import CLEARED, timing
 from flowdb.definitions import CompiledDefinition
+from flowdb.engine.for_each import ForEachStatements
+from flowdb.engine.settle import Settled, Settler
+from flowdb.engine.status import InstanceStatus, StepStatus, word
+from flowdb.engine.stop import Stopper
 from flowdb.expressions import StepView, Template
 from flowdb.models import Action
 from flowdb.outcomes import Outcome
+from flowdb.steptypes.registry import STEP_TYPES
 
 log = logging.getLogger("flowdb.progress")
 S, I, E = step_instances, process_instances, step_edges  # noqa: E741
-OPEN = "('pending', 'ready', 'running', 'waiting')"
 
 
-def _lit(word: str) -> Any:
-    return literal_column(f"'{word}'")
+def _lit(name: str) -> Any:
+    return word(StepStatus(name))
 
 
 @dataclass
@@ -97,39 +99,13 @@ class ProgressStatements:
         self.retry: Update = update(S).where(*fenced).values(
             status=_lit("ready"), error=bindparam("error"), ready_at=clock.plus(bindparam("delay")),
             claimable_at=clock.plus(bindparam("delay")), **CLEARED, **usage, **release_lease)
+        # A parked row is `woken` from then on: its later claims go on from where it waited.
         self.park: Update = update(S).where(*fenced).values(
-            status=_lit("waiting"), input=bindparam("input"), claimable_at=None, **release_lease)
+            status=_lit("waiting"), input=bindparam("input"), claimable_at=None, woken=true(), **release_lease)
         self.park_timed: Update = update(S).where(*fenced).values(
             status=_lit("waiting"), input=bindparam("input"), claimable_at=clock.plus(bindparam("wake_in")),
-            **release_lease)
+            woken=true(), **release_lease)
         instance_id: BindParameter[int] = bindparam("iid")
-        self.mark_edge: Update = (
-            update(E).where(E.c.instance_id == instance_id, E.c.from_step == bindparam("parent"),
-                            E.c.to_step == bindparam("child"))
-            .values(state=bindparam("edge_state"))
-        )
-        # Count a child down by one settled parent; when none is left pending, it becomes ready if a
-        # parent completed, skipped if every parent was skipped (SET reads the row's old values).
-        settled = S.c.pending_parents - literal(1) == literal(0)
-        completed_after = S.c.completed_parents + bindparam("taken")
-        becomes_ready = settled & (completed_after > literal(0))
-        self.count_down: Update = (
-            update(S).where(S.c.instance_id == instance_id, S.c.step_id == bindparam("child"))
-            .values(
-                pending_parents=S.c.pending_parents - literal(1),
-                completed_parents=completed_after,
-                status=case((becomes_ready, _lit("ready")), (settled, _lit("skipped")), else_=S.c.status),
-                ready_at=case((becomes_ready, clock.now), else_=S.c.ready_at),
-                claimable_at=case((becomes_ready, clock.now), else_=S.c.claimable_at),
-                finished_at=case((settled & ~becomes_ready, clock.now), else_=S.c.finished_at),
-            )
-        )
-        self.settled_children = select(S.c.id, S.c.instance_id, S.c.step_id, S.c.status).where(
-            S.c.instance_id.in_(bindparam("iids", expanding=True)),
-            S.c.step_id.in_(bindparam("children", expanding=True)),
-            S.c.pending_parents == literal(0),
-            literal_column("step_instances.status IN ('ready', 'skipped')"),
-        )
         self.account: Update = (
             update(I).where(I.c.id == instance_id)
             .values(open_steps=I.c.open_steps - bindparam("closed"), cost_usd=I.c.cost_usd + bindparam("cost"))
@@ -137,25 +113,16 @@ class ProgressStatements:
         self.instance_state = select(I.c.id, I.c.open_steps, I.c.status).where(
             I.c.id.in_(bindparam("iids", expanding=True)))
         self.leaf_outputs = select(S.c.instance_id, S.c.step_id, S.c.output).where(
-            S.c.instance_id.in_(bindparam("iids", expanding=True)),
-            S.c.step_id.in_(bindparam("leaves", expanding=True)), S.c.status == _lit("completed"))
-        self.finish_instance: Update = (
-            update(I).where(I.c.id == instance_id, I.c.status == _lit("running"))
-            .values(status=bindparam("status"), outputs=bindparam("outputs"), error=bindparam("error"),
-                    finished_at=clock.now, open_steps=literal(0))
-        )
-        self.cancel_open_steps = (
-            update(S).where(S.c.instance_id == instance_id, literal_column(f"step_instances.status IN {OPEN}"))
-            .values(status=_lit("cancelled"), finished_at=clock.now, claimable_at=None, **release_lease)
-            .returning(S.c.id, S.c.step_id)
-        )
+            S.c.instance_id.in_(bindparam("iids", expanding=True)), S.c.item.is_(None),
+            S.c.step_id.in_(bindparam("leaves", expanding=True)), S.c.status == _lit("completed")
+        ).order_by(S.c.round)  # the latest round's output wins
         # The statements every step goes through run on the driver's cursor (see db/driver.py).
         self.complete_many = DriverStatement(self.complete)
-        self.mark_edges = DriverStatement(self.mark_edge)
-        self.count_down_many = DriverStatement(self.count_down)
         self.account_many = DriverStatement(self.account)
         self.events = EventWriter(dialect_name)
-        self.approvals = ApprovalStatements(dialect_name)
+        self.stopper = Stopper(dialect_name)
+        self.settler = Settler(dialect_name, self.stopper)
+        self.for_each = ForEachStatements(dialect_name)
 
 
 @dataclass
@@ -171,6 +138,14 @@ class _Batch:
     def event(self, instance_id: int, kind: str, payload: dict[str, Any] | None = None,
               step_instance_id: int | None = None) -> None:
         self.events.append(event_row(instance_id, kind, payload, step_instance_id))
+
+    @property
+    def made_ready(self) -> int:
+        return self.progress.made_ready
+
+    @made_ready.setter
+    def made_ready(self, value: int) -> None:
+        self.progress.made_ready = value
 
     def close(self, instance_id: int, steps: int = 1) -> None:
         self.closed[instance_id] = self.closed.get(instance_id, 0) + steps
@@ -206,7 +181,7 @@ class ProgressWriter:
                 batch.progress.late.append(o)
                 batch.event(o.step.instance_id, "step.late_result_dropped",
                             {"attempt": o.step.attempt, "outcome": o.kind}, o.step.id)
-            elif o.approval is None or not self._approval(conn, o, batch):
+            elif o.side is None or not self._record_side(conn, o, batch):
                 live.append(o)
         settling = [o for o in live if o.kind in ("completed", "skipped")]
         finals = [o for o in live if o.kind == "failed" and not self._retrying(o)]
@@ -216,28 +191,41 @@ class ProgressWriter:
             batch.spend(o.step.instance_id, o.cost_usd)
         for o in settling:
             batch.close(o.step.instance_id)
-        self._settle(conn, [(o.step.instance_id, o.step.step_id, o.kind == "completed", o.taken)
-                            for o in settling], batch)
+        own_rows = [o for o in settling if o.step.item is None]
+        self.q.settler.settle(conn, [Settled(o.step.instance_id, o.step.step_id, o.kind == "completed", o.taken,
+                                             o.step.definition_id) for o in own_rows], batch.definitions, batch)
+        for o in settling:
+            if o.step.item is not None:
+                self._item_finished(conn, o, batch)
+            elif o.cancel_items:
+                self._cancel_items(conn, o, batch)
         for o in live:
             if o.kind == "waiting":
                 self._park(conn, o, batch)
             elif o.kind == "failed" and self._retrying(o):
                 self._retry(conn, o, batch)
         self._account(conn, batch)
+        for o in settling:
+            if o.ends_instance and o.kind == "completed":
+                self._end_instance(conn, o.step.instance_id, o.step.step_id, batch)
         for o in finals:
-            self._fail_instance(conn, o.step.instance_id, f"step {o.step.step_id!r} failed: {o.error}", batch)
+            what = f"step {o.step.step_id!r}"
+            if o.step.item is not None:  # an item failed for good: its step fails, and the instance
+                what = f"item {o.step.item} of step {o.step.step_id!r}"
+                conn.execute(self.q.for_each.fail_own, {"iid": o.step.instance_id, "step": o.step.step_id,
+                                                         "rnd": o.step.round, "error": f"{what} failed: {o.error}"})
+            self._fail_instance(conn, o.step.instance_id, f"{what} failed: {o.error}", batch)
         self.q.events.write(conn, batch.events)
         return batch.progress
 
-    def _approval(self, conn: Connection, o: Outcome, batch: _Batch) -> bool:
-        """Write the outcome's approval rows; True when that also parked the step."""
+    def _record_side(self, conn: Connection, o: Outcome, batch: _Batch) -> bool:
+        """Write the outcome's side rows through its step type; True when that also parked the step."""
         def event(kind: str, payload: dict[str, Any]) -> None:
             batch.event(o.step.instance_id, kind, payload, o.step.id)
 
-        parked = self.q.approvals.apply(conn, o, event)
+        parked = STEP_TYPES[o.step.type].record(conn, o, event)
         if parked is None:
             return False
-        batch.event(o.step.instance_id, "step.waiting", {"approval_id": parked.approval_id}, o.step.id)
         batch.progress.made_ready += parked.claimable_now
         return True
 
@@ -261,8 +249,38 @@ class ProgressWriter:
             payload["cost_usd"] = o.cost_usd
         return payload
 
+    def _item_finished(self, conn: Connection, o: Outcome, batch: _Batch) -> None:
+        """A for_each item settled: count its step down, start the next pending item."""
+        model = batch.definitions[o.step.instance_id].steps[o.step.step_id].model
+        woke, ready = self.q.for_each.item_finished(conn, o.step, model.complete_when is not None,
+                                                    model.max_parallel is not None)
+        batch.made_ready += len(ready) + woke
+        for ready_id in ready:
+            batch.event(o.step.instance_id, "step.ready", None, ready_id)
+
+    def _cancel_items(self, conn: Connection, o: Outcome, batch: _Batch) -> None:
+        """complete_when held with cancel_remaining: the items not finished are cancelled."""
+        key = {"iid": o.step.instance_id, "step": o.step.step_id, "rnd": o.step.round}
+        ids = list(conn.execute(self.q.for_each.open_items, key).scalars())
+        stopped = self.q.stopper.cancel_steps(conn, f"complete_when of {o.step.step_id!r} held (cancel_remaining)",
+                                              batch.event, rows=ids)
+        batch.close(o.step.instance_id, len(stopped))
+
     def _park(self, conn: Connection, o: Outcome, batch: _Batch) -> None:
+        if o.expand is not None:
+            step = batch.definitions[o.step.instance_id].steps[o.step.step_id]
+            count, ready = self.q.for_each.expand(conn, o, step.type, step.model)
+            batch.close(o.step.instance_id, -count)
+            batch.event(o.step.instance_id, "step.expanded", {"items": count}, o.step.id)
+            for ready_id in ready:
+                batch.made_ready += 1
+                batch.event(o.step.instance_id, "step.ready", None, ready_id)
+            return
         params = {"sid": o.step.id, "token": o.step.lease_token, "input": o.input}
+        if o.step.item is None and o.step.items_left is not None:  # a gather found items still open
+            conn.execute(self.q.for_each.park_again, {**params, "seen": o.step.items_left})
+            batch.event(o.step.instance_id, "step.waiting", {"items_left": o.step.items_left}, o.step.id)
+            return
         if o.wake_in is not None:
             conn.execute(self.q.park_timed, {**params, "wake_in": o.wake_in})
         else:
@@ -276,40 +294,6 @@ class ProgressWriter:
         batch.event(o.step.instance_id, "step.retry_scheduled",
                     {"attempt": o.step.attempt, "error": o.error, "delay_s": o.retry_delay}, o.step.id)
         batch.spend(o.step.instance_id, o.cost_usd)  # a failed attempt may still have cost money
-
-    def _settle(self, conn: Connection, settled: list[tuple[int, str, bool, frozenset[str] | None]],
-                batch: _Batch) -> None:
-        """Mark the out-edges of settled steps and count their children down; cascade the skips."""
-        edges: list[dict[str, Any]] = []
-        counts: list[dict[str, Any]] = []
-        touched: set[tuple[int, str]] = set()
-        for instance_id, step_id, completed, taken in settled:
-            for child in batch.definitions[instance_id].steps[step_id].children:
-                is_taken = completed and (taken is None or child in taken)
-                edges.append({"iid": instance_id, "parent": step_id, "child": child,
-                              "edge_state": "taken" if is_taken else "skipped"})
-                counts.append({"iid": instance_id, "child": child, "taken": int(is_taken)})
-                touched.add((instance_id, child))
-        if not counts:
-            return
-        self.q.mark_edges.executemany(conn, edges)
-        self.q.count_down_many.executemany(conn, counts)
-        # A child counted down here that has no pending parent left was settled by this batch
-        # (each child reaches 0 exactly once); the query may return other rows, filtered out here.
-        rows = conn.execute(self.q.settled_children, {"iids": sorted({i for i, _ in touched}),
-                                                      "children": sorted({c for _, c in touched})}).all()
-        cascade: list[tuple[int, str, bool, frozenset[str] | None]] = []
-        for row in rows:
-            if (row.instance_id, row.step_id) not in touched:
-                continue
-            if row.status == "ready":
-                batch.progress.made_ready += 1
-                batch.event(row.instance_id, "step.ready", None, row.id)
-            else:
-                batch.event(row.instance_id, "step.skipped", {"reason": "no parent completed"}, row.id)
-                batch.close(row.instance_id)
-                cascade.append((row.instance_id, row.step_id, False, None))
-        self._settle(conn, cascade, batch)
 
     def _account(self, conn: Connection, batch: _Batch) -> None:
         """Add up closed steps and cost per instance; finish the instances with no open step left."""
@@ -325,32 +309,37 @@ class ProgressWriter:
                 if row.open_steps == 0 and row.status == "running"]
         if not done:
             return
+        outputs = self._leaf_outputs(conn, done, batch)
+        for instance_id in done:
+            self._finished(conn, instance_id, InstanceStatus.COMPLETED, batch, outputs=outputs[instance_id])
+
+    def _leaf_outputs(self, conn: Connection, done: list[int], batch: _Batch) -> dict[int, dict[str, Any]]:
+        """The instances' outputs: the output of each completed step that has no children (its latest round)."""
         leaves = {sid for i in done for sid, step in batch.definitions[i].steps.items() if not step.children}
         outputs: dict[int, dict[str, Any]] = {i: {} for i in done}
         for row in conn.execute(self.q.leaf_outputs, {"iids": done, "leaves": sorted(leaves)}):
             if not batch.definitions[row.instance_id].steps[row.step_id].children:
                 outputs[row.instance_id][row.step_id] = row.output
-        conn.execute(self.q.finish_instance, [{"iid": i, "status": "completed", "outputs": outputs[i], "error": None}
-                                              for i in done])
-        for instance_id in done:
-            batch.event(instance_id, "instance.completed")
-            batch.progress.finished_instances.append((instance_id, "completed"))
-            definition = batch.definitions[instance_id]
-            self._actions(conn, instance_id, definition, definition.on_success, batch)
+        return outputs
+
+    def _end_instance(self, conn: Connection, instance_id: int, step_id: str, batch: _Batch) -> None:
+        """An `end` step completed: the instance completes now; what is still open is cancelled."""
+        outputs = self._leaf_outputs(conn, [instance_id], batch)[instance_id]
+        self._finished(conn, instance_id, InstanceStatus.COMPLETED, batch, outputs=outputs,
+                       reason=f"ended by step {step_id!r}")
 
     def _fail_instance(self, conn: Connection, instance_id: int, error: str, batch: _Batch) -> None:
-        for row in conn.execute(self.q.cancel_open_steps, {"iid": instance_id}).all():
-            batch.event(instance_id, "step.cancelled", {"reason": "the instance failed"}, row.id)
-        for approval_id in self.q.approvals.cancel_for_instance(conn, instance_id):
-            batch.event(instance_id, "approval.cancelled",
-                        {"approval_id": approval_id, "reason": "the instance failed"})
-        result = conn.execute(self.q.finish_instance, {"iid": instance_id, "status": "failed",
-                                                       "outputs": None, "error": error})
-        if result.rowcount:
-            batch.event(instance_id, "instance.failed", {"error": error})
-            batch.progress.finished_instances.append((instance_id, "failed"))
-            definition = batch.definitions[instance_id]
-            self._actions(conn, instance_id, definition, definition.on_failure, batch)
+        self._finished(conn, instance_id, InstanceStatus.FAILED, batch, error=error)
+
+    def _finished(self, conn: Connection, instance_id: int, status: InstanceStatus, batch: _Batch, *,
+                  outputs: Any = None, error: str | None = None, reason: str | None = None) -> None:
+        if not self.q.stopper.finish_instance(conn, instance_id, status, batch.event, outputs=outputs, error=error,
+                                              reason=reason):
+            return
+        batch.progress.finished_instances.append((instance_id, status.value))
+        definition = batch.definitions[instance_id]
+        actions = definition.on_success if status is InstanceStatus.COMPLETED else definition.on_failure
+        self._actions(conn, instance_id, definition, actions, batch)
 
     def _actions(self, conn: Connection, instance_id: int, definition: CompiledDefinition,
                  actions: list[tuple[Action, Template]], batch: _Batch) -> None:
@@ -363,8 +352,9 @@ class ProgressWriter:
 
 # Built once (a statement built per call costs more than its execution on SQLite).
 _CONTEXT_INSTANCE = select(I.c.inputs, I.c.process_name, I.c.version, I.c.status).where(I.c.id == bindparam("iid"))
-_CONTEXT_STEPS = select(S.c.step_id, S.c.status, S.c.output, S.c.error, S.c.cost_usd, S.c.attempt).where(
-    S.c.instance_id == bindparam("iid"))
+# Every round of the steps' own rows (not for_each items), oldest first: the latest round wins.
+_CONTEXT_STEPS = select(S.c.step_id, S.c.status, S.c.output, S.c.error, S.c.cost_usd, S.c.attempt, S.c.round).where(
+    S.c.instance_id == bindparam("iid"), S.c.item.is_(None)).order_by(S.c.round)
 _CONTEXT_SOME_STEPS = _CONTEXT_STEPS.where(S.c.step_id.in_(bindparam("sids", expanding=True)))
 
 
@@ -377,9 +367,13 @@ def template_context(conn: Connection, instance_id: int, definition: CompiledDef
     else:
         rows = conn.execute(_CONTEXT_SOME_STEPS, {"iid": instance_id, "sids": sorted(only_steps)}).all() \
             if only_steps else []
-    steps = {row.step_id: StepView.of({"id": row.step_id, "status": row.status, "output": row.output,
-                                       "error": row.error, "cost": row.cost_usd, "attempt": row.attempt})
-             for row in rows}
+    steps: dict[str, StepView] = {}
+    for row in rows:  # oldest round first: a later round replaces it, unless that round has not begun
+        if row.status == "pending" and row.step_id in steps:  # a loop's next round, not started
+            continue
+        steps[row.step_id] = StepView.of({"id": row.step_id, "status": row.status, "output": row.output,
+                                          "error": row.error, "cost": row.cost_usd, "attempt": row.attempt,
+                                          "visit": row.round})
     return {"inputs": instance.inputs or {}, "steps": steps,
             "process": {"name": instance.process_name, "version": instance.version, "instance_id": instance_id,
                         "status": instance.status}}

@@ -23,9 +23,12 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+
+from flowdb.engine.status import CLAIMABLE_STEP, sql_list
 
 metadata = MetaData(
     naming_convention={
@@ -44,7 +47,7 @@ Money = Numeric(18, 6, asdecimal=False)
 Timestamp = DateTime(timezone=True)
 
 # Statuses in which a step can be claimed once claimable_at has passed (see db/claims.py).
-CLAIMABLE = "('ready', 'running', 'waiting')"
+CLAIMABLE = sql_list(CLAIMABLE_STEP)
 
 process_definitions = Table(
     "process_definitions",
@@ -133,7 +136,20 @@ step_instances = Table(
     CheckConstraint("reclaims >= 0 AND releases >= 0", name="ck_step_instances_crash_counts"),
     CheckConstraint("(status IN ('running', 'ready') OR NOT suspect) "
                     "AND (NOT isolated OR (suspect AND status = 'running'))", name="ck_step_instances_suspect_running"),
-    UniqueConstraint("instance_id", "step_id"),
+    # Loop rounds and for_each items (migration 0008): one row per run of a step. `item` is NULL for
+    # a step's own row; a for_each step's items are rows beside it. `woken`: the row waited before.
+    Column("round", Integer, nullable=False, server_default="1"),
+    Column("item", Integer),
+    Column("item_value", Json),
+    # A for_each step's own row counts its items down (of items_total): the last one wakes it.
+    Column("items_total", Integer),
+    Column("items_left", Integer),
+    Column("woken", Boolean, nullable=False, server_default=false()),
+    CheckConstraint("round >= 1", name="ck_step_instances_round"),
+    CheckConstraint("item IS NULL OR item >= 0", name="ck_step_instances_item"),
+    CheckConstraint("items_left IS NULL OR (items_left >= 0 AND items_left <= items_total)",
+                    name="ck_step_instances_items"),
+    Index("uq_step_instances_run", "instance_id", "step_id", "round", func.coalesce(text("item"), -1), unique=True),
     # Only claimable rows are in this index, so the claim costs the same with a million finished rows.
     Index(
         "ix_step_instances_claimable",

@@ -6,13 +6,14 @@ import asyncio
 
 from flowdb.agents.types import AgentRequest
 from flowdb.errors import StepFailure
-from flowdb.handlers.base import StepContext
 from flowdb.models import AgentTask
 from flowdb.outcomes import Outcome
+from flowdb.steptypes.base import StepContext, StepType
 
 
-class AgentTaskHandler:
-    type = "agent_task"
+class AgentTaskType(StepType):
+    name = "agent_task"
+    renders = True
 
     def render(self, ctx: StepContext) -> str:
         assert ctx.step.message is not None
@@ -24,7 +25,7 @@ class AgentTaskHandler:
         message: str = ctx.rendered
         request = AgentRequest(
             agent=model.agent, message=message, instance_id=ctx.claimed.instance_id, step_id=ctx.claimed.step_id,
-            attempt=ctx.claimed.attempt, idempotency_key=f"{ctx.claimed.instance_id}:{ctx.claimed.step_id}",
+            attempt=ctx.claimed.attempt, idempotency_key=_idempotency_key(ctx),
         )
         given = {"agent": model.agent, "message": message}
         try:
@@ -43,3 +44,9 @@ class AgentTaskHandler:
                                input=given)
         return ctx.outcome("completed", output=reply.output, cost_usd=float(reply.cost_usd),
                            tokens_in=int(reply.tokens_in), tokens_out=int(reply.tokens_out), input=given)
+
+
+def _idempotency_key(ctx: StepContext) -> str:
+    """The same for every attempt of one run of the step; each loop round is a run of its own."""
+    key = f"{ctx.claimed.instance_id}:{ctx.claimed.step_id}"
+    return key if ctx.claimed.round == 1 else f"{key}:{ctx.claimed.round}"

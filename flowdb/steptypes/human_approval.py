@@ -7,22 +7,31 @@ handler decides what the turn does from the approval row, read in the claim's tr
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection
 
+from flowdb.db import clock
 from flowdb.db.approvals import ApprovalRow, ApprovalStatements, ExpireApproval, OpenApproval, ParkApproval
 from flowdb.db.claims import Claimed
-from flowdb.handlers.base import StepContext
+from flowdb.definitions import CompiledStep
 from flowdb.models import HumanApproval
 from flowdb.notifications import Delivery, Notice, Notifier
+from flowdb.notifications.notice import decide_command
 from flowdb.outcomes import Outcome
+from flowdb.steptypes.base import EventSink, Parked, StepContext, StepType, StoppedStep
 
 TIMEOUT_DECISIONS = {"approve": "approved", "reject": "rejected"}
 
 
-@functools.lru_cache(maxsize=2)
 def _statements(dialect_name: str) -> ApprovalStatements:
+    return _built(dialect_name, clock.offset())
+
+
+@functools.lru_cache(maxsize=4)
+def _built(dialect_name: str, clock_offset: float) -> ApprovalStatements:
+    """Built once per dialect (and clock offset: db/clock.py)."""
     return ApprovalStatements(dialect_name)
 
 
@@ -33,10 +42,12 @@ def decision_output(approval: ApprovalRow, *, timed_out: bool = False) -> dict[s
             "approval_id": approval.id, "timed_out": timed_out}
 
 
-class HumanApprovalHandler:
-    type = "human_approval"
+class HumanApprovalType(StepType):
+    name = "human_approval"
+    renders = True
+    loads = True
 
-    def load(self, conn: Connection, claimed: Claimed) -> ApprovalRow | None:
+    def load(self, conn: Connection, claimed: Claimed, step: CompiledStep) -> ApprovalRow | None:
         """The approval a woken step waits on (read in the claim's transaction)."""
         if not claimed.woken:
             return None
@@ -67,24 +78,43 @@ class HumanApprovalHandler:
         if approval.status != "pending":
             return ctx.outcome("failed", retryable=False, input={"approval_id": approval.id},
                                error=f"approval {approval.id} is {approval.status}")
-        if ctx.claimed.input.get("wake") == "notify":
+        if _phase(ctx.claimed.input) == "notify":
             events = await self._notify(ctx, approval, reminder=False)
-            return ctx.outcome("waiting", approval=ParkApproval(approval.id, notified=True), events=events)
+            return ctx.outcome("waiting", side=ParkApproval(approval.id, notified=True), events=events)
         if not approval.is_due:  # woken early (a decision that another turn already took): wait on
-            return ctx.outcome("waiting", approval=ParkApproval(approval.id))
+            return ctx.outcome("waiting", side=ParkApproval(approval.id))
         return await self._timed_out(ctx, approval)
 
     def _open(self, ctx: StepContext, model: HumanApproval) -> Outcome:
         title, instructions, artifacts = ctx.rendered
         change = OpenApproval(approvers=list(model.approvers), quorum=model.quorum, on_timeout=model.on_timeout,
                               timeout_s=model.timeout, title=title, instructions=instructions, artifacts=artifacts)
-        return ctx.outcome("waiting", approval=change)
+        return ctx.outcome("waiting", side=change)
+
+    def record(self, conn: Connection, outcome: Outcome, event: EventSink) -> Parked | None:
+        """The approval rows the outcome changes (opened, notified, reminded, expired); when that parked
+        the step, a `step.waiting` event naming the approval."""
+        parked = _statements(conn.dialect.name).apply(conn, outcome, event)
+        if parked is None:
+            return None
+        event("step.waiting", {"approval_id": parked.approval_id})
+        return Parked(parked.claimable_now)
+
+    def stop(self, conn: Connection, stopped: list[StoppedStep], reason: str, event: Callable[..., None]) -> None:
+        """Pending approvals of cancelled steps become `cancelled` (nobody can decide them any more)."""
+        for approval_id, instance_id in _statements(conn.dialect.name).cancel_for_steps(conn, [s.id for s in stopped]):
+            event(instance_id, "approval.cancelled", {"approval_id": approval_id, "reason": reason})
+
+    def describe_wait(self, outcome: Outcome) -> str | None:
+        if isinstance(outcome.side, ParkApproval) and outcome.side.notified:
+            return f"waiting for a decision: {decide_command(outcome.side.approval_id)}"
+        return None
 
     async def _timed_out(self, ctx: StepContext, approval: ApprovalRow) -> Outcome:
         waited = f"{approval.timeout_s:g}s" if approval.timeout_s is not None else "its timeout"
         if approval.on_timeout == "notify":
             events = await self._notify(ctx, approval, reminder=True)
-            return ctx.outcome("waiting", approval=ParkApproval(approval.id, remind=True), events=events)
+            return ctx.outcome("waiting", side=ParkApproval(approval.id, remind=True), events=events)
         given = {"approval_id": approval.id}
         if approval.on_timeout in TIMEOUT_DECISIONS:
             decision = TIMEOUT_DECISIONS[approval.on_timeout]
@@ -92,8 +122,8 @@ class HumanApprovalHandler:
                       "comment": f"nobody decided within {waited}; on_timeout: {approval.on_timeout}",
                       "decided_at": ctx.now.isoformat()}
             return ctx.outcome("completed", output=output, input=given,
-                               approval=ExpireApproval(approval.id, decision))
-        return ctx.outcome("failed", retryable=False, input=given, approval=ExpireApproval(approval.id, None),
+                               side=ExpireApproval(approval.id, decision))
+        return ctx.outcome("failed", retryable=False, input=given, side=ExpireApproval(approval.id, None),
                            error=f"approval {approval.id} expired: nobody decided within {waited} (on_timeout: fail)")
 
     async def _notify(self, ctx: StepContext, approval: ApprovalRow, *,
@@ -107,6 +137,13 @@ class HumanApprovalHandler:
                 "approval_id": approval.id, "channel": delivery.channel, "ok": delivery.ok,
                 "attempts": delivery.attempts, "error": delivery.error, "reminder": reminder}))
         return events
+
+
+def _phase(state: Any) -> str | None:
+    """Which turn of the approval comes next (`notify`, `wait`), kept in the step's input by db/approvals.py."""
+    if not isinstance(state, dict):
+        return None
+    return state.get("phase", state.get("wake"))  # `wake`: written before migration 0008
 
 
 def approval_notices(notifier: Notifier, approval: ApprovalRow, *, reminder: bool) -> list[Notice]:

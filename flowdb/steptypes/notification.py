@@ -6,14 +6,15 @@ with backoff between claims) rather than inside the handler.
 
 from __future__ import annotations
 
-from flowdb.handlers.base import StepContext
 from flowdb.models import Notification
 from flowdb.notifications import Notice
 from flowdb.outcomes import Outcome
+from flowdb.steptypes.base import StepContext, StepType
 
 
-class NotificationHandler:
-    type = "notification"
+class NotificationType(StepType):
+    name = "notification"
+    renders = True
 
     def render(self, ctx: StepContext) -> tuple[str, str]:
         """The notice's text and title."""
