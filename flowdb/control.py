@@ -151,6 +151,9 @@ def retry_step(engine: Engine, instance_id: int, step_id: str) -> str:
             raise StepNotRetryable(f"instance {instance_id} is {found.status}; only failed or running instances "
                                    "can be retried")
         definition = DefinitionCache().get(conn, found.definition_id)
+        if definition.steps[step_id].model.for_each is not None:
+            raise StepNotRetryable(f"step {step_id!r} of instance {instance_id} runs for_each items; retrying a "
+                                   "for_each step is not supported yet: start a new instance for it")
         policy = effective_retry(definition.steps[step_id].model)
         fresh = policy.max_attempts if policy else 1
         conn.execute(update(S).where(S.c.id == step.id).values(

@@ -188,6 +188,30 @@ def test_retry_a_failed_step(api_server: ApiServer) -> None:
             "first": ("completed", 3), "second": ("completed", 1)}
 
 
+def test_cancel_one_step(api_server: ApiServer) -> None:
+    with client(api_server) as http:
+        deploy_reviewed(http)
+        iid = http.post("/v1/processes/reviewed-report/instances", json={}).json()["id"]
+        drive_until_waiting(api_server)
+        cancelled = http.post(f"/v1/instances/{iid}/steps/review/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json() == {"id": iid, "step_id": "review", "step_status": "cancelled"}
+        shown = http.get(f"/v1/instances/{iid}").json()
+        # The review's only successor is skipped (no parent completed): nothing is left, so it completes.
+        assert {s["step_id"]: s["status"] for s in shown["steps"]} == {
+            "draft": "completed", "review": "cancelled", "publish": "skipped"}
+        assert shown["status"] == "completed"
+        assert [a.status for a in approval_rows(api_server.engine)] == ["cancelled"]
+        step = next(s for s in shown["steps"] if s["step_id"] == "review")
+        assert step["round"] == 1 and step["item"] is None and isinstance(step["id"], int)
+        types = [e["type"] for e in http.get(f"/v1/instances/{iid}/events").json()["items"]]
+        assert "approval.cancelled" in types and types[-1] == "instance.completed"
+        assert_problem(http.post(f"/v1/instances/{iid}/steps/review/cancel"), 409, "running")
+        other = http.post("/v1/processes/reviewed-report/instances", json={}).json()["id"]
+        assert_problem(http.post(f"/v1/instances/{other}/steps/nope/cancel"), 404, "has no step 'nope'")
+        assert_problem(http.post("/v1/instances/999999/steps/draft/cancel"), 404)
+
+
 def test_approvals_inbox_show_and_decide(api_server: ApiServer) -> None:
     with client(api_server) as admin:
         deploy_reviewed(admin)
@@ -266,6 +290,7 @@ ROUTES: list[tuple[str, str, str, dict[str, Any]]] = [
     ("GET", "/v1/instances/{iid}", "operator", {}),
     ("GET", "/v1/instances/{iid}/events", "operator", {}),
     ("POST", "/v1/instances/{cancel_iid}/cancel", "operator", {}),
+    ("POST", "/v1/instances/{cancel_iid}/steps/draft/cancel", "operator", {}),
     ("POST", "/v1/instances/{iid}/steps/draft/retry", "operator", {}),
     ("GET", "/v1/approvals", "approver", {}),
     ("GET", "/v1/approvals/{aid}", "approver", {}),

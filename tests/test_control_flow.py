@@ -213,6 +213,42 @@ def test_a_join_after_a_loop_waits_for_the_loops_exit(db: Database) -> None:
     assert [r.status for r in runs(db.engine, iid, "done")] == ["completed"]
 
 
+ANY_IN_LOOP = """
+process:
+  name: any-in-loop
+  steps:
+    - {id: draft, type: agent_task, agent: noop, message: d}
+    - {id: a1, type: agent_task, agent: sleepy, message: s, depends_on: [draft]}
+    - {id: a2, type: agent_task, agent: noop, message: s, depends_on: [a1]}
+    - {id: b, type: agent_task, agent: noop, message: s, depends_on: [draft]}
+    - {id: meet, type: agent_task, agent: noop, message: m, depends_on: [a2, b], join: any}
+    - {id: out, type: agent_task, agent: noop, message: o, depends_on: [a2]}
+    - id: decide
+      type: gateway
+      gateway_type: exclusive
+      depends_on: [meet]
+      routes:
+        - {condition: "{{ steps.draft.visit }} < 2", next: draft}
+        - {default: true, next: done}
+    - {id: done, type: agent_task, agent: noop, message: done}
+"""
+
+
+def test_a_loop_back_cancels_what_its_round_left_open(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A join: any in a loop body lets the loop go back while a parent of the round still runs: that
+    round's open steps are cancelled, and never count into the next round (found by the fleet test)."""
+    monkeypatch.setenv("FLOWDB_TEST_SLEEP", "1")
+    [iid] = start(db.engine, ANY_IN_LOOP)
+    work(db.engine, AGENTS, timeout=20)
+    assert instance(db.engine, iid).status == "completed"
+    assert [(r.round, r.status) for r in runs(db.engine, iid, "a1")] == [(1, "cancelled"), (2, "completed")]
+    assert [(r.round, r.status) for r in runs(db.engine, iid, "a2")] == [(1, "cancelled"), (2, "completed")]
+    a1, a2 = runs(db.engine, iid, "a1")[1], runs(db.engine, iid, "a2")[1]
+    assert a2.started_at >= a1.finished_at  # round 2's a2 waited for round 2's a1
+    # `out` leaves the loop from a2: its edge counts in the first round only, where a2 was cancelled.
+    assert [(r.round, r.status) for r in runs(db.engine, iid, "out")] == [(1, "skipped")]
+
+
 # -- joins -----------------------------------------------------------------------------------------
 
 JOINS = """

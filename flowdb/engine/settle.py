@@ -117,6 +117,8 @@ class Settler:
         new_row = insert(S).values(created_at=clock.now)
         self.insert_pending = new_row.returning(S.c.id)
         self.insert_ready = new_row.values(ready_at=clock.now, claimable_at=clock.now).returning(S.c.id)
+        self.open_in_body = select(S.c.id).where(S.c.instance_id == iid, S.c.step_id.in_(body),
+                                                 S.c.status.in_([s.value for s in OPEN_STEP]))
         self.open_parents = select(S.c.id, S.c.step_id, S.c.round).where(
             S.c.instance_id == iid, S.c.step_id.in_(bindparam("sids", expanding=True)), S.c.item.is_(None),
             S.c.status.in_([s.value for s in OPEN_STEP]))
@@ -135,7 +137,7 @@ class Settler:
             step = definitions[s.instance_id].steps[s.step_id]
             looping = [t for t in (s.taken or ()) if t in step.loops] if s.completed else []
             if looping:
-                self._new_round(conn, s, definitions[s.instance_id], looping, sink)
+                self._new_round(conn, s, definitions, looping, sink)
                 continue
             for child in step.children:
                 edges.append((s.instance_id, s.step_id, child, s.completed and (s.taken is None or child in s.taken)))
@@ -214,12 +216,23 @@ class Settler:
             sink.close(instance_id)
         return [Settled(instance_id, s.step_id, False) for s in stopped]
 
-    def _new_round(self, conn: Connection, s: Settled, definition: CompiledDefinition, targets: list[str],
-                   sink: Sink) -> None:
-        """A loop-back was taken: a new round of every step of its body (R4)."""
+    def _new_round(self, conn: Connection, s: Settled, definitions: dict[int, CompiledDefinition],
+                   targets: list[str], sink: Sink) -> None:
+        """A loop-back was taken: a new round of every step of its body (R4). What is still open of
+        the body's earlier rounds (a step a `join: any` did not wait for) is cancelled first, and
+        settles as cancelled before the body's edges are set pending again."""
+        definition = definitions[s.instance_id]
         gateway = definition.steps[s.step_id]
         body = sorted({sid for t in targets for sid in gateway.loops[t].body})
         params = {"iid": s.instance_id, "body": body}
+        stale = list(conn.execute(self.open_in_body, params).scalars())
+        if stale:
+            stopped = self.stopper.cancel_steps(conn, f"the loop went back to {', '.join(map(repr, targets))}",
+                                                sink.event, rows=stale)
+            sink.close(s.instance_id, len(stopped))
+            # Steps settle through their own rows (a for_each item has no edges of its own).
+            self.settle(conn, [Settled(s.instance_id, st.step_id, False, None, s.definition_id) for st in stopped
+                               if st.item is None], definitions, sink)
         rounds = dict(conn.execute(self.latest_rounds, params).all())
         from_outside: dict[str, int] = dict(conn.execute(self.taken_from_outside, params).all())
         conn.execute(self.reopen_edges, params)

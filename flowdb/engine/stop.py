@@ -34,7 +34,7 @@ class Stopper:
         self.registry = registry
         cancelled: dict[str, Any] = {"status": word(StepStatus.CANCELLED), "finished_at": clock.now,
                                      "claimable_at": None, **LEASE_DROPPED}
-        returning = (S.c.id, S.c.instance_id, S.c.step_id, S.c.type)
+        returning = (S.c.id, S.c.instance_id, S.c.step_id, S.c.type, S.c.item)
         is_open = sql_in("step_instances.status", OPEN_STEP)
         iid: BindParameter[int] = bindparam("iid")
         self.cancel_open = update(S).where(S.c.instance_id == iid, is_open).values(**cancelled).returning(*returning)
@@ -54,7 +54,7 @@ class Stopper:
             result = conn.execute(self.cancel_rows, {"sids": rows}).all() if rows else []
         else:
             result = conn.execute(self.cancel_open, {"iid": instance_id}).all()
-        stopped = sorted((StoppedStep(r.id, r.instance_id, r.step_id, r.type) for r in result), key=lambda s: s.id)
+        stopped = sorted((StoppedStep(r.id, r.instance_id, r.step_id, r.type, r.item) for r in result), key=lambda s: s.id)
         by_type: dict[str, list[StoppedStep]] = {}
         for step in stopped:
             record(step.instance_id, "step.cancelled", {"reason": reason}, step.id)

@@ -64,6 +64,7 @@ class StoppedStep:
     instance_id: int
     step_id: str
     type: str
+    item: int | None = None  # a for_each item's index (None: a step's own row)
 
 
 def _log_only() -> Notifier:
