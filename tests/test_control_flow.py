@@ -301,6 +301,45 @@ def test_a_race_cancels_the_loser(db: Database, monkeypatch: pytest.MonkeyPatch)
     assert any("cancel_others" in e.get("reason", "") for e in event_list(db, iid, "step.cancelled"))
 
 
+def test_a_cancelling_partial_join(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """at_least: 2 of 3 with cancel_others: the third parent is cancelled once two completed (WCP 32)."""
+    monkeypatch.setenv("FLOWDB_TEST_SLEEP", "6")
+    [iid] = start(db.engine, JOINS % {"parents": "[fast, also-fast, slow]", "join": "{at_least: 2}",
+                                      "cancel": "true"})
+    work(db.engine, AGENTS, timeout=20)
+    row = instance(db.engine, iid)
+    assert row.status == "completed" and (row.finished_at - row.started_at).total_seconds() < 4
+    assert statuses(db, iid) == {"fast": "completed", "also-fast": "completed", "slow": "cancelled",
+                                 "after": "completed"}
+
+
+DEFERRED_CHOICE = """
+process:
+  name: deferred-choice
+  steps:
+    - {id: start, type: agent_task, agent: noop, message: go}
+    - {id: manager-decides, type: human_approval, approvers: [boss@example.com], depends_on: [start]}
+    - {id: deadline, type: timer, duration: 0.5s, depends_on: [start]}
+    - id: next
+      type: agent_task
+      agent: noop
+      message: n
+      depends_on: [manager-decides, deadline]
+      join: any
+      cancel_others: true
+"""
+
+
+def test_a_deferred_choice_between_a_decision_and_a_timer(db: Database) -> None:
+    """Whichever happens first, the decision or the deadline, wins; the other is withdrawn (WCP 16)."""
+    [iid] = start(db.engine, DEFERRED_CHOICE)
+    work(db.engine, AGENTS, timeout=20)
+    assert instance(db.engine, iid).status == "completed"
+    assert statuses(db, iid) == {"start": "completed", "manager-decides": "cancelled", "deadline": "completed",
+                                 "next": "completed"}
+    assert [r.status for r in approval_rows(db.engine)] == ["cancelled"]
+
+
 def test_every_parent_skipped_skips_a_join_any(db: Database) -> None:
     definition = """
 process:

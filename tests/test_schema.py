@@ -179,3 +179,26 @@ def test_crash_accounting_is_checked_by_the_database(db: Database) -> None:
         with db.engine.begin() as conn:
             conn.execute(S.update().where(S.c.id == 1).values(isolated=False, suspect=False))
             conn.execute(S.update().where(S.c.id == 1).values(**values))
+
+
+def test_0008_marks_rows_that_waited_and_refuses_to_drop_rounds(db: Database) -> None:
+    """Upgrading to 0008 keeps every row and sets `woken` from the input's old `wake` key; a downgrade
+    that would lose loop rounds or for_each items is refused, and changes nothing."""
+    migrate.downgrade(db.engine, "0007")
+    with db.engine.begin() as conn:
+        _one_instance(conn)
+        conn.execute(text("INSERT INTO step_instances (id, instance_id, definition_id, step_id, type, status, input, "
+                          "created_at) VALUES (1, 1, 1, 'wait', 'timer', 'waiting', :woke, CURRENT_TIMESTAMP), "
+                          "(2, 1, 1, 'work', 'agent_task', 'completed', :plain, CURRENT_TIMESTAMP)"),
+                     {"woke": '{"wake": "2026-12-01T09:00:00+00:00"}', "plain": '{"message": "hi"}'})
+    migrate.upgrade(db.engine)
+    with db.engine.begin() as conn:
+        got = conn.execute(text("SELECT id, woken, round, item FROM step_instances ORDER BY id")).all()
+        assert [(r.id, bool(r.woken), r.round, r.item) for r in got] == [(1, True, 1, None), (2, False, 1, None)]
+        conn.execute(text("INSERT INTO step_instances (id, instance_id, definition_id, step_id, type, status, round, "
+                          "created_at) VALUES (3, 1, 1, 'work', 'agent_task', 'completed', 2, CURRENT_TIMESTAMP)"))
+    with pytest.raises(Exception, match="loop rounds or for_each items"):
+        migrate.downgrade(db.engine, "0007")
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM step_instances")).scalar_one() == 3
+    assert migrate.current_revision(db.engine) == migrate.HEAD

@@ -204,7 +204,7 @@ class ApprovalStatements:
         raise TypeError(f"unknown approval change {change!r}")
 
     def _park(self, conn: Connection, o: Outcome, approval_id: int, phase: str) -> None:
-        state = {"phase": phase, "approval_id": approval_id}
+        state = {"approval_id": approval_id}  # the turn is told by the approval row (notified_at)
         conn.execute(self.park_now if phase == "notify" else self.park,
                      {"sid": o.step.id, "token": o.step.lease_token, "aid": approval_id, "input": state})
 

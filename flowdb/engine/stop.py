@@ -54,7 +54,8 @@ class Stopper:
             result = conn.execute(self.cancel_rows, {"sids": rows}).all() if rows else []
         else:
             result = conn.execute(self.cancel_open, {"iid": instance_id}).all()
-        stopped = sorted((StoppedStep(r.id, r.instance_id, r.step_id, r.type, r.item) for r in result), key=lambda s: s.id)
+        stopped = sorted((StoppedStep(r.id, r.instance_id, r.step_id, r.type, r.item) for r in result),
+                         key=lambda s: s.id)
         by_type: dict[str, list[StoppedStep]] = {}
         for step in stopped:
             record(step.instance_id, "step.cancelled", {"reason": reason}, step.id)

@@ -78,7 +78,7 @@ class HumanApprovalType(StepType):
         if approval.status != "pending":
             return ctx.outcome("failed", retryable=False, input={"approval_id": approval.id},
                                error=f"approval {approval.id} is {approval.status}")
-        if _phase(ctx.claimed.input) == "notify":
+        if approval.notified_at is None:  # the turn after the opening one sends the notices
             events = await self._notify(ctx, approval, reminder=False)
             return ctx.outcome("waiting", side=ParkApproval(approval.id, notified=True), events=events)
         if not approval.is_due:  # woken early (a decision that another turn already took): wait on
@@ -137,13 +137,6 @@ class HumanApprovalType(StepType):
                 "approval_id": approval.id, "channel": delivery.channel, "ok": delivery.ok,
                 "attempts": delivery.attempts, "error": delivery.error, "reminder": reminder}))
         return events
-
-
-def _phase(state: Any) -> str | None:
-    """Which turn of the approval comes next (`notify`, `wait`), kept in the step's input by db/approvals.py."""
-    if not isinstance(state, dict):
-        return None
-    return state.get("phase", state.get("wake"))  # `wake`: written before migration 0008
 
 
 def approval_notices(notifier: Notifier, approval: ApprovalRow, *, reminder: bool) -> list[Notice]:
