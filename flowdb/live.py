@@ -12,6 +12,7 @@ from flowdb.db.claims import Claimed
 from flowdb.db.progress import Progress
 from flowdb.definitions import CompiledDefinition
 from flowdb.outcomes import Outcome
+from flowdb.status import run_label
 from flowdb.steptypes.registry import STEP_TYPES
 
 MARKS = {"completed": "✓", "failed": "✗", "skipped": "–", "waiting": "…"}
@@ -42,7 +43,7 @@ class LiveView:
     def _claimed(self, item: Claimed) -> None:
         self.started[item.id] = time.monotonic()
         what = "woke" if item.woken else f"started (attempt {item.attempt})"
-        click.echo(f"  ▶ {item.step_id:<28} {what}")
+        click.echo(f"  ▶ {run_label(item.step_id, item.round, item.item):<28} {what}")
 
     def _progress(self, outcomes: list[Outcome], progress: Progress) -> None:
         late = {id(o) for o in progress.late}
@@ -53,7 +54,8 @@ class LiveView:
             mark = MARKS.get(outcome.kind, "?")
             retry = outcome.kind == "failed" and outcome.retryable and outcome.step.attempt < outcome.step.max_attempts
             word = "failed, will retry" if retry else outcome.kind
-            line = f"  {mark} {outcome.step.step_id:<28} {word} in {secs:.2f}s"
+            label = run_label(outcome.step.step_id, outcome.step.round, outcome.step.item)
+            line = f"  {mark} {label:<28} {word} in {secs:.2f}s"
             if outcome.cost_usd:
                 line += f"  ${outcome.cost_usd:.4f}"
             if outcome.error:

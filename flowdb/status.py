@@ -43,6 +43,11 @@ def status_json(conn: Connection, instance_id: int) -> dict[str, Any]:
     }
 
 
+def run_label(step_id: str, round_: int, item: int | None) -> str:
+    """How a run of a step is shown: `check #2` for a loop's second round, `research[3]` for an item."""
+    return step_id + (f" #{round_}" if round_ > 1 else "") + (f"[{item}]" if item is not None else "")
+
+
 def _short(value: Any, width: int = 60) -> str:
     if value is None:
         return ""
@@ -63,8 +68,7 @@ def print_status(data: dict[str, Any]) -> None:
     for step in data["steps"]:
         secs = f"{step['duration_s']:.3f}" if step["duration_s"] is not None else ""
         detail = step["error"] if step["error"] else _short(step["output"])
-        name = step["step_id"] + (f" #{step['round']}" if step["round"] > 1 else "") + (
-            f"[{step['item']}]" if step["item"] is not None else "")
+        name = run_label(step["step_id"], step["round"], step["item"])
         click.echo(f"{name:<24} {step['type']:<14} {step['status']:<10} {step['attempt']:>3} "
                    f"{secs:>8}  {_short(detail)}")
     if data["outputs"] is not None:
