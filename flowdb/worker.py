@@ -405,12 +405,12 @@ class Worker:
         gathered = self.for_each.load_items(conn, item.instance_id, item.step_id, item.round) \
             if item.woken and item.item is None and step.model.for_each is not None else None
         budget = definition.process.budget
-        if budget is not None and item.type == "agent_task":
+        step_type = STEP_TYPES.get(item.type)
+        if budget is not None and step_type is not None and step_type.spends:
             spent = _instance_cost(conn, item.instance_id)
             if spent >= budget.max_cost_usd:
                 return Outcome(item, "failed", retryable=False,
                                error=f"budget of ${budget.max_cost_usd:g} is spent (${spent:g}); step not started")
-        step_type = STEP_TYPES.get(item.type)
         loaded = step_type.load(conn, item, step) if step_type is not None and step_type.loads else None
         return StepContext(item, definition, step, context, self.agents, utcnow(), self.notifier, loaded,
                            items=gathered)

@@ -14,6 +14,7 @@ from flowdb.steptypes.base import StepContext, StepType
 class AgentTaskType(StepType):
     name = "agent_task"
     renders = True
+    spends = True
 
     def render(self, ctx: StepContext) -> str:
         assert ctx.step.message is not None

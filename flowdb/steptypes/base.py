@@ -79,6 +79,7 @@ class StepType:
     name: ClassVar[str]
     renders: ClassVar[bool] = False  # it has a render() that evaluates templates
     loads: ClassVar[bool] = False  # it has a load() that reads rows in the claim's transaction
+    spends: ClassVar[bool] = False  # it may cost money: the instance's budget is checked before it starts
 
     def check(self, model: Any) -> list[Problem]:
         """Static checks beyond its model's (run by `flowdb validate` and every deploy)."""
