@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Engine, case, func, literal, select, update
+from sqlalchemy import Connection, Engine, case, false, func, literal, select, update
 
 from flowdb.db.clock import Clock
 from flowdb.db.events import EventRow, EventWriter, event_row
@@ -108,7 +108,7 @@ def cancel_step(engine: Engine, instance_id: int, step_id: str, reason: str = "c
                                      "ready, running or waiting step can be cancelled")
         stopped = progress.stopper.cancel_steps(conn, reason, sink.event, rows=targets)
         sink.close(instance_id, len(stopped))
-        progress.settler.settle(conn, [Settled(instance_id, step_id, False, None, found.definition_id)],
+        progress.settler.settle(conn, [Settled(instance_id, step_id, False, None, found.definition_id, latest)],
                                 {instance_id: definition}, sink)
         conn.execute(progress.account, {"iid": instance_id, "closed": closed[0], "cost": 0.0})
         if conn.execute(select(I.c.open_steps).where(I.c.id == instance_id)).scalar_one() == 0:
@@ -162,14 +162,19 @@ def retry_step(engine: Engine, instance_id: int, step_id: str) -> str:
         rows = [event_row(instance_id, "step.retry_requested", {"attempt": step.attempt, "fresh_attempts": fresh},
                           step.id)]
         if found.status == "failed":
-            # The failure cancelled the instance's open steps: give them back what they were waiting on.
+            # The failure cancelled the instance's open steps (`halted`; not those cancelled for their own
+            # sake: by an operator, a race, a loop going back): give them back what they were waiting on.
+            # A for_each step whose items had started waits on them again; its items start afresh.
+            waits_on_items = S.c.item.is_(None) & S.c.items_total.is_not(None)
+            waits_on_parents = S.c.item.is_(None) & (S.c.pending_parents > literal(0))
             restored = conn.execute(
-                update(S).where(S.c.instance_id == instance_id, S.c.status == word(StepStatus.CANCELLED))
-                .values(status=case((S.c.pending_parents > literal(0), word(StepStatus.PENDING)),
-                                    else_=word(StepStatus.READY)),
-                        claimable_at=case((S.c.pending_parents > literal(0), None), else_=clock.now),
-                        ready_at=case((S.c.pending_parents > literal(0), S.c.ready_at), else_=clock.now),
-                        finished_at=None, input=None, **CLEARED)
+                update(S).where(S.c.instance_id == instance_id, S.c.status == word(StepStatus.CANCELLED), S.c.halted)
+                .values(status=case((waits_on_items, word(StepStatus.WAITING)),
+                                    (waits_on_parents, word(StepStatus.PENDING)), else_=word(StepStatus.READY)),
+                        claimable_at=case((waits_on_items | waits_on_parents, None), else_=clock.now),
+                        ready_at=case((waits_on_items | waits_on_parents, S.c.ready_at), else_=clock.now),
+                        woken=waits_on_items, halted=false(), finished_at=None,
+                        input=case((waits_on_items, S.c.input), else_=None), **CLEARED)
                 .returning(S.c.id, S.c.step_id)).all()
             for row in restored:
                 rows.append(event_row(instance_id, "step.restored", {"reason": "retry"}, row.id))

@@ -529,6 +529,9 @@ def _compile_for_each(step: CompiledStep, path: Path, scope: _Scope) -> None:
         if expression is not None:
             _check_refs(expression.refs, where, sid, scope, GATHER_NAMES)
             step.complete_when = expression
+    if model.for_each is not None and model.type in ("gateway", "end"):
+        problems.append(locator.at((*path, "for_each"), f"step {sid!r} is a {model.type}, which runs once: it cannot "
+                                   "have for_each; put for_each on the steps it leads to"))
     needs = {"max_parallel": model.max_parallel is not None, "complete_when": model.complete_when is not None}
     for name, given in needs.items():
         if given and model.for_each is None:
@@ -640,13 +643,34 @@ def _topological_order(steps: dict[str, CompiledStep]) -> list[str]:
 
 
 def _find_cycle(steps: dict[str, CompiledStep], edges: list[Edge]) -> tuple[list[str] | None, set[Edge]]:
-    """The back edges of a depth-first walk from the entry steps (in file order, with an explicit
-    stack): a route among them is a loop-back (R1); any other closes a cycle, returned as its steps."""
+    """The loop-backs (R1), and a cycle left without them (as its steps) if there is one.
+
+    A depth-first walk from the entry steps (file order, explicit stack) meets each cycle at a back
+    edge. A route there is a loop-back. When the edge closing the cycle is a depends_on, the walk
+    entered the loop at a step other than its target (a step of the loop with a parent outside it):
+    the last route on the cycle is then the loop-back, and the walk starts again without it. A cycle
+    with no route at all is an error. The answer does not depend on the order of the steps."""
     routes = {(e.from_step, e.to_step) for e in edges if e.kind == "route"}
+    back: set[Edge] = set()
+    while True:
+        cycle = _walk(steps, routes, back)
+        if cycle is None:
+            return None, back
+        pairs = list(zip(cycle, [*cycle[1:], cycle[0]], strict=True))
+        on_cycle = [pair for pair in pairs if pair in routes]
+        if not on_cycle:
+            return cycle, back
+        back.add(Edge(*on_cycle[-1], "route"))
+
+
+def _walk(steps: dict[str, CompiledStep], routes: set[tuple[str, str]], back: set[Edge]) -> list[str] | None:
+    """One depth-first walk without the routes in `back`. The routes it meets as back edges are added
+    to `back` and the walk goes on; it stops at the first back edge that is a depends_on, with that
+    cycle, or at the end (None)."""
+    skip = {(e.from_step, e.to_step) for e in back}
     white, grey, black = 0, 1, 2
     color = dict.fromkeys(steps, white)
-    back: set[Edge] = set()
-    entries = [sid for sid, step in steps.items() if not step.parents]
+    entries = [sid for sid, step in steps.items() if not step.model.depends_on]
     for start in [*entries, *steps]:
         if color[start] != white:
             continue
@@ -664,15 +688,18 @@ def _find_cycle(steps: dict[str, CompiledStep], edges: list[Edge]) -> tuple[list
                 continue
             next_child[-1] = i + 1
             child = children[i]
+            if (node, child) in skip:
+                continue
             if color[child] == grey:
                 if (node, child) not in routes:
-                    return trail[trail.index(child):], back
+                    return trail[trail.index(child):]
                 back.add(Edge(node, child, "route"))
+                skip.add((node, child))
             elif color[child] == white:
                 color[child] = grey
                 trail.append(child)
                 next_child.append(0)
-    return None, back
+    return None
 
 
 def _loops(steps: dict[str, CompiledStep], edges: list[Edge], loop_backs: set[Edge], step_path: dict[str, Path],

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import Database
 from flowdb.db import clock
 from flowdb.db.claims import ClaimStatements
+
+from conftest import Database
 from helpers import approval_rows, drive, event_types, instance, start, steps, waiting_for_decision, work
 
 HOUR_TIMER = """

@@ -249,6 +249,36 @@ def test_a_loop_back_cancels_what_its_round_left_open(db: Database, monkeypatch:
     assert [(r.round, r.status) for r in runs(db.engine, iid, "out")] == [(1, "skipped")]
 
 
+LOOP_WITH_OUTSIDE_PARENT = """
+process:
+  name: loop-with-outside-parent
+  steps:
+    - {id: guidelines, type: agent_task, agent: noop, message: g}
+    - {id: brief, type: agent_task, agent: noop, message: b}
+    - {id: draft, type: agent_task, agent: noop, message: d, depends_on: [brief]}
+    - {id: review, type: agent_task, agent: noop, message: r, depends_on: [draft, guidelines]}
+    - id: ok
+      type: gateway
+      gateway_type: exclusive
+      depends_on: [review]
+      routes:
+        - {condition: "{{ steps.draft.visit }} < 3", next: draft}
+        - {default: true, next: publish}
+    - {id: publish, type: agent_task, agent: noop, message: p}
+"""
+
+
+def test_a_loop_whose_body_has_a_parent_outside_it(db: Database) -> None:
+    """`review` waits for `guidelines` (outside the loop) in its first round only; the loop is found
+    whatever the order of the steps in the file."""
+    [iid] = start(db.engine, LOOP_WITH_OUTSIDE_PARENT)
+    work(db.engine, AGENTS)
+    assert instance(db.engine, iid).status == "completed"
+    assert [r.round for r in runs(db.engine, iid, "review")] == [1, 2, 3]
+    assert [r.round for r in runs(db.engine, iid, "guidelines")] == [1]
+    assert statuses(db, iid)["publish"] == "completed"
+
+
 # -- joins -----------------------------------------------------------------------------------------
 
 JOINS = """
@@ -340,6 +370,27 @@ def test_a_deferred_choice_between_a_decision_and_a_timer(db: Database) -> None:
     assert [r.status for r in approval_rows(db.engine)] == ["cancelled"]
 
 
+def test_retrying_a_failure_gives_back_only_what_the_failure_cancelled(db: Database,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A race's loser stays cancelled when a later failure is retried (it was cancelled for its own sake)."""
+    monkeypatch.setenv("FLOWDB_TEST_SLEEP", "4")
+    definition = (JOINS % {"parents": "[fast, slow]", "join": "any", "cancel": "true"}) + \
+        "    - {id: last, type: agent_task, agent: refuses, message: x, depends_on: [after]}\n" + \
+        "    - {id: other, type: agent_task, agent: sleepy, message: y, depends_on: [fast]}\n"
+    [iid] = start(db.engine, definition)
+    work(db.engine, timeout=30)
+    assert instance(db.engine, iid).status == "failed"
+    assert statuses(db, iid) == {"fast": "completed", "also-fast": "completed", "slow": "cancelled",
+                                 "after": "completed", "last": "failed", "other": "cancelled"}
+    from flowdb.control import retry_step
+
+    retry_step(db.engine, iid, "last")
+    after_retry = statuses(db, iid)
+    assert after_retry["slow"] == "cancelled"  # the race's loser: not given back
+    assert after_retry["other"] == "ready"  # cancelled by the failure: given back
+    assert after_retry["last"] == "ready"
+
+
 def test_every_parent_skipped_skips_a_join_any(db: Database) -> None:
     definition = """
 process:
@@ -396,7 +447,7 @@ process:
 
 
 def test_cancel_a_running_step_and_its_successors_go_on(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLOWDB_TEST_SLEEP", "3")
+    monkeypatch.setenv("FLOWDB_TEST_SLEEP", "8")  # long enough for the CLI to start on a loaded machine
     [iid] = start(db.engine, CANCEL)
 
     def running() -> bool:

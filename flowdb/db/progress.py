@@ -193,7 +193,8 @@ class ProgressWriter:
             batch.close(o.step.instance_id)
         own_rows = [o for o in settling if o.step.item is None]
         self.q.settler.settle(conn, [Settled(o.step.instance_id, o.step.step_id, o.kind == "completed", o.taken,
-                                             o.step.definition_id) for o in own_rows], batch.definitions, batch)
+                                             o.step.definition_id, o.step.round) for o in own_rows],
+                              batch.definitions, batch)
         for o in settling:
             if o.step.item is not None:
                 self._item_finished(conn, o, batch)
@@ -204,16 +205,14 @@ class ProgressWriter:
                 self._park(conn, o, batch)
             elif o.kind == "failed" and self._retrying(o):
                 self._retry(conn, o, batch)
-        self._account(conn, batch)
-        for o in settling:
-            if o.ends_instance and o.kind == "completed":
-                self._end_instance(conn, o.step.instance_id, o.step.step_id, batch)
+        finals = [o for o in finals if o.step.item is None or self._item_failed(conn, o, batch)]
+        ending = {o.step.instance_id: o.step.step_id for o in settling if o.ends_instance and o.kind == "completed"}
+        self._account(conn, batch, set(ending))
+        for instance_id, step_id in ending.items():
+            self._end_instance(conn, instance_id, step_id, batch)
         for o in finals:
-            what = f"step {o.step.step_id!r}"
-            if o.step.item is not None:  # an item failed for good: its step fails, and the instance
-                what = f"item {o.step.item} of step {o.step.step_id!r}"
-                conn.execute(self.q.for_each.fail_own, {"iid": o.step.instance_id, "step": o.step.step_id,
-                                                         "rnd": o.step.round, "error": f"{what} failed: {o.error}"})
+            what = f"step {o.step.step_id!r}" if o.step.item is None else \
+                f"item {o.step.item} of step {o.step.step_id!r}"
             self._fail_instance(conn, o.step.instance_id, f"{what} failed: {o.error}", batch)
         self.q.events.write(conn, batch.events)
         return batch.progress
@@ -248,6 +247,17 @@ class ProgressWriter:
         if o.cost_usd:
             payload["cost_usd"] = o.cost_usd
         return payload
+
+    def _item_failed(self, conn: Connection, o: Outcome, batch: _Batch) -> bool:
+        """A for_each item failed for good: its step fails (True: the instance fails with it), unless the
+        step had ended already (complete_when held), when the failure is recorded and nothing more."""
+        error = f"item {o.step.item} of step {o.step.step_id!r} failed: {o.error}"
+        if conn.execute(self.q.for_each.fail_own, {"iid": o.step.instance_id, "step": o.step.step_id,
+                                                    "rnd": o.step.round, "error": error}).rowcount:
+            return True
+        batch.event(o.step.instance_id, "step.item_failed_after_its_step", {"error": o.error}, o.step.id)
+        batch.close(o.step.instance_id)
+        return False
 
     def _item_finished(self, conn: Connection, o: Outcome, batch: _Batch) -> None:
         """A for_each item settled: count its step down, start the next pending item."""
@@ -295,8 +305,9 @@ class ProgressWriter:
                     {"attempt": o.step.attempt, "error": o.error, "delay_s": o.retry_delay}, o.step.id)
         batch.spend(o.step.instance_id, o.cost_usd)  # a failed attempt may still have cost money
 
-    def _account(self, conn: Connection, batch: _Batch) -> None:
-        """Add up closed steps and cost per instance; finish the instances with no open step left."""
+    def _account(self, conn: Connection, batch: _Batch, ending: set[int]) -> None:
+        """Add up closed steps and cost per instance; finish the instances with no open step left (but
+        those an `end` step finishes, with its name)."""
         touched = sorted(set(batch.closed) | set(batch.cost))
         if not touched:
             return
@@ -306,7 +317,7 @@ class ProgressWriter:
         if not closing:
             return
         done = [row.id for row in conn.execute(self.q.instance_state, {"iids": closing})
-                if row.open_steps == 0 and row.status == "running"]
+                if row.open_steps == 0 and row.status == "running" and row.id not in ending]
         if not done:
             return
         outputs = self._leaf_outputs(conn, done, batch)

@@ -145,6 +145,8 @@ step_instances = Table(
     Column("items_total", Integer),
     Column("items_left", Integer),
     Column("woken", Boolean, nullable=False, server_default=false()),
+    # Cancelled because its instance stopped (a failure), not for its own sake: `flowdb retry` gives it back.
+    Column("halted", Boolean, nullable=False, server_default=false()),
     CheckConstraint("round >= 1", name="ck_step_instances_round"),
     CheckConstraint("item IS NULL OR item >= 0", name="ck_step_instances_item"),
     CheckConstraint("items_left IS NULL OR (items_left >= 0 AND items_left <= items_total)",

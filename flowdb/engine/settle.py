@@ -24,7 +24,6 @@ caller holds the instance rows' locks, so two completions of one instance never 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,6 +49,7 @@ class Settled:
     completed: bool
     taken: frozenset[str] | None = None  # a gateway's chosen targets; None: every child
     definition_id: int = 0  # needed when a loop-back is taken (the new rows carry it)
+    round: int = 1  # the settled row's round
 
 
 class Sink(Protocol):
@@ -70,6 +70,22 @@ def join_state(rule: JoinRule, pending: int, completed: int) -> StepStatus | Non
     if completed + pending < rule.needed:
         return StepStatus.SKIPPED
     return None
+
+
+@dataclass(frozen=True)
+class _Edge:
+    instance_id: int
+    parent: str
+    child: str
+    taken: bool
+    round: int  # the parent row's round
+
+
+def _first_round(edge: _Edge, definitions: dict[int, CompiledDefinition]) -> bool:
+    """Whether the edge counts into its child's first round: no loop runs both ends again (in a
+    definition without loops, every step has one round, so it is the same row)."""
+    definition = definitions[edge.instance_id]
+    return definition.has_loops and edge.child not in definition.loop_bodies.get(edge.parent, ())
 
 
 @dataclass
@@ -102,6 +118,9 @@ class Settler:
         self.mark_edge = DriverStatement(
             update(E).where(E.c.instance_id == bindparam("iid"), E.c.from_step == bindparam("parent"),
                             E.c.to_step == bindparam("child")).values(state=bindparam("edge_state")))
+        self.latest_of = select(S.c.instance_id, S.c.step_id, func.max(S.c.round).label("round")).where(
+            S.c.instance_id.in_(iids), S.c.step_id.in_(bindparam("froms", expanding=True)), S.c.item.is_(None)
+        ).group_by(S.c.instance_id, S.c.step_id)
         self.edge_states = select(E.c.instance_id, E.c.from_step, E.c.to_step, E.c.state).where(
             E.c.instance_id.in_(iids), E.c.from_step.in_(bindparam("froms", expanding=True)))
         # Loops: the body's edges pending again, the taken edges into it from outside, the new rows.
@@ -132,31 +151,41 @@ class Settler:
 
     def _pass(self, conn: Connection, work: list[Settled], definitions: dict[int, CompiledDefinition],
               sink: Sink) -> list[Settled]:
-        edges: list[tuple[int, str, str, bool]] = []  # (instance, parent, child, taken)
+        edges: list[_Edge] = []
+        loop_backs: list[tuple[Settled, list[str]]] = []
         for s in work:
             step = definitions[s.instance_id].steps[s.step_id]
             looping = [t for t in (s.taken or ()) if t in step.loops] if s.completed else []
             if looping:
-                self._new_round(conn, s, definitions, looping, sink)
+                loop_backs.append((s, looping))  # after this pass's edges: they belong to the round ending
                 continue
             for child in step.children:
-                edges.append((s.instance_id, s.step_id, child, s.completed and (s.taken is None or child in s.taken)))
-        edges = self._pending_edges(conn, edges, definitions)
-        if not edges:
-            return []
-        self.mark_edge.executemany(conn, [{"iid": i, "parent": p, "child": c,
-                                           "edge_state": EdgeState.TAKEN.value if t else EdgeState.SKIPPED.value}
-                                          for i, p, c, t in edges])
-        counts = self._read_children(conn, edges)
-        for i, _, c, taken in edges:
-            count = counts.get((i, c))
+                edges.append(_Edge(s.instance_id, s.step_id, child, s.completed and (s.taken is None or
+                                                                                      child in s.taken), s.round))
+        edges = self._counting_edges(conn, edges, definitions)
+        after: list[Settled] = []
+        if edges:
+            after = self._count(conn, edges, definitions, sink)
+        for s, looping in loop_backs:
+            self._new_round(conn, s, definitions, looping, sink)
+        return after
+
+    def _count(self, conn: Connection, edges: list[_Edge], definitions: dict[int, CompiledDefinition],
+               sink: Sink) -> list[Settled]:
+        """Mark the edges, count their children down, and apply the join rules to those still pending."""
+        self.mark_edge.executemany(conn, [{"iid": e.instance_id, "parent": e.parent, "child": e.child,
+                                           "edge_state": (EdgeState.TAKEN if e.taken else EdgeState.SKIPPED).value}
+                                          for e in edges])
+        counts = self._read_children(conn, edges, definitions)
+        for e in edges:
+            count = counts.get((e.instance_id, e.child, _first_round(e, definitions)))
             if count is not None:
                 count.settled += 1
-                count.taken += int(taken)
+                count.taken += int(e.taken)
         updates = []
         after: list[Settled] = []
         starting: list[tuple[int, str]] = []
-        for (instance_id, child), count in counts.items():
+        for (instance_id, child, _), count in counts.items():
             row = count.row
             rule = definitions[instance_id].steps[child].join
             becomes = join_state(rule, row.pending_parents - count.settled, row.completed_parents + count.taken) \
@@ -173,34 +202,46 @@ class Settler:
                                                          else f"fewer than {rule.needed} parent(s) can complete"},
                            row.id)
                 sink.close(instance_id)
-                after.append(Settled(instance_id, child, False))
+                after.append(Settled(instance_id, child, False, None, 0, row.round))
         self.count_down.executemany(conn, updates)
         for instance_id, child in starting:
             after += self._cancel_others(conn, instance_id, child, definitions[instance_id], sink)
         return after
 
-    def _pending_edges(self, conn: Connection, edges: list[tuple[int, str, str, bool]],
-                       definitions: dict[int, CompiledDefinition]) -> list[tuple[int, str, str, bool]]:
-        """In definitions with loops, only the edges still pending count (an edge out of a loop body
-        counts in the body's first round only)."""
-        looped = {i for i, _, _, _ in edges if definitions[i].has_loops}
+    def _counting_edges(self, conn: Connection, edges: list[_Edge],
+                        definitions: dict[int, CompiledDefinition]) -> list[_Edge]:
+        """In definitions with loops, the edges that count: each edge counts once per round of its
+        parent, so only an edge still pending counts (an edge out of a loop body, or into it from
+        outside, counts once), and only from a parent row of the step's latest round (a row of an
+        earlier round settling late no longer counts into the body's new round)."""
+        looped = sorted({e.instance_id for e in edges if definitions[e.instance_id].has_loops})
         if not looped:
             return edges
-        rows = conn.execute(self.edge_states, {"iids": sorted(looped),
-                                               "froms": sorted({p for i, p, _, _ in edges if i in looped})})
-        pending = {(r.instance_id, r.from_step, r.to_step) for r in rows if r.state == EdgeState.PENDING}
-        return [e for e in edges if e[0] not in looped or (e[0], e[1], e[2]) in pending]
+        froms = sorted({e.parent for e in edges if e.instance_id in looped})
+        params = {"iids": looped, "froms": froms}
+        pending = {(r.instance_id, r.from_step, r.to_step) for r in conn.execute(self.edge_states, params)
+                   if r.state == EdgeState.PENDING}
+        latest = {(r.instance_id, r.step_id): r.round for r in conn.execute(self.latest_of, params)}
+        return [e for e in edges if e.instance_id not in looped or (
+            (e.instance_id, e.parent, e.child) in pending
+            and (e.round >= latest.get((e.instance_id, e.parent), 1) or _first_round(e, definitions)))]
 
-    def _read_children(self, conn: Connection, edges: Iterable[tuple[int, str, str, bool]]
-                       ) -> dict[tuple[int, str], _Count]:
-        wanted = {(i, c) for i, _, c, _ in edges}
-        counts: dict[tuple[int, str], _Count] = {}
-        rows = conn.execute(self.children, {"iids": sorted({i for i, _ in wanted}),
-                                            "sids": sorted({c for _, c in wanted})})
+    def _read_children(self, conn: Connection, edges: list[_Edge], definitions: dict[int, CompiledDefinition]
+                       ) -> dict[tuple[int, str, bool], _Count]:
+        """Each counted child's row: its latest round, or its first for an edge that no loop runs again
+        (a parent outside every loop the child is in counts for the round it was part of)."""
+        wanted = {(e.instance_id, e.child, _first_round(e, definitions)) for e in edges}
+        counts: dict[tuple[int, str, bool], _Count] = {}
+        rows = conn.execute(self.children, {"iids": sorted({i for i, _, _ in wanted}),
+                                            "sids": sorted({c for _, c, _ in wanted})})
         for row in rows:
-            key = (row.instance_id, row.step_id)
-            if key in wanted and (key not in counts or counts[key].row.round < row.round):
-                counts[key] = _Count(row)
+            for first in (False, True):
+                key = (row.instance_id, row.step_id, first)
+                if key not in wanted:
+                    continue
+                if key not in counts or (counts[key].row.round > row.round if first
+                                         else counts[key].row.round < row.round):
+                    counts[key] = _Count(row)
         return counts
 
     def _cancel_others(self, conn: Connection, instance_id: int, child: str, definition: CompiledDefinition,
@@ -214,7 +255,7 @@ class Settler:
                                             rows=[r.id for r in rows])
         for _ in stopped:
             sink.close(instance_id)
-        return [Settled(instance_id, s.step_id, False) for s in stopped]
+        return [Settled(instance_id, s.step_id, False, None, 0, s.round) for s in stopped if s.item is None]
 
     def _new_round(self, conn: Connection, s: Settled, definitions: dict[int, CompiledDefinition],
                    targets: list[str], sink: Sink) -> None:
@@ -231,8 +272,8 @@ class Settler:
                                                 sink.event, rows=stale)
             sink.close(s.instance_id, len(stopped))
             # Steps settle through their own rows (a for_each item has no edges of its own).
-            self.settle(conn, [Settled(s.instance_id, st.step_id, False, None, s.definition_id) for st in stopped
-                               if st.item is None], definitions, sink)
+            self.settle(conn, [Settled(s.instance_id, st.step_id, False, None, s.definition_id, st.round)
+                               for st in stopped if st.item is None], definitions, sink)
         rounds = dict(conn.execute(self.latest_rounds, params).all())
         from_outside: dict[str, int] = dict(conn.execute(self.taken_from_outside, params).all())
         conn.execute(self.reopen_edges, params)

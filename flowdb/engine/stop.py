@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import BindParameter, Connection, Update, bindparam, update
+from sqlalchemy import BindParameter, Connection, Update, bindparam, true, update
 
 from flowdb.db.claims import LEASE_DROPPED
 from flowdb.db.clock import Clock
@@ -34,12 +34,18 @@ class Stopper:
         self.registry = registry
         cancelled: dict[str, Any] = {"status": word(StepStatus.CANCELLED), "finished_at": clock.now,
                                      "claimable_at": None, **LEASE_DROPPED}
-        returning = (S.c.id, S.c.instance_id, S.c.step_id, S.c.type, S.c.item)
+        returning = (S.c.id, S.c.instance_id, S.c.step_id, S.c.type, S.c.item, S.c.round, S.c.items_total)
         is_open = sql_in("step_instances.status", OPEN_STEP)
         iid: BindParameter[int] = bindparam("iid")
-        self.cancel_open = update(S).where(S.c.instance_id == iid, is_open).values(**cancelled).returning(*returning)
+        # The instance stops: its open rows are `halted` too (what `flowdb retry` of a failure gives back).
+        self.cancel_open = (update(S).where(S.c.instance_id == iid, is_open).values(**cancelled, halted=true())
+                            .returning(*returning))
         self.cancel_rows = (update(S).where(S.c.id.in_(bindparam("sids", expanding=True)), is_open)
                             .values(**cancelled).returning(*returning))
+        # The open items of a for_each step whose own row was cancelled.
+        self.cancel_items = (update(S).where(S.c.instance_id == iid, S.c.step_id == bindparam("step"),
+                                             S.c.round == bindparam("rnd"), S.c.item.is_not(None), is_open)
+                             .values(**cancelled).returning(*returning))
         self.finish: Update = (
             update(I).where(I.c.id == iid, I.c.status == word(InstanceStatus.RUNNING))
             .values(status=bindparam("status"), outputs=bindparam("outputs"), error=bindparam("error"),
@@ -51,10 +57,13 @@ class Stopper:
         """Cancel the open step rows among `rows`, or every open row of `instance_id`; run their types'
         stop hooks; record a `step.cancelled` event for each. The rows cancelled, in id order."""
         if rows is not None:
-            result = conn.execute(self.cancel_rows, {"sids": rows}).all() if rows else []
+            result = list(conn.execute(self.cancel_rows, {"sids": rows}).all()) if rows else []
+            for own in [r for r in result if r.item is None and r.items_total is not None]:
+                result += conn.execute(self.cancel_items, {"iid": own.instance_id, "step": own.step_id,
+                                                           "rnd": own.round}).all()
         else:
-            result = conn.execute(self.cancel_open, {"iid": instance_id}).all()
-        stopped = sorted((StoppedStep(r.id, r.instance_id, r.step_id, r.type, r.item) for r in result),
+            result = list(conn.execute(self.cancel_open, {"iid": instance_id}).all())
+        stopped = sorted((StoppedStep(r.id, r.instance_id, r.step_id, r.type, r.item, r.round) for r in result),
                          key=lambda s: s.id)
         by_type: dict[str, list[StoppedStep]] = {}
         for step in stopped:

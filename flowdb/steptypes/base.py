@@ -65,6 +65,7 @@ class StoppedStep:
     step_id: str
     type: str
     item: int | None = None  # a for_each item's index (None: a step's own row)
+    round: int = 1
 
 
 def _log_only() -> Notifier:

@@ -7,13 +7,18 @@ own row), the item's value in `item_value`. The step's own row counts its items 
 UNIQUE(instance_id, step_id) gives way to a unique index over (instance_id, step_id, round, item),
 with NULL items compared as -1 (NULLs are distinct in a unique index).
 
+`halted` marks a row cancelled because its instance stopped (not for its own sake: an operator's
+cancel, a race, a loop going back), which is what `flowdb retry` gives back.
+
 `woken` says the row has waited before (a timer, an approval, a for_each's items): its later claims
 go on from where it waited. The statements that park a step write it, where a `wake` key in the
 input JSON used to tell; rows parked before this migration get it from that key.
 
 SQLite cannot drop a table constraint: the table is rebuilt (Alembic's batch mode keeps its
 checks and partial indexes; the views are dropped around every migration, db/migrate.py).
-PostgreSQL adds the CHECKs NOT VALID, then validates them (a scan that lets writes go on).
+PostgreSQL adds the CHECKs NOT VALID, then validates them. Every migration runs in one transaction,
+so the table stays locked against writes until it commits (the checks, the unique index and the
+`woken` update each read the whole table): stop the workers while upgrading a large database.
 
 Revision ID: 0008
 Revises: 0007
@@ -40,7 +45,7 @@ CHECKS = {
     "ck_step_instances_item": "item IS NULL OR item >= 0",
     "ck_step_instances_items": "items_left IS NULL OR (items_left >= 0 AND items_left <= items_total)",
 }
-COLUMNS = ("round", "item", "item_value", "items_total", "items_left", "woken")
+COLUMNS = ("round", "item", "item_value", "items_total", "items_left", "woken", "halted")
 
 
 def _columns() -> list[sa.Column[object]]:
@@ -49,7 +54,8 @@ def _columns() -> list[sa.Column[object]]:
             sa.Column("item_value", sa.JSON().with_variant(JSONB(), "postgresql"), nullable=True),
             sa.Column("items_total", sa.Integer(), nullable=True),
             sa.Column("items_left", sa.Integer(), nullable=True),
-            sa.Column("woken", sa.Boolean(), nullable=False, server_default=sa.false())]
+            sa.Column("woken", sa.Boolean(), nullable=False, server_default=sa.false()),
+            sa.Column("halted", sa.Boolean(), nullable=False, server_default=sa.false())]
 
 
 def _run_index() -> None:
