@@ -35,7 +35,8 @@ def offset() -> float:
 
 def utcnow() -> datetime:
     """Python's view of the engine's clock (with the offset)."""
-    return datetime.now(UTC) + timedelta(seconds=_offset)
+    now = datetime.now(UTC)
+    return now + timedelta(seconds=_offset) if _offset else now
 
 
 class Clock:

@@ -321,8 +321,10 @@ class ProgressWriter:
         if not done:
             return
         outputs = self._leaf_outputs(conn, done, batch)
+        # Nothing is open in them: no step to stop, one statement for all of them.
+        self.q.stopper.complete_all(conn, [(i, outputs[i]) for i in done], batch.event)
         for instance_id in done:
-            self._finished(conn, instance_id, InstanceStatus.COMPLETED, batch, outputs=outputs[instance_id])
+            self._after_finish(conn, instance_id, InstanceStatus.COMPLETED, batch)
 
     def _leaf_outputs(self, conn: Connection, done: list[int], batch: _Batch) -> dict[int, dict[str, Any]]:
         """The instances' outputs: the output of each completed step that has no children (its latest round)."""
@@ -344,9 +346,12 @@ class ProgressWriter:
 
     def _finished(self, conn: Connection, instance_id: int, status: InstanceStatus, batch: _Batch, *,
                   outputs: Any = None, error: str | None = None, reason: str | None = None) -> None:
-        if not self.q.stopper.finish_instance(conn, instance_id, status, batch.event, outputs=outputs, error=error,
-                                              reason=reason):
-            return
+        if self.q.stopper.finish_instance(conn, instance_id, status, batch.event, outputs=outputs, error=error,
+                                          reason=reason):
+            self._after_finish(conn, instance_id, status, batch)
+
+    def _after_finish(self, conn: Connection, instance_id: int, status: InstanceStatus, batch: _Batch) -> None:
+        """An instance ended in this batch: report it, and load what its output actions read."""
         batch.progress.finished_instances.append((instance_id, status.value))
         definition = batch.definitions[instance_id]
         actions = definition.on_success if status is InstanceStatus.COMPLETED else definition.on_failure

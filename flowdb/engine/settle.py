@@ -25,7 +25,7 @@ caller holds the instance rows' locks, so two completions of one instance never 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import BindParameter, Connection, bindparam, case, func, insert, literal, select, update
 
@@ -72,20 +72,18 @@ def join_state(rule: JoinRule, pending: int, completed: int) -> StepStatus | Non
     return None
 
 
-@dataclass(frozen=True)
-class _Edge:
+class _Edge(NamedTuple):  # a tuple: one is made per settled edge, on the hot path
     instance_id: int
     parent: str
     child: str
     taken: bool
     round: int  # the parent row's round
+    # It counts into its child's first round: no loop runs both ends again (in a definition without
+    # loops every step has one round, so that is the same row as the latest).
+    first: bool
 
 
-def _first_round(edge: _Edge, definitions: dict[int, CompiledDefinition]) -> bool:
-    """Whether the edge counts into its child's first round: no loop runs both ends again (in a
-    definition without loops, every step has one round, so it is the same row)."""
-    definition = definitions[edge.instance_id]
-    return definition.has_loops and edge.child not in definition.loop_bodies.get(edge.parent, ())
+_TAKEN, _SKIPPED, _PENDING = EdgeState.TAKEN.value, EdgeState.SKIPPED.value, StepStatus.PENDING.value
 
 
 @dataclass
@@ -154,14 +152,17 @@ class Settler:
         edges: list[_Edge] = []
         loop_backs: list[tuple[Settled, list[str]]] = []
         for s in work:
-            step = definitions[s.instance_id].steps[s.step_id]
-            looping = [t for t in (s.taken or ()) if t in step.loops] if s.completed else []
+            definition = definitions[s.instance_id]
+            step = definition.steps[s.step_id]
+            looping = [t for t in (s.taken or ()) if t in step.loops] if s.completed and step.loops else []
             if looping:
                 loop_backs.append((s, looping))  # after this pass's edges: they belong to the round ending
                 continue
+            peers = definition.loop_bodies.get(s.step_id, ()) if definition.has_loops else None
             for child in step.children:
-                edges.append(_Edge(s.instance_id, s.step_id, child, s.completed and (s.taken is None or
-                                                                                      child in s.taken), s.round))
+                taken = s.completed and (s.taken is None or child in s.taken)
+                edges.append(_Edge(s.instance_id, s.step_id, child, taken, s.round,
+                                   peers is not None and child not in peers))
         edges = self._counting_edges(conn, edges, definitions)
         after: list[Settled] = []
         if edges:
@@ -174,11 +175,11 @@ class Settler:
                sink: Sink) -> list[Settled]:
         """Mark the edges, count their children down, and apply the join rules to those still pending."""
         self.mark_edge.executemany(conn, [{"iid": e.instance_id, "parent": e.parent, "child": e.child,
-                                           "edge_state": (EdgeState.TAKEN if e.taken else EdgeState.SKIPPED).value}
+                                           "edge_state": _TAKEN if e.taken else _SKIPPED}
                                           for e in edges])
-        counts = self._read_children(conn, edges, definitions)
+        counts = self._read_children(conn, edges)
         for e in edges:
-            count = counts.get((e.instance_id, e.child, _first_round(e, definitions)))
+            count = counts.get((e.instance_id, e.child, e.first))
             if count is not None:
                 count.settled += 1
                 count.taken += int(e.taken)
@@ -189,7 +190,7 @@ class Settler:
             row = count.row
             rule = definitions[instance_id].steps[child].join
             becomes = join_state(rule, row.pending_parents - count.settled, row.completed_parents + count.taken) \
-                if row.status == StepStatus.PENDING else None
+                if row.status == _PENDING else None
             updates.append({"cid": row.id, "settled": count.settled, "taken": count.taken,
                             "becomes": becomes.value if becomes is not None else ""})
             if becomes is StepStatus.READY:
@@ -224,13 +225,12 @@ class Settler:
         latest = {(r.instance_id, r.step_id): r.round for r in conn.execute(self.latest_of, params)}
         return [e for e in edges if e.instance_id not in looped or (
             (e.instance_id, e.parent, e.child) in pending
-            and (e.round >= latest.get((e.instance_id, e.parent), 1) or _first_round(e, definitions)))]
+            and (e.round >= latest.get((e.instance_id, e.parent), 1) or e.first))]
 
-    def _read_children(self, conn: Connection, edges: list[_Edge], definitions: dict[int, CompiledDefinition]
-                       ) -> dict[tuple[int, str, bool], _Count]:
+    def _read_children(self, conn: Connection, edges: list[_Edge]) -> dict[tuple[int, str, bool], _Count]:
         """Each counted child's row: its latest round, or its first for an edge that no loop runs again
         (a parent outside every loop the child is in counts for the round it was part of)."""
-        wanted = {(e.instance_id, e.child, _first_round(e, definitions)) for e in edges}
+        wanted = {(e.instance_id, e.child, e.first) for e in edges}
         counts: dict[tuple[int, str, bool], _Count] = {}
         rows = conn.execute(self.children, {"iids": sorted({i for i, _, _ in wanted}),
                                             "sids": sorted({c for _, c, _ in wanted})})
@@ -239,8 +239,8 @@ class Settler:
                 key = (row.instance_id, row.step_id, first)
                 if key not in wanted:
                     continue
-                if key not in counts or (counts[key].row.round > row.round if first
-                                         else counts[key].row.round < row.round):
+                known = counts.get(key)
+                if known is None or (known.row.round > row.round if first else known.row.round < row.round):
                     counts[key] = _Count(row)
         return counts
 

@@ -75,6 +75,18 @@ class Stopper:
                 step_type.stop(conn, steps, reason, record)
         return stopped
 
+    def complete_all(self, conn: Connection, finished: list[tuple[int, Any]], record: Record) -> None:
+        """Complete running instances that have no open step left (their last step just settled), with
+        their outputs: one executemany and one `instance.completed` event each. The caller read them
+        running in this transaction, their rows locked (PostgreSQL) or the database's writer held (SQLite)."""
+        if not finished:
+            return
+        params = [{"iid": iid, "status": InstanceStatus.COMPLETED.value, "outputs": outputs, "error": None}
+                  for iid, outputs in finished]
+        conn.execute(self.finish, params)
+        for iid, _ in finished:
+            record(iid, "instance.completed")
+
     def finish_instance(self, conn: Connection, instance_id: int, status: InstanceStatus, record: Record, *,
                         error: str | None = None, outputs: Any = None, reason: str | None = None) -> bool:
         """End a running instance: cancel its open steps, set its status, write its one event.
