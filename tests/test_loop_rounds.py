@@ -8,11 +8,12 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from conftest import Database
 from flowdb.db.claims import Claimed, ClaimStatements
 from flowdb.db.instances import DefinitionCache
 from flowdb.db.progress import ProgressStatements, ProgressWriter
 from flowdb.outcomes import Outcome
+
+from conftest import Database
 from helpers import instance, runs, start, work
 
 AGENTS_FILE = __import__("pathlib").Path(__file__).resolve().parent / "agents_control_flow.yaml"
