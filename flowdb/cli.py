@@ -17,11 +17,11 @@ from sqlalchemy.exc import DBAPIError
 from flowdb import __version__
 from flowdb.agents.registry import AgentRegistry, find_agents_file
 from flowdb.cli_approvals import approvals_group
-from flowdb.cli_common import FlowdbGroup, agents_option, db_option, load_agents, open_database
+from flowdb.cli_common import FlowdbGroup, agents_option, db_option, engine_for, load_agents, open_database
 from flowdb.cli_report import report
 from flowdb.cli_tokens import tokens_group
 from flowdb.db import migrate
-from flowdb.db.engine import make_engine, read_only
+from flowdb.db.engine import read_only
 from flowdb.db.instances import StartRequest, deploy, find_definition, start_instances
 from flowdb.definitions import CompiledDefinition, load_definition_file
 from flowdb.errors import DefinitionError, FlowdbError
@@ -37,7 +37,8 @@ from flowdb.worker import Worker, WorkerOptions
 
 @click.group(cls=FlowdbGroup)
 @click.version_option(__version__)
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the Python traceback of an error (also FLOWDB_DEBUG=1).")
+def main(debug: bool) -> None:
     """flowdb: processes of agent tasks, approvals and timers, run from SQL tables."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -52,7 +53,7 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(db_url: str | None, revision: str) -> None:
     """Create or upgrade the schema (Alembic migrations)."""
-    engine = make_engine(load_settings(database_url=db_url).database_url)
+    engine = engine_for(db_url)
     migrate.upgrade(engine, revision)
     click.echo(f"database at revision {migrate.current_revision(engine)}")
 
@@ -62,7 +63,7 @@ def db_upgrade(db_url: str | None, revision: str) -> None:
 @click.argument("revision")
 def db_downgrade(db_url: str | None, revision: str) -> None:
     """Downgrade the schema to REVISION ('base' removes every table)."""
-    engine = make_engine(load_settings(database_url=db_url).database_url)
+    engine = engine_for(db_url)
     migrate.downgrade(engine, revision)
     click.echo(f"database at revision {migrate.current_revision(engine) or 'base'}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from flowdb.agents.registry import AgentRegistry, find_agents_file
 from flowdb.db import migrate
 from flowdb.db.connectivity import Outage
 from flowdb.db.engine import database_unavailable, make_engine
+from flowdb.db.problems import describe, misconfigured
 from flowdb.errors import DefinitionError, FlowdbError
 from flowdb.settings import load_settings
 
@@ -24,12 +26,22 @@ agents_option = click.option("--agents", "agents_file", default=None,
                              help="Agents file (else FLOWDB_AGENTS, else agents.yaml beside the process file).")
 
 
+# The database URL the command opened (password hidden), for the one-line error if it fails.
+_opened: list[str] = []
+
+
+def engine_for(db_url: str | None) -> Engine:
+    """The engine for the configured database (not opened yet); its URL is kept for error messages."""
+    engine = make_engine(load_settings(database_url=db_url).database_url)
+    _opened[:] = [engine.url.render_as_string(hide_password=True)]
+    return engine
+
+
 def open_database(db_url: str | None, *, migrate_sqlite: bool = True, wait: bool = False) -> Engine:
     """The engine for the configured database, checked to be at the current schema. With `wait` (the
     long-running commands: worker, serve), a database that does not answer yet is waited for, with
-    back-off and one log line, instead of being an error."""
-    settings = load_settings(database_url=db_url)
-    engine = make_engine(settings.database_url)
+    back-off and one log line, instead of being an error (but not a URL that is wrong)."""
+    engine = engine_for(db_url)
     if wait:
         _wait_until_it_answers(engine)
     if engine.dialect.name == "sqlite" and migrate_sqlite:
@@ -47,7 +59,7 @@ def _wait_until_it_answers(engine: Engine) -> None:
             with engine.connect():
                 break
         except DBAPIError as exc:
-            if not database_unavailable(exc):
+            if not database_unavailable(exc) or misconfigured(exc):
                 raise
             time.sleep(outage.failed(exc))
     outage.recovered()
@@ -59,11 +71,17 @@ def load_agents(agents_file: str | None, process_file: str | None) -> AgentRegis
 
 
 class FlowdbGroup(click.Group):
-    """Print flowdb's own errors as messages (exit 1), never as tracebacks."""
+    """Print flowdb's own errors and database errors as one line (exit 1), never as tracebacks, unless
+    `flowdb --debug` (or FLOWDB_DEBUG=1) asks for them."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except FlowdbError as exc:
             click.echo(f"error: {exc}" if not isinstance(exc, DefinitionError) else str(exc), err=True)
+            sys.exit(1)
+        except DBAPIError as exc:
+            if ctx.params.get("debug") or os.environ.get("FLOWDB_DEBUG", "") not in ("", "0"):
+                raise
+            click.echo(f"error: {describe(exc, _opened[0] if _opened else None)}", err=True)
             sys.exit(1)

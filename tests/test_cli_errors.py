@@ -1,0 +1,70 @@
+"""A database the command cannot use is one line naming the URL (password hidden), the cause and what
+to do, exit 1, no traceback; `--debug` shows the traceback. Workers and the API server stop at once
+when the URL itself is wrong (they wait only for a database that does not answer yet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import PG_ADMIN_URL, flowdb_cli
+
+PG_BASE = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://")
+HOST_PORT = PG_BASE.split("//", 1)[1]
+HOST = HOST_PORT.split(":")[0]
+
+# (URL, words of the cause, words of the advice)
+BROKEN = {
+    "wrong-port": (f"postgresql://{HOST}:1/test", "Connection refused", "is the database server running"),
+    "unknown-database": (f"{PG_BASE}/flowdb_no_such_database", 'database "flowdb_no_such_database" does not exist',
+                         "createdb"),
+    "unknown-role": (f"postgresql://flowdb_nobody:s3cret@{HOST_PORT}/test", 'role "flowdb_nobody" does not exist',
+                     "user name or password"),
+    "missing-sqlite-folder": ("sqlite:///{tmp}/no/such/folder/flowdb.sqlite3", "unable to open database file",
+                              "create the folder"),
+}
+
+
+def _env(url: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWDB_")}
+    env["FLOWDB_DATABASE_URL"] = url
+    return env
+
+
+def _check_one_line(stderr: str, cause: str, advice: str, url: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: cannot use the database at "), stderr
+    assert cause in lines[0] and advice in lines[0], stderr
+    assert "s3cret" not in stderr  # the password never shows
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+@pytest.mark.parametrize("command", [["status", "1"], ["db", "upgrade"], ["start", "p"]])
+def test_short_commands_say_what_is_wrong_in_one_line(case: str, command: list[str], tmp_path: Path) -> None:
+    url, cause, advice = BROKEN[case]
+    url = url.format(tmp=tmp_path)
+    result = flowdb_cli(*command, env=_env(url))
+    assert result.returncode == 1, result.stdout + result.stderr
+    _check_one_line(result.stderr, cause, advice, url)
+
+
+@pytest.mark.parametrize("case", ["unknown-database", "unknown-role", "missing-sqlite-folder"])
+@pytest.mark.parametrize("command", [["worker"], ["serve", "--port", "18999"]])
+def test_long_running_commands_stop_at_once_on_a_wrong_url(case: str, command: list[str], tmp_path: Path) -> None:
+    url, cause, advice = BROKEN[case]
+    result = flowdb_cli(*command, env=_env(url.format(tmp=tmp_path)), timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    _check_one_line(result.stderr, cause, advice, url)
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    url, _, _ = BROKEN["wrong-port"]
+    result = flowdb_cli("--debug", "status", "1", env=_env(url))
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    env = {**_env(url), "FLOWDB_DEBUG": "1"}
+    assert "Traceback" in flowdb_cli("status", "1", env=env).stderr
