@@ -101,6 +101,9 @@ class EventOut(Strict):
     id: int
     instance_id: int
     step_instance_id: int | None
+    step_id: str | None = Field(description="the step the event is about (null: about the instance)")
+    round: int | None = Field(description="that step row's loop round (1: the first visit)")
+    item: int | None = Field(description="that step row's for_each item index (null: the step's own row)")
     type: str
     payload: Any
     created_at: datetime | None

@@ -204,8 +204,14 @@ def test_cancel_one_step(api_server: ApiServer) -> None:
         assert [a.status for a in approval_rows(api_server.engine)] == ["cancelled"]
         step = next(s for s in shown["steps"] if s["step_id"] == "review")
         assert step["round"] == 1 and step["item"] is None and isinstance(step["id"], int)
-        types = [e["type"] for e in http.get(f"/v1/instances/{iid}/events").json()["items"]]
+        events = http.get(f"/v1/instances/{iid}/events").json()["items"]
+        types = [e["type"] for e in events]
         assert "approval.cancelled" in types and types[-1] == "instance.completed"
+        # Each event names its step (and round and item); instance events name none.
+        cancelled = next(e for e in events if e["type"] == "step.cancelled")
+        assert (cancelled["step_id"], cancelled["round"], cancelled["item"]) == ("review", 1, None)
+        assert cancelled["step_instance_id"] == step["id"]
+        assert {e["step_id"] for e in events if e["type"].startswith("instance.")} == {None}
         assert_problem(http.post(f"/v1/instances/{iid}/steps/review/cancel"), 409, "running")
         other = http.post("/v1/processes/reviewed-report/instances", json={}).json()["id"]
         assert_problem(http.post(f"/v1/instances/{other}/steps/nope/cancel"), 404, "has no step 'nope'")

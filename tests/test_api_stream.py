@@ -183,7 +183,10 @@ def test_stream_sends_every_event_in_id_order_and_resumes_exactly(db: Database) 
         assert {"step.completed", "instance.completed"} <= {e.event for e in got}
         first, row = got[0].json, expected[0]
         assert first == {"id": row.id, "instance_id": row.instance_id, "step_instance_id": row.step_instance_id,
+                         "step_id": None, "round": None, "item": None,  # instance.started: about no step
                          "type": row.type, "payload": row.payload, "created_at": first["created_at"]}
+        step_events = [e.json for e in got if e.json["step_instance_id"] is not None]
+        assert step_events and all(e["step_id"] and e["round"] == 1 for e in step_events)
         moment = datetime.fromisoformat(first["created_at"])
         assert moment.utcoffset() == timedelta(0) and abs(datetime.now(UTC) - moment) < timedelta(minutes=5)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, Select, func, select, text
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.responses import Response
 
@@ -36,6 +36,7 @@ from api.schemas import EventOut
 from flowdb.db.engine import database_unavailable
 from flowdb.db.tables import events as E
 from flowdb.db.tables import process_instances
+from flowdb.db.tables import step_instances as S
 from flowdb.errors import NotFound
 from flowdb.notify import EVENTS_CHANNEL
 
@@ -160,10 +161,16 @@ class Read:
     more: bool  # a read right away may find more
 
 
+def event_rows() -> Select[Any]:
+    """Events with the step they are about (its id, round and item), read through the step row."""
+    return select(*E.c, S.c.step_id, S.c.round, S.c.item).select_from(
+        E.outerjoin(S, S.c.id == E.c.step_instance_id))
+
+
 def read_events(engine: Engine, horizon: Horizon, instance_id: int | None) -> Read:
     """The next page of events after `horizon.settled` that are safe to send; advances the horizon."""
     if horizon.serialized:  # ids become visible in order: no gap to look for, one query
-        query = select(E).where(E.c.id > horizon.settled)
+        query = event_rows().where(E.c.id > horizon.settled)
         if instance_id is not None:
             query = query.where(E.c.instance_id == instance_id)
         with engine.connect() as conn:
@@ -182,7 +189,7 @@ def read_events(engine: Engine, horizon: Horizon, instance_id: int | None) -> Re
             safe = horizon.advance([(int(r.id), r.created_at) for r in seen], snapshot)
             rows: list[Any] = []
             if safe > horizon.settled:
-                query = select(E).where(E.c.id > horizon.settled, E.c.id <= safe)
+                query = event_rows().where(E.c.id > horizon.settled, E.c.id <= safe)
                 if instance_id is not None:
                     query = query.where(E.c.instance_id == instance_id)
                 rows = list(conn.execute(query.order_by(E.c.id).limit(PAGE)).all())
@@ -192,8 +199,9 @@ def read_events(engine: Engine, horizon: Horizon, instance_id: int | None) -> Re
 
 
 def event_out(row: Any) -> EventOut:
-    return EventOut(id=row.id, instance_id=row.instance_id, step_instance_id=row.step_instance_id, type=row.type,
-                    payload=row.payload, created_at=utc(row.created_at))
+    return EventOut(id=row.id, instance_id=row.instance_id, step_instance_id=row.step_instance_id,
+                    step_id=row.step_id, round=row.round, item=row.item, type=row.type, payload=row.payload,
+                    created_at=utc(row.created_at))
 
 
 # -- Redis -----------------------------------------------------------------------------------------

@@ -8,13 +8,13 @@ import binascii
 from sqlalchemy import Connection, Engine, select
 from starlette.responses import Response
 
-from api.convert import instance_out, step_out, utc
+from api.convert import instance_out, step_out
 from api.endpoints import MAX_ID, Call, Endpoint, Header, Query, json_response
 from api.problems import ApiError
+from api.routes.events import event_out, event_rows
 from api.schemas import (
     CancelOut,
     CancelStepOut,
-    EventOut,
     EventPage,
     InstanceDetail,
     InstancePage,
@@ -133,14 +133,13 @@ async def instance_events(call: Call) -> Response:
     def load(engine: Engine) -> EventPage:
         with engine.connect() as conn:
             instance_row(conn, instance_id)  # 404 when it does not exist
-            query = select(E).where(E.c.instance_id == instance_id).order_by(E.c.id).limit(limit + 1)
+            query = event_rows().where(E.c.instance_id == instance_id).order_by(E.c.id).limit(limit + 1)
             if after is not None:
                 query = query.where(E.c.id > after)
             rows = conn.execute(query).all()
         more = len(rows) > limit
         rows = rows[:limit]
-        return EventPage(items=[EventOut(id=r.id, instance_id=r.instance_id, step_instance_id=r.step_instance_id,
-                                         type=r.type, payload=r.payload, created_at=utc(r.created_at)) for r in rows],
+        return EventPage(items=[event_out(r) for r in rows],
                          next_cursor=_next_cursor(rows[-1].id) if more else None)
 
     return json_response(await call.db(load, call.engine))
