@@ -24,6 +24,7 @@ from api.body import json_body
 from api.problems import ApiError
 from flowdb.db.engine import read_only
 from flowdb.notify import Wakeups
+from flowdb.problems import suggest
 from flowdb.settings import Settings
 from flowdb.tokens import Principal, authenticate
 
@@ -110,6 +111,19 @@ def bearer(request: Request) -> str | None:
     return token.strip()
 
 
+def _refuse_unknown_query(endpoint: Endpoint, request: Request) -> None:
+    """A query parameter the route does not take is an error, not silently ignored (`?statu=failed`
+    would otherwise list every instance)."""
+    known = sorted(q.name for q in endpoint.query)
+    unknown = sorted(set(request.query_params.keys()) - set(known))
+    if not unknown:
+        return
+    hint = suggest(unknown[0], known) if known else ""
+    takes = f"it takes {', '.join(known)}" if known else "it takes none"
+    raise ApiError(422, f"{endpoint.method} {endpoint.path} has no query parameter "
+                   f"{', '.join(repr(u) for u in unknown)}{hint}; {takes}", kind="invalid-query")
+
+
 def route_of(endpoint: Endpoint, engine: Engine, settings: Settings, wakeups: Wakeups) -> Route:
     reader = read_only(engine)
     handler_engine = reader if endpoint.method == "GET" else engine
@@ -126,6 +140,7 @@ def route_of(endpoint: Endpoint, engine: Engine, settings: Settings, wakeups: Wa
             if not principal.has(endpoint.role):
                 raise ApiError(403, f"this needs the {endpoint.role} role; the token of {principal.identity} "
                                f"has the {principal.role} role", kind="forbidden")
+        _refuse_unknown_query(endpoint, request)
         return await endpoint.handler(Call(request, principal, handler_engine, settings, wakeups))
 
     return Route(endpoint.path, endpoint_fn, methods=[endpoint.method], name=f"{endpoint.method} {endpoint.path}")

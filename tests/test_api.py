@@ -188,6 +188,15 @@ def test_retry_a_failed_step(api_server: ApiServer) -> None:
             "first": ("completed", 3), "second": ("completed", 1)}
 
 
+def test_unknown_query_parameters_are_refused(api_server: ApiServer) -> None:
+    with client(api_server) as http:
+        body = assert_problem(http.get("/v1/instances", params={"statu": "failed"}), 422, "'statu'")
+        assert "did you mean 'status'" in body["detail"] and "it takes cursor, limit, process, status" in body["detail"]
+        assert_problem(http.get("/v1/definitions", params={"x": "1"}), 422, "it takes none")
+        assert_problem(http.get("/v1/events/stream", params={"instance_id": "1"}), 422, "did you mean 'instance'")
+        assert http.get("/v1/instances", params={"status": "failed"}).status_code == 200
+
+
 def test_cancel_one_step(api_server: ApiServer) -> None:
     with client(api_server) as http:
         deploy_reviewed(http)
