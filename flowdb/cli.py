@@ -18,6 +18,7 @@ from flowdb import __version__
 from flowdb.agents.registry import AgentRegistry, find_agents_file
 from flowdb.cli_approvals import approvals_group
 from flowdb.cli_common import FlowdbGroup, agents_option, db_option, engine_for, load_agents, open_database
+from flowdb.cli_lists import definitions_group, instances_group
 from flowdb.cli_report import report
 from flowdb.cli_tokens import tokens_group
 from flowdb.db import migrate
@@ -336,6 +337,8 @@ def status(db_url: str | None, instance_id: int, as_json: bool) -> None:
 
 
 main.add_command(approvals_group)
+main.add_command(instances_group)
+main.add_command(definitions_group)
 main.add_command(tokens_group)
 main.add_command(report)
 
