@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -38,6 +39,20 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
+def _print(items: list[dict[str, Any]], as_json: bool, empty: str, header: str,
+           line: Callable[[dict[str, Any]], str]) -> None:
+    """Items as JSON, or as a table under a header (or a line saying there are none)."""
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+    elif not items:
+        click.echo(empty)
+    else:
+        click.echo(header)
+        click.echo("-" * len(header))
+        for item in items:
+            click.echo(line(item))
+
+
 @click.group("instances")
 def instances_group() -> None:
     """Instances: list them (flowdb status ID shows one)."""
@@ -68,18 +83,10 @@ def list_instances(db_url: str | None, process: str | None, status: str | None, 
     items = [{"id": r.id, "process": r.process_name, "version": r.version, "status": r.status,
               "cost_usd": float(r.cost_usd or 0), "created_at": _iso(r.created_at),
               "finished_at": _iso(r.finished_at), "error": r.error} for r in rows]
-    if as_json:
-        click.echo(json.dumps(items, indent=2))
-        return
-    if not items:
-        click.echo("no instances" + (" match" if process or status or since else " yet"))
-        return
-    header = f"{'id':>8}  {'process':<28} {'ver':>3}  {'status':<10} {'cost $':>9}  created (UTC)"
-    click.echo(header)
-    click.echo("-" * len(header))
-    for item in items:
-        click.echo(f"{item['id']:>8}  {item['process']:<28} {item['version']:>3}  {item['status']:<10} "
-                   f"{item['cost_usd']:>9.4f}  {(item['created_at'] or '')[:19]}")
+    _print(items, as_json, "no instances" + (" match" if process or status or since else " yet"),
+           f"{'id':>8}  {'process':<28} {'ver':>3}  {'status':<10} {'cost $':>9}  created (UTC)",
+           lambda i: f"{i['id']:>8}  {i['process']:<28} {i['version']:>3}  {i['status']:<10} "
+                     f"{i['cost_usd']:>9.4f}  {(i['created_at'] or '')[:19]}")
 
 
 @click.group("definitions")
@@ -100,18 +107,9 @@ def list_definitions(db_url: str | None, as_json: bool) -> None:
         rows = conn.execute(query).all()
     items: list[dict[str, Any]] = [{"name": r.name, "latest_version": r.latest, "versions": r.versions,
                                     "deployed_at": _iso(r.deployed_at)} for r in rows]
-    if as_json:
-        click.echo(json.dumps(items, indent=2))
-        return
-    if not items:
-        click.echo("nothing is deployed yet; run flowdb deploy FILE")
-        return
-    header = f"{'process':<32} {'latest':>6} {'versions':>8}  deployed (UTC)"
-    click.echo(header)
-    click.echo("-" * len(header))
-    for item in items:
-        click.echo(f"{item['name']:<32} {item['latest_version']:>6} {item['versions']:>8}  "
-                   f"{(item['deployed_at'] or '')[:19]}")
+    _print(items, as_json, "nothing is deployed yet; run flowdb deploy FILE",
+           f"{'process':<32} {'latest':>6} {'versions':>8}  deployed (UTC)",
+           lambda i: f"{i['name']:<32} {i['latest_version']:>6} {i['versions']:>8}  {(i['deployed_at'] or '')[:19]}")
 
 
 @definitions_group.command("show")

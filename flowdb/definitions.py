@@ -161,12 +161,7 @@ class CompiledDefinition:
     @functools.cached_property
     def loop_bodies(self) -> dict[str, frozenset[str]]:
         """For each step, the steps that share a loop body with it (they may run again together)."""
-        together: dict[str, set[str]] = {}
-        for step in self.steps.values():
-            for loop in step.loops.values():
-                for sid in loop.body:
-                    together.setdefault(sid, set()).update(loop.body)
-        return {sid: frozenset(peers) for sid, peers in together.items()}
+        return loop_peers(self.steps)
 
     @property
     def name(self) -> str:
@@ -183,6 +178,16 @@ class CompiledDefinition:
 
     def parsed_json(self) -> dict[str, Any]:
         return self.process.model_dump(mode="json", exclude_none=True)
+
+
+def loop_peers(steps: dict[str, CompiledStep]) -> dict[str, frozenset[str]]:
+    """For each step in a loop body, every step of the bodies it is in."""
+    together: dict[str, set[str]] = {}
+    for step in steps.values():
+        for loop in step.loops.values():
+            for member in loop.body:
+                together.setdefault(member, set()).update(loop.body)
+    return {sid: frozenset(peers) for sid, peers in together.items()}
 
 
 def load_definition_file(path: str | FsPath) -> CompiledDefinition:
@@ -343,12 +348,7 @@ def _compile(
     for sid, step in steps.items():
         _check_join(step, step_path[sid], locator, problems)
 
-    peers: dict[str, set[str]] = {}
-    for step in steps.values():
-        for loop in step.loops.values():
-            for member in loop.body:
-                peers.setdefault(member, set()).update(loop.body)
-    scope = _Scope(process, steps, _Precedence(steps), peers, suggestions, locator, problems)
+    scope = _Scope(process, steps, _Precedence(steps), loop_peers(steps), suggestions, locator, problems)
     for sid, step in steps.items():
         _compile_step(step, step_path[sid], scope)
 
@@ -447,7 +447,7 @@ class _Scope:
     process: Process
     steps: dict[str, CompiledStep]
     order: _Precedence | None  # None: what is checked runs after every step
-    loop_peers: dict[str, set[str]]  # steps sharing a loop body: each may read the others' last round
+    loop_peers: dict[str, frozenset[str]]  # steps sharing a loop body: each may read the others' last round
     suggestions: _Suggestions
     locator: Locator
     problems: list[Located]
