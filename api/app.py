@@ -11,14 +11,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
-from api import openapi, problems
-from api.endpoints import Endpoint, route_of
-from api.routes import approvals, definitions, events, health, instances
 from flowdb.db.engine import make_engine
 from flowdb.db.instances import DefinitionCache
 from flowdb.errors import FlowdbError
 from flowdb.notify import BackgroundWakeups
 from flowdb.settings import Settings, load_settings
+
+from . import openapi, problems
+from .endpoints import Endpoint, route_of
+from .routes import approvals, definitions, events, health, instances
 
 ENDPOINTS: list[Endpoint] = [*health.ENDPOINTS, *definitions.ENDPOINTS, *instances.ENDPOINTS,
                              *approvals.ENDPOINTS, *events.ENDPOINTS]

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from api.problems import ApiError
+from .problems import ApiError
 
 M = TypeVar("M", bound=BaseModel)
 

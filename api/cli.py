@@ -16,7 +16,7 @@ def serve(db_url: str | None, host: str, port: int) -> None:
     """Serve the HTTP API (see /openapi.json) over the same database the workers use."""
     import uvicorn
 
-    from api.app import create_app
+    from .app import create_app
 
     settings = load_settings(database_url=db_url)
     engine = open_database(db_url, wait=True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from api.schemas import ApprovalOut, InstanceOut, StepOut, VoteOut
 from flowdb.approvals import Vote
 from flowdb.db.approvals import ApprovalRow
+
+from .schemas import ApprovalOut, InstanceOut, StepOut, VoteOut
 
 
 def utc(moment: datetime | None) -> datetime | None:

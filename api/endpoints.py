@@ -20,13 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from api.body import json_body
-from api.problems import ApiError
 from flowdb.db.engine import read_only
 from flowdb.notify import Wakeups
 from flowdb.problems import suggest
 from flowdb.settings import Settings
 from flowdb.tokens import Principal, authenticate
+
+from .body import json_body
+from .problems import ApiError
 
 T = TypeVar("T")
 MAX_ID = 2**63 - 1  # ids are 64-bit

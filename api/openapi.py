@@ -7,9 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from api.endpoints import Endpoint
-from api.problems import PROBLEM_TYPE, TITLES
 from flowdb import __version__
+
+from .endpoints import Endpoint
+from .problems import PROBLEM_TYPE, TITLES
 
 PATH_PARAM = re.compile(r"{(\w+)(?::(\w+))?}")
 COMMON_ERRORS = {True: (400, 401, 403, 503), False: (400,)}  # by whether a token is needed (503: database down)

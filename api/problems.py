@@ -23,7 +23,7 @@ from flowdb.errors import (
 )
 from flowdb.tokens import TokenError
 
-log = logging.getLogger("api")
+log = logging.getLogger("flowdb_api")
 PROBLEM_TYPE = "application/problem+json"
 DATABASE_RETRY_SECONDS = 2  # Retry-After of a 503 database-unavailable
 OUTAGE_LOG_SECONDS = 30.0  # one warning per this long while the database is unavailable, not one per request

@@ -28,9 +28,9 @@ from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
-from api.app import create_app
 from flowdb.settings import Settings
 from flowdb.tokens import create_token
+from flowdb_api.app import create_app
 
 if TYPE_CHECKING:  # conftest loads this module as a plugin: no import back at run time
     from conftest import Database

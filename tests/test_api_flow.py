@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api.routes import events as events_route
+from flowdb_api.routes import events as events_route
 
 from apiserver import api_for
 from conftest import EXAMPLES, Database

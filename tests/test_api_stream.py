@@ -16,14 +16,14 @@ import redis
 from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.sql import func
 
-from api.app import create_app
-from api.routes import events as events_route
-from api.routes.events import Gap, Horizon, Snapshot
 from flowdb.db.clock import Clock
 from flowdb.db.engine import make_engine
 from flowdb.db.tables import events
 from flowdb.notify import EVENTS_CHANNEL, publish_events_sync
 from flowdb.settings import Settings
+from flowdb_api.app import create_app
+from flowdb_api.routes import events as events_route
+from flowdb_api.routes.events import Gap, Horizon, Snapshot
 
 from apiserver import ApiServer, api_for, serve
 from conftest import Database

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text
 
-from api.problems import from_flowdb_error
 from flowdb.db.instances import StartRequest, deploy, find_definition, start_instances
 from flowdb.db.tables import events, process_instances
 from flowdb.definitions import parse_definition
 from flowdb.errors import IdempotencyConflict, IdempotencyInProgress
+from flowdb_api.problems import from_flowdb_error
 
 from apiserver import ApiServer
 from conftest import Database

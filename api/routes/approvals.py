@@ -5,13 +5,14 @@ from __future__ import annotations
 from sqlalchemy import Engine
 from starlette.responses import Response
 
-from api.convert import approval_out
-from api.endpoints import Call, Endpoint, Query, json_response
-from api.problems import ApiError
-from api.schemas import ApprovalList, ApprovalOut, DecisionIn, DecisionOut
 from flowdb.approvals import APPROVAL_STATUSES, decide, get_approval, list_approvals, not_found
 from flowdb.db.approvals import approver_key
 from flowdb.tokens import Principal
+
+from ..convert import approval_out
+from ..endpoints import Call, Endpoint, Query, json_response
+from ..problems import ApiError
+from ..schemas import ApprovalList, ApprovalOut, DecisionIn, DecisionOut
 
 
 def _may_see(principal: Principal, approvers: list[str]) -> bool:

@@ -7,16 +7,17 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from starlette.responses import Response
 
-from api.body import read_body
-from api.convert import utc
-from api.endpoints import MAX_INT, Call, Endpoint, Query, json_response
-from api.problems import ApiError
-from api.schemas import DefinitionDetail, DefinitionList, DefinitionOut, DefinitionSummary, DefinitionVersion
 from flowdb.db.instances import deploy
 from flowdb.db.tables import process_definitions
 from flowdb.definitions import parse_definition
 from flowdb.errors import NotFound
 from flowdb.steptypes.registry import STEP_TYPES
+
+from ..body import read_body
+from ..convert import utc
+from ..endpoints import MAX_INT, Call, Endpoint, Query, json_response
+from ..problems import ApiError
+from ..schemas import DefinitionDetail, DefinitionList, DefinitionOut, DefinitionSummary, DefinitionVersion
 
 D = process_definitions
 YAML_TYPES = {"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain"}

@@ -29,10 +29,6 @@ from sqlalchemy import Engine, Select, func, select, text
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.responses import Response
 
-from api.convert import utc
-from api.endpoints import Call, Endpoint, Header, Query
-from api.problems import ApiError
-from api.schemas import EventOut
 from flowdb.db.engine import database_unavailable
 from flowdb.db.tables import events as E
 from flowdb.db.tables import process_instances
@@ -40,7 +36,12 @@ from flowdb.db.tables import step_instances as S
 from flowdb.errors import NotFound
 from flowdb.notify import EVENTS_CHANNEL
 
-log = logging.getLogger("api.events")
+from ..convert import utc
+from ..endpoints import Call, Endpoint, Header, Query
+from ..problems import ApiError
+from ..schemas import EventOut
+
+log = logging.getLogger("flowdb_api.events")
 
 PAGE = 500  # events sent per read
 SCAN = 2000  # event ids examined per read, looking for gaps (cheap: the primary key's index)

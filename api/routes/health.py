@@ -8,8 +8,8 @@ import anyio
 from sqlalchemy import Engine, text
 from starlette.responses import JSONResponse, Response
 
-from api.endpoints import Call, Endpoint, json_response
-from api.schemas import Health
+from ..endpoints import Call, Endpoint, json_response
+from ..schemas import Health
 
 CHECK_SECONDS = 5.0  # a database check that has not answered by then counts as failed
 # Redis answers a PING in well under a millisecond; one that takes longer than this is in trouble, and the

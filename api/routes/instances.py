@@ -8,11 +8,15 @@ import binascii
 from sqlalchemy import Connection, Engine, select
 from starlette.responses import Response
 
-from api.convert import instance_out, step_out
-from api.endpoints import MAX_ID, Call, Endpoint, Header, Query, json_response
-from api.problems import ApiError
-from api.routes.events import event_out, event_rows
-from api.schemas import (
+from flowdb.control import cancel_instance, cancel_step, retry_step
+from flowdb.db.instances import DefinitionCache, StartRequest, find_definition, instance_row, start_instances, step_rows
+from flowdb.db.tables import events, process_instances
+
+from ..convert import instance_out, step_out
+from ..endpoints import MAX_ID, Call, Endpoint, Header, Query, json_response
+from ..problems import ApiError
+from ..routes.events import event_out, event_rows
+from ..schemas import (
     CancelOut,
     CancelStepOut,
     EventPage,
@@ -21,9 +25,6 @@ from api.schemas import (
     RetryOut,
     StartIn,
 )
-from flowdb.control import cancel_instance, cancel_step, retry_step
-from flowdb.db.instances import DefinitionCache, StartRequest, find_definition, instance_row, start_instances, step_rows
-from flowdb.db.tables import events, process_instances
 
 I, E = process_instances, events  # noqa: E741
 STATUSES = ("running", "completed", "failed", "cancelled")
