@@ -17,7 +17,16 @@ from sqlalchemy.exc import DBAPIError
 from flowdb import __version__
 from flowdb.agents.registry import AgentRegistry, find_agents_file
 from flowdb.cli_approvals import approvals_group
-from flowdb.cli_common import FlowdbGroup, agents_option, db_option, engine_for, load_agents, open_database
+from flowdb.cli_common import (
+    FlowdbGroup,
+    agents_option,
+    create_option,
+    db_option,
+    engine_for,
+    load_agents,
+    open_database,
+    refuse_missing_sqlite,
+)
 from flowdb.cli_lists import definitions_group, instances_group
 from flowdb.cli_report import report
 from flowdb.cli_tokens import tokens_group
@@ -65,6 +74,7 @@ def db_upgrade(db_url: str | None, revision: str) -> None:
 def db_downgrade(db_url: str | None, revision: str) -> None:
     """Downgrade the schema to REVISION ('base' removes every table)."""
     engine = engine_for(db_url)
+    refuse_missing_sqlite(engine)
     migrate.downgrade(engine, revision)
     click.echo(f"database at revision {migrate.current_revision(engine) or 'base'}")
 
@@ -120,12 +130,13 @@ def validate(files: tuple[str, ...], agents_file: str | None) -> None:
 
 @main.command("deploy")
 @db_option
+@create_option
 @agents_option
 @click.argument("files", nargs=-1, required=True, type=click.Path())
-def deploy_cmd(files: tuple[str, ...], db_url: str | None, agents_file: str | None) -> None:
+def deploy_cmd(files: tuple[str, ...], db_url: str | None, create: bool, agents_file: str | None) -> None:
     """Store definitions as new immutable versions (identical content is a no-op)."""
     definitions = _check_files(files, agents_file)
-    engine = open_database(db_url)
+    engine = open_database(db_url, create=create, offers_create=True)
     with engine.begin() as conn:
         results = [deploy(conn, definition) for definition in definitions]
     for result in results:
@@ -193,17 +204,18 @@ def _read_inputs_file(path: str) -> list[StartRequest]:
 
 @main.command()
 @db_option
+@create_option
 @agents_option
 @click.option("--concurrency", type=int, default=None, help="Handlers in flight at once (default 64).")
 @click.option("--batch", type=int, default=None, help="Steps claimed per query (default 32).")
 @click.option("--grace", type=click.FloatRange(min=0), default=None,
               help="Seconds a stopping worker lets running steps finish before releasing them (default 10).")
-def worker(db_url: str | None, agents_file: str | None, concurrency: int | None, batch: int | None,
+def worker(db_url: str | None, create: bool, agents_file: str | None, concurrency: int | None, batch: int | None,
            grace: float | None) -> None:
     """Claim and run ready steps until stopped (SIGTERM/SIGINT finishes or releases held steps)."""
     logging.getLogger().setLevel(logging.INFO)
     settings = load_settings(database_url=db_url)
-    engine = open_database(db_url, wait=True)
+    engine = open_database(db_url, wait=True, create=create, offers_create=True)
     agents = load_agents(agents_file or settings.agents, None)
     options = WorkerOptions(lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
                             redis_url=settings.redis_url, batch=batch or settings.claim_batch,
@@ -246,7 +258,7 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
 
     [definition] = _check_files((file,), agents_file)
     settings = load_settings(database_url=db_url)
-    engine = open_database(db_url)
+    engine = open_database(db_url, create=True)
     agents = load_agents(agents_file, file)
     with engine.begin() as conn:
         deployed = deploy(conn, definition)

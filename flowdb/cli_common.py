@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -22,6 +23,8 @@ from flowdb.settings import load_settings
 
 db_option = click.option("--db", "db_url", envvar="FLOWDB_DATABASE_URL", default=None,
                          help="Database URL (else FLOWDB_DATABASE_URL, else sqlite:///flowdb.sqlite3).")
+create_option = click.option("--create", is_flag=True,
+                             help="Create the SQLite database file if it does not exist (else that is an error).")
 agents_option = click.option("--agents", "agents_file", default=None,
                              help="Agents file (else FLOWDB_AGENTS, else agents.yaml beside the process file).")
 
@@ -37,11 +40,16 @@ def engine_for(db_url: str | None) -> Engine:
     return engine
 
 
-def open_database(db_url: str | None, *, migrate_sqlite: bool = True, wait: bool = False) -> Engine:
+def open_database(db_url: str | None, *, migrate_sqlite: bool = True, wait: bool = False,
+                  create: bool = False, offers_create: bool = False) -> Engine:
     """The engine for the configured database, checked to be at the current schema. With `wait` (the
     long-running commands: worker, serve), a database that does not answer yet is waited for, with
-    back-off and one log line, instead of being an error (but not a URL that is wrong)."""
+    back-off and one log line, instead of being an error (but not a URL that is wrong). A SQLite file
+    that does not exist is an error unless `create` (a mistyped path must not start an empty database);
+    `offers_create` says the command has a --create option, for the message."""
     engine = engine_for(db_url)
+    if not create:
+        refuse_missing_sqlite(engine, offers_create)
     if wait:
         _wait_until_it_answers(engine)
     if engine.dialect.name == "sqlite" and migrate_sqlite:
@@ -50,6 +58,23 @@ def open_database(db_url: str | None, *, migrate_sqlite: bool = True, wait: bool
         raise FlowdbError(f"the database at {engine.url.render_as_string()} is not at the current schema; "
                           "run: flowdb db upgrade --db URL")
     return engine
+
+
+def refuse_missing_sqlite(engine: Engine, offers_create: bool = False) -> None:
+    """Raise when the engine is SQLite on a file that does not exist: opening it would create it empty."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.query.get("uri"):
+        return
+    path = Path(url.database).resolve()
+    if path.exists():
+        return
+    where = f"cannot use the database at {url.render_as_string(hide_password=True)}"
+    if not path.parent.is_dir():
+        raise FlowdbError(f"{where}: the folder {path.parent} does not exist; create the folder or fix the path "
+                          "in --db / FLOWDB_DATABASE_URL")
+    create = "`flowdb db upgrade`" + (" or this command's --create" if offers_create else "")
+    raise FlowdbError(f"{where}: there is no file {path} (only `db upgrade`, `run` and --create make one); "
+                      f"fix the path in --db / FLOWDB_DATABASE_URL, or create the database with {create}")
 
 
 def _wait_until_it_answers(engine: Engine) -> None:

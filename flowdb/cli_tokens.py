@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from flowdb.cli_common import db_option, open_database
+from flowdb.cli_common import create_option, db_option, open_database
 from flowdb.tokens import ROLES, create_token, list_tokens, revoke_token
 
 
@@ -15,12 +15,13 @@ def tokens_group() -> None:
 
 @tokens_group.command("create")
 @db_option
+@create_option
 @click.option("--identity", required=True, help="Who the token acts as (an approver's email address, usually).")
 @click.option("--role", type=click.Choice(ROLES), required=True,
               help="approver: inbox and decisions; operator: also start, cancel, retry, read; admin: also deploy.")
-def create_cmd(db_url: str | None, identity: str, role: str) -> None:
+def create_cmd(db_url: str | None, create: bool, identity: str, role: str) -> None:
     """Create a token and print it once (only its hash is stored)."""
-    token_id, token = create_token(open_database(db_url), identity, role)
+    token_id, token = create_token(open_database(db_url, create=create, offers_create=True), identity, role)
     click.echo(token)
     click.echo(f"token {token_id} for {identity} ({role}); it is shown only now", err=True)
 

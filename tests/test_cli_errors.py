@@ -10,6 +10,8 @@ import pytest
 
 from conftest import PG_ADMIN_URL, flowdb_cli
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE, AGENTS = str(EXAMPLES / "simple-report.yaml"), str(EXAMPLES / "agents.yaml")
 PG_BASE = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://")
 HOST_PORT = PG_BASE.split("//", 1)[1]
 HOST = HOST_PORT.split(":")[0]
@@ -21,8 +23,7 @@ BROKEN = {
                          "createdb"),
     "unknown-role": (f"postgresql://flowdb_nobody:s3cret@{HOST_PORT}/test", 'role "flowdb_nobody" does not exist',
                      "user name or password"),
-    "missing-sqlite-folder": ("sqlite:///{tmp}/no/such/folder/flowdb.sqlite3", "unable to open database file",
-                              "create the folder"),
+    "missing-sqlite-folder": ("sqlite:///{tmp}/no/such/folder/flowdb.sqlite3", "folder", "create the folder"),
 }
 
 
@@ -68,3 +69,28 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert result.returncode == 1 and "Traceback" in result.stderr
     env = {**_env(url), "FLOWDB_DEBUG": "1"}
     assert "Traceback" in flowdb_cli("status", "1", env=env).stderr
+
+
+def test_a_sqlite_file_that_does_not_exist_is_refused_not_created(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/flowdb.sqlite3"
+    missing = tmp_path / "flowdb.sqlite3"
+    for command in (["status", "1"], ["start", "p"], ["instances", "list"], ["definitions", "list"],
+                    ["approvals", "list"], ["report", "v_step_runs"], ["tokens", "list"], ["db", "downgrade", "base"],
+                    ["deploy", EXAMPLE], ["worker"]):
+        result = flowdb_cli(*command, env=_env(url), timeout=60)
+        assert result.returncode == 1, (command, result.stdout + result.stderr)
+        _check_one_line(result.stderr, f"there is no file {missing}", "flowdb db upgrade", url)
+        assert ("this command's --create" in result.stderr) == (command[0] in ("deploy", "worker")), result.stderr
+        assert not missing.exists(), command  # nothing was created
+
+
+def test_db_upgrade_run_and_create_make_the_sqlite_file(tmp_path: Path) -> None:
+    for command in (["db", "upgrade"], ["deploy", "--create", EXAMPLE],
+                    ["tokens", "create", "--create", "--identity", "a@b.c", "--role", "admin"],
+                    ["run", EXAMPLE, "--agents", AGENTS]):
+        path = tmp_path / f"{command[0]}.sqlite3"
+        result = flowdb_cli(*command, env=_env(f"sqlite:///{path}"), timeout=120)
+        assert result.returncode == 0, (command, result.stdout + result.stderr)
+        assert path.exists()
+        listed = flowdb_cli("definitions", "list", env=_env(f"sqlite:///{path}"))
+        assert listed.returncode == 0, listed.stderr  # created at the current schema
