@@ -9,6 +9,7 @@ refuse writes); the other methods get the writing engine.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -26,10 +27,11 @@ from flowdb.problems import suggest
 from flowdb.settings import Settings
 from flowdb.tokens import Principal, authenticate
 
-from .body import json_body
+from .body import json_body, refuse_body
 from .problems import ApiError
 
 T = TypeVar("T")
+PATH_CONVERTER = re.compile(r"{(\w+):\w+}")  # {instance_id:int}
 MAX_ID = 2**63 - 1  # ids are 64-bit
 MAX_INT = 2**31 - 1  # versions are 32-bit
 M = TypeVar("M", bound=BaseModel)
@@ -95,6 +97,16 @@ class Endpoint:
     headers: tuple[Header, ...] = ()
     stream: bool = False  # text/event-stream
 
+    @property
+    def label(self) -> str:
+        """METHOD /path as the OpenAPI document writes it (no converters)."""
+        return self.method + " " + PATH_CONVERTER.sub(r"{\1}", self.path)
+
+    @property
+    def refuses_body(self) -> bool:
+        """A POST with no body of its own: a body with content is refused, not ignored."""
+        return self.method != "GET" and self.body is None and self.raw_body is None
+
 
 def json_response(model: BaseModel | list[Any] | dict[str, Any], status: int = 200) -> JSONResponse:
     content = model.model_dump(mode="json") if isinstance(model, BaseModel) else model
@@ -121,7 +133,7 @@ def _refuse_unknown_query(endpoint: Endpoint, request: Request) -> None:
         return
     hint = suggest(unknown[0], known) if known else ""
     takes = f"it takes {', '.join(known)}" if known else "it takes none"
-    raise ApiError(422, f"{endpoint.method} {endpoint.path} has no query parameter "
+    raise ApiError(422, f"{endpoint.label} has no query parameter "
                    f"{', '.join(repr(u) for u in unknown)}{hint}; {takes}", kind="invalid-query")
 
 
@@ -142,6 +154,8 @@ def route_of(endpoint: Endpoint, engine: Engine, settings: Settings, wakeups: Wa
                 raise ApiError(403, f"this needs the {endpoint.role} role; the token of {principal.identity} "
                                f"has the {principal.role} role", kind="forbidden")
         _refuse_unknown_query(endpoint, request)
+        if endpoint.refuses_body:
+            await refuse_body(request, settings.api_max_body_bytes, endpoint.label)
         return await endpoint.handler(Call(request, principal, handler_engine, settings, wakeups))
 
     return Route(endpoint.path, endpoint_fn, methods=[endpoint.method], name=f"{endpoint.method} {endpoint.path}")

@@ -27,6 +27,8 @@ PROBLEM_SCHEMA: dict[str, Any] = {
     },
 }
 
+NO_FIELDS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
 
 def _schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -65,6 +67,9 @@ def build(endpoints: list[Endpoint], title: str = "flowdb") -> dict[str, Any]:
                                         "content": {"application/json": {"schema": _schema(ep.body, components)}}}
         elif ep.raw_body is not None:
             operation["requestBody"] = {"required": True, "content": {ep.raw_body: {"schema": {"type": "string"}}}}
+        elif ep.refuses_body:
+            operation["requestBody"] = {"required": False, "description": "none, or an empty object",
+                                        "content": {"application/json": {"schema": NO_FIELDS}}}
         responses: dict[str, Any] = {}
         for status, model in ep.responses.items():
             if ep.stream:
@@ -77,6 +82,8 @@ def build(endpoints: list[Endpoint], title: str = "flowdb") -> dict[str, Any]:
         errors = set(COMMON_ERRORS[ep.role is not None]) | set(ep.errors)
         if ep.body is not None or ep.raw_body is not None:
             errors |= {413, 415, 422}
+        elif ep.refuses_body:
+            errors |= {413, 422}
         for status in sorted(errors):
             responses[str(status)] = {"description": TITLES.get(status, "error"),
                                       "content": {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}

@@ -82,8 +82,8 @@ def from_flowdb_error(exc: FlowdbError) -> Response:
             headers = {"WWW-Authenticate": 'Bearer realm="flowdb"'} if status == 401 else None
             if isinstance(exc, IdempotencyInProgress):
                 headers = {"Retry-After": str(exc.retry_after_seconds)}
-            return problem(status, str(exc), kind=name, extra=extra, headers=headers)
-    return problem(400, str(exc), kind="bad-request")
+            return problem(status, exc.for_http, kind=name, extra=extra, headers=headers)
+    return problem(400, exc.for_http, kind="bad-request")
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:

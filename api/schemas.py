@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flowdb.approvals import DECISION_WORDS
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -168,7 +170,9 @@ class ApprovalList(Strict):
 
 
 class DecisionIn(Strict):
-    decision: Literal["approve", "reject"]
+    # Read by flowdb.approvals.normalize_decision, as on the command line: the same words, the same refusal.
+    decision: str = Field(json_schema_extra={"enum": list(DECISION_WORDS)},
+                          description="approve or reject; approved and rejected are taken too, in any case")
     comment: str | None = Field(default=None, max_length=10_000)
 
 

@@ -34,8 +34,10 @@ from flowdb.db.tables import approval_approvers, approvals, process_instances
 from flowdb.engine.status import ApprovalStatus, word
 from flowdb.errors import FlowdbError, NotFound
 from flowdb.notify import Wakeups
+from flowdb.problems import suggest
 
 A, AA, I = approvals, approval_approvers, process_instances  # noqa: E741
+# The words a decision may be given as, the same on the command line and over the API (any case).
 DECISION_WORDS = {"approve": "approved", "approved": "approved", "reject": "rejected", "rejected": "rejected"}
 APPROVAL_STATUSES = ("pending", "approved", "rejected", "expired", "cancelled")
 
@@ -95,9 +97,11 @@ class DecisionResult:
 
 
 def normalize_decision(word: str) -> str:
+    """approved | rejected for any of DECISION_WORDS (any case, surrounding spaces ignored); BadDecision else."""
     decision = DECISION_WORDS.get(word.strip().lower())
     if decision is None:
-        raise BadDecision(f"decision must be 'approve' or 'reject', not {word!r}")
+        raise BadDecision(f"decision must be one of {', '.join(DECISION_WORDS)}, not {word!r}"
+                          f"{suggest(word.strip().lower(), DECISION_WORDS)}")
     return decision
 
 
@@ -178,7 +182,9 @@ def _decide(conn: Connection, q: ApprovalStatements, approval_id: int, vote: str
             .values(status=vote, decision=vote, decided_by=name, comment=comment, decided_at=clock.now))
         if closed.rowcount != 1:  # cannot happen under the instance lock; refuse rather than guess
             raise AlreadyDecided(f"approval {approval_id} was decided at the same moment; try `flowdb approvals "
-                                 f"show {approval_id}`")
+                                 f"show {approval_id}`",
+                                 http=f"approval {approval_id} was decided at the same moment; "
+                                      f"GET /v1/approvals/{approval_id} shows how")
         conn.execute(q.wake_step, {"sid": approval.step_instance_id})
         _event(conn, clock, approval, "approval.decided", payload)
     else:

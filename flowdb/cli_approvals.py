@@ -76,7 +76,9 @@ def show_cmd(db_url: str | None, approval_id: int, as_json: bool) -> None:
 @click.option("--as", "identity", required=True, help="Who decides: one of the approval's approvers.")
 @click.option("--comment", default=None, help="Why (kept with the decision).")
 def decide_cmd(db_url: str | None, approval_id: int, decision: str, identity: str, comment: str | None) -> None:
-    """Approve or reject an approval as one of its approvers."""
+    """Approve or reject an approval as one of its approvers.
+
+    DECISION is approve or reject (approved and rejected are taken too, in any case), as over the HTTP API."""
     settings = load_settings(database_url=db_url)
     engine = open_database(db_url)
     result = decide(engine, approval_id, decision, identity, comment, redis_url=settings.redis_url)

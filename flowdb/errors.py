@@ -6,7 +6,20 @@ from dataclasses import dataclass
 
 
 class FlowdbError(Exception):
-    """Root of flowdb's errors. The message is meant for the user, never a traceback."""
+    """Root of flowdb's errors. The message is meant for the user, never a traceback.
+
+    The message is worded for the command line. Where what to do differs for an HTTP API caller (a flag
+    there is a body field here), `http` says it in HTTP terms and the API answers with that (`for_http`).
+    """
+
+    def __init__(self, *args: object, http: str | None = None) -> None:
+        super().__init__(*args)
+        self.http = http
+
+    @property
+    def for_http(self) -> str:
+        """The message as an HTTP API caller should read it."""
+        return self.http if self.http is not None else str(self)
 
 
 @dataclass(frozen=True)

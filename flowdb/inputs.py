@@ -1,12 +1,18 @@
-"""Process inputs: coerce what the user gave (`--input k=v` text, or JSON values) to declared types."""
+"""Process inputs: coerce what the user gave (`--input k=v` text, or JSON values) to declared types.
+
+A value keeps its JSON type whichever way it came: `500` is an integer and `0.5` a number both as
+`--input amount=500` text and in an API body, so the stored inputs and `{{ inputs.amount }}` read the same.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from flowdb.errors import InputError
 from flowdb.models import InputSpec
+from flowdb.problems import suggest
 
 _BOOLS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 
@@ -42,17 +48,19 @@ def _coerce(name: str, spec: InputSpec, value: Any, from_text: bool) -> Any:
         elif kind == "number":
             if isinstance(value, bool):
                 raise ValueError
-            if isinstance(value, int | float):
+            if isinstance(value, int):
+                return value
+            if isinstance(value, float) and math.isfinite(value):  # NaN and infinities are not JSON
                 return value
             if isinstance(value, str) and from_text:
-                return float(value.strip())
+                return _number_text(value.strip())
         elif kind == "boolean":
             if isinstance(value, bool):
                 return value
             if isinstance(value, str) and from_text and value.strip().lower() in _BOOLS:
                 return _BOOLS[value.strip().lower()]
         elif kind in ("object", "array"):
-            parsed = json.loads(value) if isinstance(value, str) and from_text else value
+            parsed = json.loads(value, parse_constant=_no_constant) if isinstance(value, str) and from_text else value
             if kind == "object" and isinstance(parsed, dict):
                 return parsed
             if kind == "array" and isinstance(parsed, list):
@@ -63,18 +71,37 @@ def _coerce(name: str, spec: InputSpec, value: Any, from_text: bool) -> Any:
     raise InputError(f"input {name!r} must be {_article(kind)} {kind}, got {shown!r}")
 
 
+def _number_text(text: str) -> int | float:
+    """`500` is the integer 500 (not 500.0), as the same number in JSON would be; `0.5` and `5e2` are floats."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(text)
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _article(kind: str) -> str:
     return "an" if kind[0] in "aeiou" else "a"
 
 
 def validate_inputs(declared: dict[str, InputSpec], given: dict[str, Any], *,
                     from_text: bool = False) -> dict[str, Any]:
-    """The instance's inputs: defaults filled in, types checked; InputError names every problem."""
-    problems = []
+    """The instance's inputs: defaults filled in, types checked; InputError names every problem.
+
+    Its message says how to give a missing input on the command line, its `http` in an API body."""
+    problems: list[str] = []  # the same for both front ends
+    missing: list[tuple[str, str]] = []  # (name, type)
     unknown = sorted(set(given) - set(declared))
     if unknown:
         known = ", ".join(sorted(declared)) or "none"
-        problems.append(f"unknown input(s) {', '.join(unknown)} (declared inputs: {known})")
+        hint = suggest(unknown[0], declared) if len(unknown) == 1 else ""
+        problems.append(f"unknown input(s) {', '.join(unknown)}{hint} (declared inputs: {known})")
     result: dict[str, Any] = {}
     for name, spec in declared.items():
         if name in given:
@@ -87,9 +114,12 @@ def validate_inputs(declared: dict[str, InputSpec], given: dict[str, Any], *,
         elif spec.required is False:
             result[name] = None
         else:
-            problems.append(f"missing input {name!r} ({spec.type}); give it with --input {name}=VALUE")
-    if problems:
-        raise InputError("; ".join(problems))
+            missing.append((name, spec.type))
+    if problems or missing:
+        cli = [f"missing input {name!r} ({kind}); give it with --input {name}=VALUE" for name, kind in missing]
+        http = [f"missing input {name!r} ({kind}); give it in the body's inputs object: "
+                f'{{"inputs": {{"{name}": ...}}}}' for name, kind in missing]
+        raise InputError("; ".join(problems + cli), http="; ".join(problems + http))
     return result
 
 

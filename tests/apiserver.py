@@ -5,6 +5,7 @@
     def test_x(api_server: ApiServer) -> None:     # the same as a fixture, default settings
         httpx.get(api_server.url + "/v1/...", headers=api_server.auth("operator"))
     with serve_process(db.cli_env(), log, preexec_fn=...) as served: ...  # `flowdb serve` as its own process
+    with client(api_server, "approver", "a@b.c") as http: assert_problem(http.get(...), 404, "does not exist")
 """
 
 from __future__ import annotations
@@ -98,6 +99,25 @@ class ApiServer:
     def auth(self, role: str = "operator", identity: str | None = None) -> dict[str, str]:
         """Authorization headers with a new token."""
         return {"Authorization": f"Bearer {self.token(role, identity)}"}
+
+
+PROBLEM = "application/problem+json"
+
+
+def client(server: ApiServer, role: str | None = "admin", identity: str | None = None) -> httpx.Client:
+    """An httpx client for `server` with a new token of `role` (None: no token)."""
+    headers = server.auth(role, identity) if role else {}
+    return httpx.Client(base_url=server.url, headers=headers, timeout=30)
+
+
+def assert_problem(response: httpx.Response, status: int, text: str = "") -> dict[str, Any]:
+    """The response is a problem document with `status` whose detail holds `text`; its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM)
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status and body["title"] and body["type"].startswith("https://")
+    assert text in body["detail"], body
+    return body
 
 
 def settings_for(db: Database, **overrides: Any) -> Settings:

@@ -18,27 +18,12 @@ from flowdb.agents.registry import AgentRegistry
 from flowdb.tokens import create_token, revoke_token
 from flowdb.worker import Worker, WorkerOptions
 
-from apiserver import ApiServer, api_for
+from apiserver import ApiServer, api_for, assert_problem, client
 from conftest import EXAMPLES, Database
 from helpers import approval_rows, drive
 
-PROBLEM = "application/problem+json"
 REVIEWED = (EXAMPLES / "reviewed-report.yaml").read_text()
 MANAGER = "manager@company.com"
-
-
-def client(server: ApiServer, role: str | None = "admin", identity: str | None = None) -> httpx.Client:
-    headers = server.auth(role, identity) if role else {}
-    return httpx.Client(base_url=server.url, headers=headers, timeout=30)
-
-
-def assert_problem(response: httpx.Response, status: int, text: str = "") -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status and body["title"] and body["type"].startswith("https://")
-    assert text in body["detail"], body
-    return body
 
 
 def deploy_reviewed(http: httpx.Client) -> None:

@@ -218,7 +218,7 @@ def test_malformed_or_foreign_decisions_change_nothing_and_write_nothing(db: Dat
     with pytest.raises(ApprovalNotFound) as missing:
         decide(db.engine, 9999, "approve", MANAGER, sees_all=False)
     assert str(missing.value) == "approval 9999 does not exist"
-    with pytest.raises(BadDecision, match="decision must be 'approve' or 'reject', not 'maybe'"):
+    with pytest.raises(BadDecision, match="decision must be one of approve, approved, reject, rejected, not 'maybe'"):
         decide(db.engine, row.id, "maybe", MANAGER)
     with pytest.raises(NotAnApprover, match="say who decides"):
         decide(db.engine, row.id, "approve", "  ")

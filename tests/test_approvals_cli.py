@@ -44,7 +44,8 @@ def test_readme_approval_flow(db: Database, tmp_path: Path) -> None:
         assert stranger.stderr.strip() == (f"error: eve@company.com is not an approver of approval {approval_id} "
                                            f"(approvers: {MANAGER})")
         word = flowdb_cli("approvals", "decide", str(approval_id), "yes", "--as", MANAGER, env=env)
-        assert word.returncode == 1 and "decision must be 'approve' or 'reject', not 'yes'" in word.stderr
+        assert word.returncode == 1
+        assert "decision must be one of approve, approved, reject, rejected, not 'yes'" in word.stderr
 
         decided = flowdb_cli("approvals", "decide", str(approval_id), "approve", "--as", MANAGER,
                              "--comment", "ship it", env=env)

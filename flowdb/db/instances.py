@@ -22,6 +22,7 @@ from flowdb.errors import (
 )
 from flowdb.inputs import validate_inputs
 from flowdb.models import effective_retry
+from flowdb.problems import suggest
 
 D, I, S, E = process_definitions, process_instances, step_instances, step_edges  # noqa: E741
 KEY_RACE_ROUNDS = 3  # lookups of keys another transaction took while this one inserted, before giving up
@@ -119,8 +120,12 @@ def find_definition(conn: Connection, name: str, version: int | None = None) -> 
     if row is None:
         known = conn.execute(select(D.c.name).distinct().order_by(D.c.name)).scalars().all()
         what = f"{name} version {version}" if version is not None else name
-        hint = f" (deployed: {', '.join(known)})" if known else " (nothing is deployed yet; run flowdb deploy FILE)"
-        raise NotFound(f"process {what} is not deployed{hint}")
+        if known:
+            listed = f" (deployed: {', '.join(known)}){suggest(name, known)}"
+            raise NotFound(f"process {what} is not deployed{listed}")
+        raise NotFound(f"process {what} is not deployed (nothing is deployed yet; run flowdb deploy FILE)",
+                       http=f"process {what} is not deployed (nothing is deployed yet; POST /v1/definitions "
+                            "deploys one)")
     return row.id, row.version
 
 
