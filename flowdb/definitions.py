@@ -1,8 +1,11 @@
 """Reading a definition file: YAML → models → whole-definition checks → a compiled definition.
 
 Every problem is reported as FILE:LINE:COL with what to fix; all problems found are reported at
-once. A CompiledDefinition holds the step graph and every template compiled, so nothing is parsed
-again while instances run.
+once. Each phase checks what the phases before it could read: a step that fails its model is left
+out of the graph but stays known by its id (no "unknown step" for it), and the checks that need the
+whole graph (joins, "runs after", loops) skip only the steps whose parents it hides. A
+CompiledDefinition holds the step graph and every template compiled, so nothing is parsed again
+while instances run.
 
 Nothing here recurses over the step graph, and nothing costs more than linear time in the steps and
 edges but the check that a template reads only steps that run before its own (bit sets over the
@@ -47,7 +50,7 @@ from flowdb.models import (
     Process,
     SubProcess,
 )
-from flowdb.problems import Locator, kind_of, shown, sorted_problems, suggest
+from flowdb.problems import Locator, failed_paths, kind_of, shown, sorted_problems, suggest
 from flowdb.yamlsafe import Path, load_yaml
 
 MAX_STEPS = 10_000  # steps in one process
@@ -191,7 +194,8 @@ def loop_peers(steps: dict[str, CompiledStep]) -> dict[str, frozenset[str]]:
 
 
 def load_definition_file(path: str | FsPath) -> CompiledDefinition:
-    """Read and check a definition file."""
+    """Read and check a definition file, as `flowdb validate` and `deploy` do: a step of a type this
+    flowdb cannot run yet is one more problem, reported with the others."""
     file = FsPath(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -202,11 +206,12 @@ def load_definition_file(path: str | FsPath) -> CompiledDefinition:
                                        f"{exc.start}); save it as UTF-8")]) from None
     except OSError as exc:
         raise DefinitionError([Located(str(path), 1, 1, f"cannot read the file: {exc.strerror or exc}")]) from None
-    return parse_definition(text, str(path))
+    return parse_definition(text, str(path), runnable=True)
 
 
-def parse_definition(text: str, filename: str = "<definition>") -> CompiledDefinition:
-    """Check a definition's text completely; raise DefinitionError listing every problem."""
+def parse_definition(text: str, filename: str = "<definition>", *, runnable: bool = False) -> CompiledDefinition:
+    """Check a definition's text completely; raise DefinitionError listing every problem. With
+    `runnable`, a step of a type this flowdb cannot run yet is a problem too."""
     data, positions = load_yaml(text, filename)
     locator = Locator(filename, positions)
     if data is None:
@@ -219,20 +224,22 @@ def parse_definition(text: str, filename: str = "<definition>") -> CompiledDefin
                 if {"name", "steps"} & set(data) else "")
         raise DefinitionError([locator.at((), f"expected a top-level 'process:' key{hint}")])
     _check_step_count(data, locator)
-    data = _merge_config(data, locator)
-    try:
-        document = Document.model_validate(data)
-    except ValidationError as exc:
-        raise DefinitionError(locator.pydantic(exc, data)) from None
     problems: list[Located] = []
-    compiled = _compile(document.process, locator, problems)
+    data, unreadable = _merge_config(data, locator, problems)
+    valid = _validate(data, unreadable, locator, problems)
+    if valid is None:
+        raise DefinitionError(sorted_problems(problems))
+    steps, edges, on_success, on_failure = _compile(valid, locator, problems)
+    if runnable:
+        from flowdb.steptypes.registry import STEP_TYPES  # the types import this module
+
+        problems += STEP_TYPES.unrunnable(filename, steps.values())
     if problems:
         raise DefinitionError(sorted_problems(problems))
     canonical = dict(data["process"])
     canonical.pop("version", None)
     digest = hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
-    steps, edges, on_success, on_failure = compiled
-    return CompiledDefinition(document.process, text, digest, steps, edges, on_success, on_failure, filename)
+    return CompiledDefinition(valid.process, text, digest, steps, edges, on_success, on_failure, filename)
 
 
 def _check_step_count(data: dict[str, Any], locator: Locator) -> None:
@@ -244,12 +251,13 @@ def _check_step_count(data: dict[str, Any], locator: Locator) -> None:
                                           f"the limit of {MAX_STEPS}; split it into smaller processes")])
 
 
-def _merge_config(data: dict[str, Any], locator: Locator) -> dict[str, Any]:
-    """Move each step's `config:` fields onto the step; refuse a field given in both places."""
+def _merge_config(data: dict[str, Any], locator: Locator, problems: list[Located]) -> tuple[dict[str, Any], set[int]]:
+    """Move each step's `config:` fields onto the step; refuse a field given in both places. Also the
+    steps whose `config:` is not a mapping, by index: their fields are unknown, so their model is not checked."""
     process = data.get("process")
     if not isinstance(process, dict) or not isinstance(process.get("steps"), list):
-        return data
-    problems: list[Located] = []
+        return data, set()
+    unreadable: set[int] = set()
     steps = []
     for index, step in enumerate(process["steps"]):
         if not isinstance(step, dict) or "config" not in step:
@@ -260,12 +268,17 @@ def _merge_config(data: dict[str, Any], locator: Locator) -> dict[str, Any]:
         if not isinstance(config, dict):
             problems.append(locator.value((*base, "config"), "'config' must be a mapping of the step type's "
                                           f"fields, got {shown(config)}"))
+            unreadable.add(index)
+            steps.append(step)
             continue
         merged = {k: v for k, v in step.items() if k != "config"}
         for key, value in config.items():
             if key in COMMON_FIELDS:
                 problems.append(locator.at((*base, "config", key),
                                            f"{key!r} belongs on the step itself, not under 'config:'"))
+                if key not in merged and key != "config":  # read it where it is, to check the rest of the step
+                    merged[key] = value
+                    locator.moved[(*base, key)] = (*base, "config", key)
             elif key in merged:
                 problems.append(locator.at((*base, "config", key), f"{key!r} is given both on the step (line "
                                            f"{locator.line_of((*base, key))}) and under 'config:'; keep one"))
@@ -273,9 +286,123 @@ def _merge_config(data: dict[str, Any], locator: Locator) -> dict[str, Any]:
                 merged[key] = value
                 locator.moved[(*base, key)] = (*base, "config", key)
         steps.append(merged)
-    if problems:
-        raise DefinitionError(sorted_problems(problems))
-    return {**data, "process": {**process, "steps": steps}}
+    return {**data, "process": {**process, "steps": steps}}, unreadable
+
+
+_ACTION_KINDS = ("on_success", "on_failure")
+
+
+@dataclass(frozen=True)
+class _Validated:
+    """The parts of a definition that passed their models, and what is known of the others: enough to
+    check the rest without reporting a failed part again (say, as an unknown step or input)."""
+
+    process: Process  # without the parts that failed
+    step_index: list[int]  # where each of process.steps stands in the file's list of steps
+    action_index: dict[str, list[int]]  # the same for the output actions, by kind
+    failed_steps: dict[int, str] = field(default_factory=dict)  # the id of each failed step, where it is readable
+    failed_routes: frozenset[str] | None = frozenset()  # the steps failed steps may route to; None: any
+    failed_inputs: frozenset[str] | None = frozenset()  # inputs that failed their model; None: all of them
+
+    @classmethod
+    def whole(cls, process: Process) -> _Validated:
+        return cls(process, list(range(len(process.steps))),
+                   {kind: list(range(len(getattr(process.output, kind)))) for kind in _ACTION_KINDS})
+
+
+def _validate(data: dict[str, Any], unreadable: set[int], locator: Locator,
+              problems: list[Located]) -> _Validated | None:
+    """Validate the document; when parts of it fail, report them and validate the rest without them
+    (None when nothing can be checked further: the process or its list of steps is unreadable)."""
+    try:
+        document = Document.model_validate(data)
+    except ValidationError as exc:
+        problems += locator.pydantic(exc, data, unreadable)
+        return _without_failed(data, failed_paths(exc), unreadable)
+    if unreadable:
+        return _without_failed(data, [], unreadable)
+    return _Validated.whole(document.process)
+
+
+def _without_failed(data: dict[str, Any], failed_at: list[Path], bad_steps: set[int]) -> _Validated | None:
+    """The document validated again without the parts at `failed_at` and the steps `bad_steps`."""
+    process = data["process"]
+    if not isinstance(process, dict) or not isinstance(process.get("steps"), list):
+        return None
+    bad_steps = set(bad_steps)
+    bad_actions: dict[str, set[int]] = {kind: set() for kind in _ACTION_KINDS}
+    bad_inputs: set[str] | None = set()
+    dropped: set[str] = set()  # process fields left out whole
+    for loc in failed_at:
+        if not loc or loc == ("process",):
+            return None
+        if loc[0] != "process":
+            continue  # a top-level field besides `process`: left out below
+        name = loc[1]
+        if name == "steps":
+            if len(loc) < 3 or not isinstance(loc[2], int):
+                return None
+            bad_steps.add(loc[2])
+        elif name == "inputs" and len(loc) >= 3 and bad_inputs is not None:
+            bad_inputs.add(str(loc[2]))
+        elif name == "inputs":
+            bad_inputs = None
+            dropped.add(name)
+        elif name == "output" and len(loc) >= 4 and loc[2] in bad_actions and isinstance(loc[3], int):
+            bad_actions[str(loc[2])].add(loc[3])
+        else:
+            dropped.add(str(name))
+    raw_steps: list[Any] = process["steps"]
+    step_index = [i for i in range(len(raw_steps)) if i not in bad_steps]
+    pruned = {key: value for key, value in process.items() if key not in dropped}
+    pruned["steps"] = [raw_steps[i] for i in step_index] or [{"id": "x", "type": "end"}]  # taken out below
+    pruned.setdefault("name", "x")  # any valid name: no check reads it
+    if bad_inputs:
+        pruned["inputs"] = {key: value for key, value in process["inputs"].items() if str(key) not in bad_inputs}
+    action_index: dict[str, list[int]] = {}
+    if "output" not in dropped and isinstance(process.get("output"), dict):
+        output = dict(process["output"])
+        for kind in _ACTION_KINDS:
+            actions = output.get(kind)
+            if isinstance(actions, list):
+                action_index[kind] = [i for i in range(len(actions)) if i not in bad_actions[kind]]
+                output[kind] = [actions[i] for i in action_index[kind]]
+        pruned["output"] = output
+    try:
+        validated = Document.model_validate({"process": pruned}).process
+    except ValidationError:
+        return None  # a problem between parts that each passed: the problems above say enough
+    if not step_index:
+        validated = validated.model_copy(update={"steps": []})
+    action_index = {kind: action_index.get(kind, []) for kind in _ACTION_KINDS}
+    failed_steps: dict[int, str] = {}
+    routes: set[str] | None = set()
+    for index in sorted(bad_steps):
+        step = raw_steps[index]
+        if not isinstance(step, dict):
+            continue
+        sid = step.get("id")
+        if isinstance(sid, str) and sid:
+            failed_steps[index] = sid
+        routes = _may_route_to(step, routes)
+    return _Validated(validated, step_index, action_index, failed_steps,
+                      None if routes is None else frozenset(routes),
+                      None if bad_inputs is None else frozenset(bad_inputs))
+
+
+def _may_route_to(step: dict[str, Any], targets: set[str] | None) -> set[str] | None:
+    """`targets` and where a step that failed its model routes to (None: it cannot be read)."""
+    if targets is None or "routes" not in step:
+        return targets
+    routes = step["routes"]
+    if not isinstance(routes, list):
+        return None
+    for route in routes:
+        target = route.get("next") if isinstance(route, dict) else None
+        if not isinstance(target, str):
+            return None
+        targets.add(target)
+    return targets
 
 
 class _Suggestions:
@@ -300,23 +427,18 @@ def _listed(names: Collection[str]) -> str:
 
 
 def _compile(
-    process: Process, locator: Locator, problems: list[Located]
+    valid: _Validated, locator: Locator, problems: list[Located]
 ) -> tuple[dict[str, CompiledStep], list[Edge], list[tuple[Action, Template]], list[tuple[Action, Template]]]:
+    process = valid.process
     suggestions = _Suggestions()
-    step_path: dict[str, Path] = {}
-    steps: dict[str, CompiledStep] = {}
-    for index, model in enumerate(process.steps):
-        path: Path = ("process", "steps", index)
-        if model.id in steps:
-            first = locator.line_of(step_path[model.id])
-            problems.append(locator.value((*path, "id"), f"duplicate step id {model.id!r} (first used at line "
-                                          f"{first}); give each step its own id"))
-            continue
-        step_path[model.id] = path
-        at = locator.at(path, "")
-        steps[model.id] = CompiledStep(model, position=(at.line, at.col))
-
+    steps, step_path, known = _collect_steps(valid, locator, problems)
     edges: list[Edge] = []
+    hidden: set[str] = set()  # steps with a parent the graph lacks: a failed or unknown step
+    exits: set[str] = set()  # gateways with a route the graph lacks
+    if valid.failed_routes is None:
+        hidden.update(steps)
+    else:
+        hidden.update(valid.failed_routes & steps.keys())
     for sid, step in steps.items():
         path = step_path[sid]
         seen: set[str] = set()
@@ -325,30 +447,45 @@ def _compile(
             if parent == sid:
                 problems.append(locator.value(where, f"step {sid!r} depends on itself; remove {sid!r} "
                                               "from its depends_on"))
-            elif parent not in steps:
+            elif parent not in known:
                 problems.append(locator.value(where, f"step {sid!r} depends on unknown step {parent!r}"
-                                              f"{suggestions(parent, steps)}; known steps: {_listed(steps)}"))
+                                              f"{suggestions(parent, known)}; known steps: {_listed(known)}"))
+                hidden.add(sid)
             elif parent in seen:
                 problems.append(locator.value(where, f"step {sid!r} lists {parent!r} twice in depends_on"))
             else:
                 seen.add(parent)
-                edges.append(Edge(parent, sid, "dependency"))
-        if isinstance(step.model, Gateway):
-            _gateway_edges(sid, step.model, path, steps, seen, edges, suggestions, locator, problems)
+                if parent in steps:
+                    edges.append(Edge(parent, sid, "dependency"))
+                else:
+                    hidden.add(sid)
+        if isinstance(step.model, Gateway) and not _gateway_edges(sid, step.model, path, steps, known, edges,
+                                                                   suggestions, locator, problems):
+            exits.add(sid)
     edges = _without_doubles(edges, step_path, steps, locator, problems)
     for edge in edges:
         steps[edge.to_step].parents.append(edge.from_step)
         steps[edge.from_step].children.append(edge.to_step)
+    # The steps whose ancestors (and loops) the graph may not show whole: whether they run after what they
+    # read is not checked.
+    unsure = _reach(steps, hidden, lambda step: step.children)
 
+    order: _Precedence | None = None
     cycle, loop_backs = _find_cycle(steps, edges)
     if cycle:
         problems.append(_cycle_problem(cycle, step_path, steps, locator))
-        return steps, edges, [], []
-    edges = _loops(steps, edges, loop_backs, step_path, locator, problems)
+        # Which routes loop back is not settled: a route's target may count a parent too many.
+        hidden.update(edge.to_step for edge in edges if edge.kind == "route")
+    else:
+        edges = _loops(steps, edges, loop_backs, step_path, locator, problems, unsure | exits)
+        order = _Precedence(steps)
     for sid, step in steps.items():
-        _check_join(step, step_path[sid], locator, problems)
+        step.join = JoinRule.of(step.model)
+        if sid not in hidden:
+            _check_join(step, step_path[sid], locator, problems)
 
-    scope = _Scope(process, steps, _Precedence(steps), loop_peers(steps), suggestions, locator, problems)
+    scope = _Scope(process, steps, known, order, unsure, loop_peers(steps), valid.failed_inputs, suggestions,
+                   locator, problems)
     for sid, step in steps.items():
         _compile_step(step, step_path[sid], scope)
 
@@ -359,7 +496,7 @@ def _compile(
 
     def actions(kind: str) -> list[tuple[Action, Template]]:
         out = []
-        for i, action in enumerate(getattr(process.output, kind)):
+        for i, action in zip(valid.action_index[kind], getattr(process.output, kind), strict=True):
             where: Path = ("process", "output", kind, i, "message")
             template = _template(action.message, where, locator, problems)
             if template is not None:
@@ -370,8 +507,37 @@ def _compile(
     return steps, edges, actions("on_success"), actions("on_failure")
 
 
-def _gateway_edges(sid: str, model: Gateway, path: Path, steps: dict[str, CompiledStep], seen: set[str],
-                   edges: list[Edge], suggestions: _Suggestions, locator: Locator, problems: list[Located]) -> None:
+def _collect_steps(valid: _Validated, locator: Locator, problems: list[Located]
+                   ) -> tuple[dict[str, CompiledStep], dict[str, Path], dict[str, Path]]:
+    """The steps that passed their models, where each is, and every step id read (those of the steps that
+    failed too), in file order; a second step with an id is refused."""
+    models = dict(zip(valid.step_index, valid.process.steps, strict=True))
+    indices = sorted([*models, *valid.failed_steps]) if valid.failed_steps else valid.step_index
+    steps: dict[str, CompiledStep] = {}
+    step_path: dict[str, Path] = {}
+    known: dict[str, Path] = {}
+    for index in indices:
+        path: Path = ("process", "steps", index)
+        model = models.get(index)
+        sid = valid.failed_steps[index] if model is None else model.id
+        if sid in known:
+            first = locator.line_of(known[sid])
+            problems.append(locator.value((*path, "id"), f"duplicate step id {sid!r} (first used at line "
+                                          f"{first}); give each step its own id"))
+            continue
+        known[sid] = path
+        if model is not None:
+            step_path[sid] = path
+            at = locator.at(path, "")
+            steps[sid] = CompiledStep(model, position=(at.line, at.col))
+    return steps, step_path, known
+
+
+def _gateway_edges(sid: str, model: Gateway, path: Path, steps: dict[str, CompiledStep], known: dict[str, Path],
+                   edges: list[Edge], suggestions: _Suggestions, locator: Locator, problems: list[Located]) -> bool:
+    """Add a gateway's routes to `edges`; whether each of them is in the graph (none leads to a step that
+    failed its model, or to an unknown one)."""
+    whole = True
     targets: set[str] = set()
     defaults = 0
     for i, route in enumerate(model.routes):
@@ -391,14 +557,19 @@ def _gateway_edges(sid: str, model: Gateway, path: Path, steps: dict[str, Compil
                                            f"gateway {sid!r} has more than one default route; keep one"))
         if route.next == sid:
             problems.append(locator.value(where, f"gateway {sid!r} routes to itself"))
-        elif route.next not in steps:
+        elif route.next not in known:
             problems.append(locator.value(where, f"gateway {sid!r} routes to unknown step {route.next!r}"
-                                          f"{suggestions(route.next, steps)}; known steps: {_listed(steps)}"))
+                                          f"{suggestions(route.next, known)}; known steps: {_listed(known)}"))
+            whole = False
         elif route.next in targets:
             problems.append(locator.value(where, f"gateway {sid!r} routes to {route.next!r} twice"))
         else:
             targets.add(route.next)
-            edges.append(Edge(sid, route.next, "route"))
+            if route.next in steps:
+                edges.append(Edge(sid, route.next, "route"))
+            else:
+                whole = False
+    return whole
 
 
 def _without_doubles(edges: list[Edge], step_path: dict[str, Path], steps: dict[str, CompiledStep],
@@ -446,8 +617,11 @@ class _Scope:
 
     process: Process
     steps: dict[str, CompiledStep]
-    order: _Precedence | None  # None: what is checked runs after every step
+    known: dict[str, Path]  # every step id, those of steps that failed their model too
+    order: _Precedence | None  # None: not checked (what is checked runs after every step, or there is a cycle)
+    unsure: set[str]  # steps whose ancestors the graph may not show whole: their order is not checked
     loop_peers: dict[str, frozenset[str]]  # steps sharing a loop body: each may read the others' last round
+    failed_inputs: frozenset[str] | None  # inputs that failed their model (None: all): known, not checked
     suggestions: _Suggestions
     locator: Locator
     problems: list[Located]
@@ -566,18 +740,22 @@ def _check_refs(refs: References, where: Path, sid: str | None, scope: _Scope,
         usable = ", ".join(sorted(ROOT_NAMES | extra))
         problems.append(locator.value(where, f"unknown name {root!r} in template"
                                       f"{suggest(root, ROOT_NAMES | extra)}; templates here can use {usable}"))
-    for name in sorted(refs.inputs - set(process.inputs)):
+    failed_inputs = scope.failed_inputs  # known by name: not reported as unknown
+    unknown_inputs = set() if failed_inputs is None else refs.inputs - process.inputs.keys() - failed_inputs
+    for name in sorted(unknown_inputs):
         declared = _listed(sorted(process.inputs)) or "none are declared"
         problems.append(locator.value(where, f"template uses unknown input {name!r}"
                                       f"{suggest(name, process.inputs)} (declared inputs: {declared})"))
     for ref in sorted(refs.steps):
         if ref not in steps:
-            problems.append(locator.value(where, f"template uses unknown step {ref!r}"
-                                          f"{scope.suggestions(ref, steps)}"))
+            if ref not in scope.known:
+                problems.append(locator.value(where, f"template uses unknown step {ref!r}"
+                                              f"{scope.suggestions(ref, scope.known)}"))
         elif ref == sid:
             problems.append(locator.value(where, f"step {sid!r} uses its own steps.{ref}, which has no value "
                                           "before the step has run; use an earlier step's output"))
-        elif sid is not None and scope.order is not None and not scope.order.runs_before(ref, sid) \
+        elif sid is not None and scope.order is not None and sid not in scope.unsure \
+                and not scope.order.runs_before(ref, sid) \
                 and ref not in scope.loop_peers.get(sid, ()):  # a loop's later step, from the round before
             problems.append(locator.value(where, f"step {sid!r} uses steps.{ref} but does not run after it; "
                                           f"add {ref!r} to its depends_on"))
@@ -703,9 +881,10 @@ def _walk(steps: dict[str, CompiledStep], routes: set[tuple[str, str]], back: se
 
 
 def _loops(steps: dict[str, CompiledStep], edges: list[Edge], loop_backs: set[Edge], step_path: dict[str, Path],
-           locator: Locator, problems: list[Located]) -> list[Edge]:
+           locator: Locator, problems: list[Located], unsure: set[str]) -> list[Edge]:
     """Take the loop-backs out of the step graph (which is then acyclic) and give each its body; the
-    edges with loop-backs marked as such."""
+    edges with loop-backs marked as such. The gateways in `unsure` (the graph may not show all their
+    ancestors or routes) are not checked."""
     if not loop_backs:
         return edges
     for edge in loop_backs:
@@ -714,11 +893,13 @@ def _loops(steps: dict[str, CompiledStep], edges: list[Edge], loop_backs: set[Ed
     order = {sid: i for i, sid in enumerate(_topological_order(steps))}
     for edge in sorted(loop_backs, key=lambda e: (order[e.from_step], e.to_step)):
         gateway, target = edge.from_step, edge.to_step
-        after_target = _reach(steps, target, lambda step: step.children)
-        before_gateway = _reach(steps, gateway, lambda step: step.parents)
+        after_target = _reach(steps, [target], lambda step: step.children)
+        before_gateway = _reach(steps, [gateway], lambda step: step.parents)
         body = tuple(sorted(after_target & before_gateway, key=order.__getitem__))
         steps[gateway].loops[target] = Loop(gateway, target, body)
     for sid, step in steps.items():
+        if sid in unsure:
+            continue
         if step.loops and getattr(step.model, "gateway_type", None) == "parallel":
             problems.append(locator.at((*step_path[sid], "gateway_type"), f"parallel gateway {sid!r} routes back to "
                                        f"{', '.join(repr(t) for t in step.loops)}: it takes every route, so the loop "
@@ -731,9 +912,10 @@ def _loops(steps: dict[str, CompiledStep], edges: list[Edge], loop_backs: set[Ed
     return [Edge(e.from_step, e.to_step, "loop") if e in loop_backs else e for e in edges]
 
 
-def _reach(steps: dict[str, CompiledStep], start: str, next_of: Any) -> set[str]:
-    seen = {start}
-    stack = [start]
+def _reach(steps: dict[str, CompiledStep], starts: Collection[str], next_of: Any) -> set[str]:
+    """The steps reached from `starts` (them included) through `next_of`."""
+    seen = set(starts)
+    stack = list(seen)
     while stack:
         for other in next_of(steps[stack.pop()]):
             if other not in seen:
@@ -744,7 +926,6 @@ def _reach(steps: dict[str, CompiledStep], start: str, next_of: Any) -> set[str]
 
 def _check_join(step: CompiledStep, path: Path, locator: Locator, problems: list[Located]) -> None:
     model = step.model
-    step.join = JoinRule.of(model)
     parents = len(step.parents)
     if model.join != "all" and parents < 2:
         problems.append(locator.at((*path, "join"), f"step {step.id!r} has {parents} parent(s): a join needs two "

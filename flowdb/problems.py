@@ -7,7 +7,7 @@ written; the describer turns a Pydantic error into a message in the user's own t
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from pydantic import ValidationError
@@ -59,8 +59,11 @@ class Locator:
     def line_of(self, path: Path) -> int:
         return self.at(path, "").line
 
-    def pydantic(self, exc: ValidationError, data: Any) -> list[Located]:
-        errors = [(_strip_tags(tuple(error["loc"])), error) for error in exc.errors()]
+    def pydantic(self, exc: ValidationError, data: Any, ignored_steps: Collection[int] = ()) -> list[Located]:
+        """The problems of a failed validation; none for the steps in `ignored_steps` (whose fields are
+        not all known: their problems would be the consequence of another)."""
+        errors = [(loc, error) for loc, error in zip(failed_paths(exc), exc.errors(), strict=True)
+                  if not _in_steps(loc, ignored_steps)]
         # A misspelt field is also reported missing; its "did you mean" already says everything.
         misspelt = {(*loc[:-1], hint) for loc, error in errors if error["type"] == "extra_forbidden"
                     for hint in close_matches(str(loc[-1]), _allowed_fields(loc, data))}
@@ -77,6 +80,15 @@ class Locator:
             else:
                 found.append(self.value(loc, message))
         return sorted_problems(found)
+
+
+def failed_paths(exc: ValidationError) -> list[Path]:
+    """Where each error of a failed validation is, as a path in the document."""
+    return [_strip_tags(tuple(error["loc"])) for error in exc.errors()]
+
+
+def _in_steps(loc: Path, indices: Collection[int]) -> bool:
+    return bool(indices) and len(loc) >= 3 and loc[:2] == ("process", "steps") and loc[2] in indices
 
 
 def one_line(message: str) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from flowdb.errors import DefinitionError, Located
 from flowdb.steptypes.agent_task import AgentTaskType
@@ -12,6 +13,9 @@ from flowdb.steptypes.gateway import GatewayType
 from flowdb.steptypes.human_approval import HumanApprovalType
 from flowdb.steptypes.notification import NotificationType
 from flowdb.steptypes.timer import TimerType
+
+if TYPE_CHECKING:
+    from flowdb.definitions import CompiledStep
 
 
 class Registry:
@@ -38,14 +42,15 @@ class Registry:
         from flowdb.definitions import CompiledDefinition
 
         assert isinstance(definition, CompiledDefinition)
-        problems = [
-            Located(definition.filename, *step.position,
-                    f"step {sid!r} has type {step.type!r}, which this version of flowdb cannot run yet "
-                    f"(it runs: {', '.join(self.names())})")
-            for sid, step in definition.steps.items() if step.type not in self
-        ]
+        problems = self.unrunnable(definition.filename, definition.steps.values())
         if problems:
             raise DefinitionError(problems)
+
+    def unrunnable(self, filename: str, steps: Iterable[CompiledStep]) -> list[Located]:
+        """A problem for each compiled step of a type this flowdb cannot run yet."""
+        return [Located(filename, *step.position, f"step {step.id!r} has type {step.type!r}, which this version "
+                        f"of flowdb cannot run yet (it runs: {', '.join(self.names())})")
+                for step in steps if step.type not in self]
 
 
 STEP_TYPES = Registry(AgentTaskType(), GatewayType(), TimerType(), HumanApprovalType(), NotificationType(),
