@@ -709,6 +709,8 @@ def _finalize(eval_ctx: EvalContext, value: Any) -> Any:
     # Objects and lists render as JSON, not as Python reprs, so an agent gets readable data.
     if type(value) is str:
         return value
+    if isinstance(value, ErrorView):  # on_failure's `{{ error }}`: the instance's error, as text
+        return str(value)
     if isinstance(value, dict | list):
         limit = _limits.max_bytes
         size = _size(value, limit)
@@ -835,6 +837,7 @@ class References:
 ROOT_NAMES = frozenset({"inputs", "steps", "process"})
 ITEM_NAMES = frozenset({"item", "index"})  # in the templates of a for_each step's items
 GATHER_NAMES = frozenset({"items", "completed", "total"})  # in a for_each step's complete_when
+FAILURE_NAMES = frozenset({"error"})  # in on_failure messages: why the instance failed
 
 
 def _references(ast: nodes.Node) -> References:
@@ -1055,6 +1058,14 @@ def compile_condition(source: str) -> Condition:
     if len(body) != 1 or not isinstance(body[0], nodes.Output) or len(body[0].nodes) != 1:
         raise ValueError("the condition is not one expression; write it like {{ steps.ID.output.ok }} == true")
     return Condition(source, expression, _references(ast), body[0].nodes[0])
+
+
+class ErrorView(dict[str, Any]):
+    """`error` in an on_failure template: type, message, step (item, round); `{{ error }}` alone is
+    the instance's error text."""
+
+    def __str__(self) -> str:
+        return str(self.get("text", ""))
 
 
 class StepView(dict[str, Any]):

@@ -17,6 +17,9 @@ class Outcome:
     kind: Kind
     output: Any = None
     error: str | None = None
+    # What kind of failure (the exception's class name when an agent raised, StepTimeout, ...);
+    # on_failure templates read it as error.type. None: StepFailed.
+    error_type: str | None = None
     retryable: bool = True
     retry_delay: float = 0.0  # seconds before the next attempt, when retried
     cost_usd: float = 0.0

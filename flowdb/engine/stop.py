@@ -88,9 +88,11 @@ class Stopper:
             record(iid, "instance.completed")
 
     def finish_instance(self, conn: Connection, instance_id: int, status: InstanceStatus, record: Record, *,
-                        error: str | None = None, outputs: Any = None, reason: str | None = None) -> bool:
-        """End a running instance: cancel its open steps, set its status, write its one event.
-        False when it was no longer running (nothing is written)."""
+                        error: str | None = None, outputs: Any = None, reason: str | None = None,
+                        cause: dict[str, Any] | None = None) -> bool:
+        """End a running instance: cancel its open steps, set its status, write its one event (a failure's
+        `cause`, the step that failed and how, goes into it). False when it was no longer running
+        (nothing is written)."""
         why = reason or error or f"the instance {status.value}"
         self.cancel_steps(conn, why, record, instance_id=instance_id)
         if not conn.execute(self.finish, {"iid": instance_id, "status": status.value, "outputs": outputs,
@@ -99,6 +101,8 @@ class Stopper:
         payload: dict[str, Any] | None = None
         if status is InstanceStatus.FAILED:
             payload = {"error": error}
+            if cause is not None:
+                payload.update(step=cause["step"], error_type=cause["type"])
         elif status is InstanceStatus.CANCELLED:
             payload = {"reason": error}
         elif reason:

@@ -107,3 +107,7 @@ class StepType:
     def describe_wait(self, outcome: Outcome) -> str | None:
         """A line for the live view about what a waiting step waits for (or None)."""
         return None
+
+    def describe_done(self, outcome: Outcome) -> str | None:
+        """A line for the live view about what a completed step did (or None)."""
+        return None
