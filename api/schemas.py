@@ -20,6 +20,8 @@ class DefinitionOut(Strict):
     content_hash: str
     created_at: datetime | None
     created: bool = Field(description="false when identical content was already deployed")
+    warnings: list[str] = Field(default_factory=list,
+                                description="agents of the definition that no running worker serves (on deploy)")
 
 
 class DefinitionSummary(Strict):

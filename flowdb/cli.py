@@ -15,7 +15,7 @@ import click
 from sqlalchemy.exc import DBAPIError
 
 from flowdb import __version__
-from flowdb.agents.registry import AgentRegistry, find_agents_file
+from flowdb.agents.check import check_agents
 from flowdb.cli_approvals import approvals_group
 from flowdb.cli_common import (
     FlowdbGroup,
@@ -79,17 +79,19 @@ def db_downgrade(db_url: str | None, revision: str) -> None:
     click.echo(f"database at revision {migrate.current_revision(engine) or 'base'}")
 
 
-def _check_files(files: tuple[str, ...], agents_file: str | None) -> list[CompiledDefinition]:
-    """Load and check every file; print every problem; exit 1 if there was any."""
+def _check_files(files: tuple[str, ...], agents_file: str | None, *, strict: bool = False) -> list[CompiledDefinition]:
+    """Load and check every file and its agents; print every problem and warning; exit 1 if there was
+    a problem (with `strict`, a missing agents file is one)."""
     loaded = []
     failed = False
     for file in files:
         try:
             definition = load_definition_file(file)
             STEP_TYPES.check_runnable(definition)
-            if agents_file is not None or find_agents_file(None, file):
-                agents = load_agents(agents_file, file)
-                _check_agents(definition, agents)
+            findings = check_agents(definition, agents_file, strict=strict)
+            for warning in findings.warnings:
+                click.echo(warning, err=True)
+            findings.raise_problems()
             loaded.append(definition)
         except DefinitionError as exc:
             click.echo(str(exc), err=True)
@@ -104,27 +106,17 @@ def _check_files(files: tuple[str, ...], agents_file: str | None) -> list[Compil
     return loaded
 
 
-def _check_agents(definition: CompiledDefinition, agents: AgentRegistry) -> None:
-    from flowdb.errors import Located
-    from flowdb.models import AgentTask
-
-    problems = []
-    for step in definition.steps.values():
-        if isinstance(step.model, AgentTask) and step.model.agent not in agents:
-            line, col = step.position
-            problems.append(Located(definition.filename, line, col,
-                                    f"step {step.id!r} uses agent {step.model.agent!r}, which {agents.source} "
-                                    f"does not define (it defines: {', '.join(agents.names()) or 'none'})"))
-    if problems:
-        raise DefinitionError(problems)
+strict_option = click.option("--strict", is_flag=True,
+                             help="A missing agents file is an error, not a warning.")
 
 
 @main.command()
 @agents_option
+@strict_option
 @click.argument("files", nargs=-1, required=True, type=click.Path())
-def validate(files: tuple[str, ...], agents_file: str | None) -> None:
-    """Check definition files; print FILE:LINE:COL for every problem (exit 1 if any)."""
-    for definition in _check_files(files, agents_file):
+def validate(files: tuple[str, ...], agents_file: str | None, strict: bool) -> None:
+    """Check definition files and their agents; print FILE:LINE:COL for every problem (exit 1 if any)."""
+    for definition in _check_files(files, agents_file, strict=strict):
         click.echo(f"{definition.filename}: ok ({definition.name}, {len(definition.steps)} steps)")
 
 
@@ -132,10 +124,12 @@ def validate(files: tuple[str, ...], agents_file: str | None) -> None:
 @db_option
 @create_option
 @agents_option
+@strict_option
 @click.argument("files", nargs=-1, required=True, type=click.Path())
-def deploy_cmd(files: tuple[str, ...], db_url: str | None, create: bool, agents_file: str | None) -> None:
+def deploy_cmd(files: tuple[str, ...], db_url: str | None, create: bool, agents_file: str | None,
+               strict: bool) -> None:
     """Store definitions as new immutable versions (identical content is a no-op)."""
-    definitions = _check_files(files, agents_file)
+    definitions = _check_files(files, agents_file, strict=strict)
     engine = open_database(db_url, create=create, offers_create=True)
     with engine.begin() as conn:
         results = [deploy(conn, definition) for definition in definitions]
@@ -215,18 +209,26 @@ def worker(db_url: str | None, create: bool, agents_file: str | None, concurrenc
     """Claim and run ready steps until stopped (SIGTERM/SIGINT finishes or releases held steps)."""
     logging.getLogger().setLevel(logging.INFO)
     settings = load_settings(database_url=db_url)
-    engine = open_database(db_url, wait=True, create=create, offers_create=True)
+    log = logging.getLogger("flowdb.worker")
+    # A broken agents file stops the worker here, before it claims a step it would fail.
     agents = load_agents(agents_file or settings.agents, None)
+    agents.check()
+    engine = open_database(db_url, wait=True, create=create, offers_create=True)
+    if agents.names():
+        log.info("serving agents %s (from %s)", ", ".join(agents.names()), agents.source)
+    else:
+        log.warning("no agents file (give --agents FILE or set FLOWDB_AGENTS): this worker runs no agent tasks; "
+                    "they wait for a worker whose agents file defines their agent")
     options = WorkerOptions(lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
                             redis_url=settings.redis_url, batch=batch or settings.claim_batch,
-                            free_releases=settings.free_releases, suspect_wait_seconds=settings.suspect_wait_seconds)
+                            free_releases=settings.free_releases, suspect_wait_seconds=settings.suspect_wait_seconds,
+                            unservable_check_seconds=settings.unservable_check_seconds)
     if concurrency:
         options.concurrency = concurrency
     if grace is not None:
         options.grace_seconds = grace
     set_limits(TemplateLimits.from_settings(settings))
     runner = Worker(engine, agents, options, notifier=Notifier.from_settings(settings))
-    log = logging.getLogger("flowdb.worker")
     log.info("worker %s started on %s", options.name, engine.url.render_as_string())
 
     async def main_loop() -> None:
@@ -256,7 +258,8 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
     """Deploy FILE, start it and work it to the end here, showing each step (exit 1 if it failed)."""
     from flowdb.live import LiveView
 
-    [definition] = _check_files((file,), agents_file)
+    # It works the instance here: every agent it names must be defined and load (strict).
+    [definition] = _check_files((file,), agents_file, strict=True)
     settings = load_settings(database_url=db_url)
     engine = open_database(db_url, create=True)
     agents = load_agents(agents_file, file)
@@ -288,11 +291,23 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
         except DBAPIError:  # the database is away: the worker waits for it, and so does this check
             return False
 
-    asyncio.run(runner.run(until=finished))
-    with read_only(engine).connect() as conn:
-        status = status_json(conn, instance_id)
-    view.summary(status, time.monotonic() - began)
-    sys.exit(0 if status["status"] == "completed" else 1)
+    async def work_it() -> int:
+        await runner.run(until=finished)
+        with read_only(engine).connect() as conn:
+            status = status_json(conn, instance_id)
+        view.summary(status, time.monotonic() - began)
+        code = 0 if status["status"] == "completed" else 1
+        if runner.abandoned:
+            # Calls of steps cancelled while they ran (the instance failed, say) are left to finish in
+            # their threads; their results would be dropped, so the outcome is not held up by them.
+            engine.dispose()
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+
+    sys.exit(asyncio.run(work_it()))
 
 
 @main.command()

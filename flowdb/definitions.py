@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from flowdb.errors import DefinitionError, Located
 from flowdb.expressions import (
+    FAILURE_NAMES,
     GATHER_NAMES,
     ITEM_NAMES,
     ROOT_NAMES,
@@ -500,7 +501,8 @@ def _compile(
             where: Path = ("process", "output", kind, i, "message")
             template = _template(action.message, where, locator, problems)
             if template is not None:
-                _check_refs(template.refs, where, None, outputs)
+                _check_refs(template.refs, where, None, outputs,
+                            FAILURE_NAMES if kind == "on_failure" else frozenset())
                 out.append((action, template))
         return out
 

@@ -52,19 +52,25 @@ class LiveView:
                 continue
             secs = time.monotonic() - self.started.get(outcome.step.id, time.monotonic())
             mark = MARKS.get(outcome.kind, "?")
-            retry = outcome.kind == "failed" and outcome.retryable and outcome.step.attempt < outcome.step.max_attempts
-            word = "failed, will retry" if retry else outcome.kind
-            label = run_label(outcome.step.step_id, outcome.step.round, outcome.step.item)
-            line = f"  {mark} {label:<28} {word} in {secs:.2f}s"
+            step = outcome.step
+            retry = outcome.kind == "failed" and outcome.retryable and step.attempt < step.max_attempts
+            label = run_label(step.step_id, step.round, step.item)
+            if retry:  # the time it ran, then the delay its retry policy gives before the next attempt
+                line = (f"  {mark} {label:<28} failed after {secs:.2f}s (attempt {step.attempt} of "
+                        f"{step.max_attempts}); next attempt in {outcome.retry_delay:.2f}s")
+            else:
+                line = f"  {mark} {label:<28} {outcome.kind} in {secs:.2f}s"
             if outcome.cost_usd:
                 line += f"  ${outcome.cost_usd:.4f}"
             if outcome.error:
                 line += f"  ({outcome.error})"
             click.echo(line)
             step_type = STEP_TYPES.get(outcome.step.type)
-            waiting_for = step_type.describe_wait(outcome) if step_type is not None else None
-            if waiting_for:
-                click.echo(f"      {waiting_for}")
+            if step_type is not None:
+                said = step_type.describe_done(outcome) if outcome.kind == "completed" \
+                    else step_type.describe_wait(outcome)
+                if said:
+                    click.echo(f"      {said}")
         for instance_id, status in progress.finished_instances:
             if instance_id == self.instance_id:
                 self.final = status

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     # How long a worker that took over a step whose worker died waits for its own steps to finish (the
     # step must run alone) before it hands the step back for another worker.
     suspect_wait_seconds: float = Field(default=60.0, gt=0)
+    # How often a worker looks for ready steps whose agent no running worker has (and logs them).
+    unservable_check_seconds: float = Field(default=60.0, gt=0)
 
     # Templates and conditions (flowdb.expressions): each evaluation is bounded in time, and its output and
     # every value it builds in size. Passing a limit fails the step without retry.

@@ -10,6 +10,7 @@ import click
 from sqlalchemy import Connection
 
 from flowdb.db.instances import instance_row, step_rows
+from flowdb.db.workers import unservable_steps
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
@@ -24,11 +25,13 @@ def _iso(moment: datetime | None) -> str | None:
 
 def status_json(conn: Connection, instance_id: int) -> dict[str, Any]:
     instance = instance_row(conn, instance_id)
+    # Ready steps no running worker can serve: what each waits for (db/workers.py).
+    waits_for = unservable_steps(conn, instance_id) if instance.status == "running" else {}
     steps = []
     for row in step_rows(conn, instance_id):
         steps.append({
             "id": row.id, "step_id": row.step_id, "round": row.round, "item": row.item, "type": row.type,
-            "status": row.status, "attempt": row.attempt,
+            "status": row.status, "attempt": row.attempt, "waits_for": waits_for.get(row.id),
             "started_at": _iso(row.started_at), "finished_at": _iso(row.finished_at),
             "duration_s": _seconds(row.started_at, row.finished_at), "cost_usd": row.cost_usd,
             "output": row.output, "error": row.error,
@@ -68,6 +71,8 @@ def print_status(data: dict[str, Any]) -> None:
     for step in data["steps"]:
         secs = f"{step['duration_s']:.3f}" if step["duration_s"] is not None else ""
         detail = step["error"] if step["error"] else _short(step["output"])
+        if step.get("waits_for"):
+            detail = step["waits_for"]
         name = run_label(step["step_id"], step["round"], step["item"])
         click.echo(f"{name:<24} {step['type']:<14} {step['status']:<10} {step['attempt']:>3} "
                    f"{secs:>8}  {_short(detail)}")

@@ -39,6 +39,7 @@ from flowdb.db.events import EventRow, EventWriter, event_row
 from flowdb.db.instances import DefinitionCache, DefinitionUnloadable
 from flowdb.db.progress import DueActions, Progress, ProgressStatements, ProgressWriter, template_context
 from flowdb.db.tables import process_instances, step_instances
+from flowdb.db.workers import Capabilities, WorkerRegistry, describe_missing, unservable_agents
 from flowdb.definitions import CompiledDefinition
 from flowdb.engine import for_each
 from flowdb.engine.for_each import ForEachStatements
@@ -68,6 +69,9 @@ class WorkerOptions:
     redis_url: str | None = None
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
     instance_id: int | None = None  # work only this instance (flowdb run)
+    # How often to look for ready steps whose agent no running worker has (the first look comes
+    # sooner, once a fleet started together has registered).
+    unservable_check_seconds: float = 60.0
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -111,7 +115,14 @@ class Worker:
         self.options = options or WorkerOptions()
         self.listener = listener or (lambda kind, data: None)
         dialect = engine.dialect.name
-        self.claims = ClaimStatements(dialect, one_instance=self.options.instance_id is not None)
+        # It claims only steps it can serve; the others wait for a worker that has their agent.
+        self.capabilities = Capabilities(frozenset(agents.names()), frozenset(STEP_TYPES.names()))
+        self.claims = ClaimStatements(dialect, one_instance=self.options.instance_id is not None,
+                                      serves=self.capabilities)
+        self.registry = WorkerRegistry(dialect)
+        self._registered = False
+        self._next_unservable_check = 0.0
+        self._unservable_logged: dict[str, int] = {}
         self.writer = ProgressWriter(ProgressStatements(dialect))
         self.events = EventWriter(dialect)
         self.definitions = DefinitionCache()
@@ -154,14 +165,20 @@ class Worker:
             self._waker.start()
         opts = self.options
         next_heartbeat = time.monotonic() + opts.heartbeat_seconds
+        self._next_unservable_check = time.monotonic() + min(5.0, opts.unservable_check_seconds)
         try:
             while not self.stopping:
                 if until is not None and until():
                     break
                 try:
+                    if not self._registered:
+                        self._register()
                     if time.monotonic() >= next_heartbeat:
                         self._heartbeat()
+                        self._keep_registered()
                         next_heartbeat = time.monotonic() + opts.heartbeat_seconds
+                    if time.monotonic() >= self._next_unservable_check:
+                        self._warn_of_unservable()
                     free = self._free_slots()
                     take_over = self._take_over_due()
                     claimed = await self._cycle(free, take_over) \
@@ -183,6 +200,7 @@ class Worker:
                     except TimeoutError:
                         pass
             await self._shutdown()
+            self._unregister()
         finally:
             self.renderer.close()
             if self._waker is not None:
@@ -508,8 +526,12 @@ class Worker:
                 self._next_take_over = 0.0  # where one worker died, others' steps may wait too
             self._forget(outcome.step.id)
         for late in progress.late:
-            log.warning("dropped the late result of step %s (instance %s): its lease was lost",
-                        late.step.step_id, late.step.instance_id)
+            if late.step.id in progress.cancelled:
+                log.info("dropped the result of step %s (instance %s): the step was cancelled while it ran",
+                         late.step.step_id, late.step.instance_id)
+            else:
+                log.warning("dropped the late result of step %s (instance %s): its lease was lost",
+                            late.step.step_id, late.step.instance_id)
         if progress.actions:
             task = asyncio.create_task(self._carry_out(progress.actions))
             self.sending.add(task)
@@ -556,15 +578,53 @@ class Worker:
         except DBAPIError as exc:
             log.warning("heartbeat refused (%s); will try again", first_line(exc))
             return
-        for step_instance_id in lost:
+        for step_instance_id, cancelled in lost.items():
             gone = self.inflight[step_instance_id]
-            log.warning("lost the lease on step %s (instance %s); abandoning it", gone.item.step_id,
-                        gone.item.instance_id)
+            if cancelled:
+                log.info("step %s (instance %s) was cancelled while it ran; its call is left to finish and its "
+                         "result will be dropped", gone.item.step_id, gone.item.instance_id)
+            else:
+                log.warning("lost the lease on step %s (instance %s); abandoning it", gone.item.step_id,
+                            gone.item.instance_id)
             if gone.task is not None and not gone.task.done():
                 gone.task.cancel()  # a plain-function agent's thread runs on: the process must not wait for it
                 self.abandoned += 1
             self.done = [o for o in self.done if o.step.id != step_instance_id]
             self._forget(step_instance_id)
+
+    # -- registration ---------------------------------------------------------------------------
+    def _register(self) -> None:
+        """Record this worker and what it serves (db/workers.py)."""
+        opts = self.options
+        self._transaction(lambda conn: self.registry.register(conn, opts.name, self.capabilities, opts.lease_seconds,
+                                                              opts.instance_id))
+        self._registered = True
+
+    def _keep_registered(self) -> None:
+        if not self._transaction(lambda conn: self.registry.refresh(conn, self.options.name,
+                                                                    self.options.lease_seconds)):
+            self._register()
+
+    def _warn_of_unservable(self) -> None:
+        """Name, in the log, the agents of ready steps that no running worker has (once per change)."""
+        self._next_unservable_check = time.monotonic() + self.options.unservable_check_seconds
+        waiting = self._transaction(lambda conn: unservable_agents(conn, self.options.instance_id))
+        lacking = {agent: n for agent, n in waiting.items() if agent not in self.capabilities.agents}
+        if lacking and set(lacking) != set(self._unservable_logged):
+            log.warning("%d ready step(s) wait for agents no running worker has: %s; this worker has %s. "
+                        "Start a worker whose agents file defines them (see the view v_unservable_steps)",
+                        sum(lacking.values()), ", ".join(f"{agent!r} ({n})" for agent, n in lacking.items()),
+                        describe_missing(self.capabilities.agents) or "no agents")
+        self._unservable_logged = lacking
+
+    def _unregister(self) -> None:
+        if not self._registered:
+            return
+        try:
+            self._transaction(lambda conn: self.registry.stop(conn, self.options.name))
+        except (DatabaseUnavailable, DBAPIError) as exc:
+            log.info("could not mark worker %s stopped (%s); its registration expires by itself",
+                     self.options.name, first_line(exc))
 
     # -- shutdown -------------------------------------------------------------------------------
     async def _shutdown(self) -> None:
@@ -573,6 +633,10 @@ class Worker:
         started is handed back, not released)."""
         opts = self.options
         deadline = time.monotonic() + opts.grace_seconds
+        try:
+            self._heartbeat()  # steps cancelled while they ran are not waited for: their results would be dropped
+        except DatabaseUnavailable as exc:
+            self.outage.failed(exc)
         while True:
             tasks = [h.task for h in self.inflight.values() if h.task is not None and h.running] + list(self.sending)
             left = deadline - time.monotonic()

@@ -201,21 +201,21 @@ def test_output_actions_notify_when_the_instance_ends(db: Database, smtp_server:
     mailbox, port = smtp_server()
     hook: Webhook = webhook()
     notifier = Notifier(config(**smtp(port), slack_webhook_url=hook.url(), allow_private=True))
-    [ok] = start(db.engine, ACTIONS.format(agent="writer"))
-    [bad] = start(db.engine, ACTIONS.format(agent="missing-agent"))
+    [ok] = start(db.engine, ACTIONS.format(agent="noop"))
+    [bad] = start(db.engine, ACTIONS.format(agent="broken"))  # tests/agents.yaml: it always raises
 
     def sent() -> bool:
         with db.engine.connect() as conn:
             return len(conn.execute(select(events.c.id).where(events.c.type == "action.notified")).all()) == 2
 
     deadline = time.monotonic() + 20
-    drive(db.engine, notifier, lambda: sent() or time.monotonic() > deadline)
+    helpers.drive(db.engine, lambda: sent() or time.monotonic() > deadline, helpers.AGENTS_FILE, 30.0, notifier)
     assert (instance(db.engine, ok).status, instance(db.engine, bad).status) == ("completed", "failed")
     [mail] = mailbox.messages()
-    assert mail["To"] == "boss@example.com" and mail["Subject"] == f"actions-writer: instance {ok} completed"
-    assert "actions-writer done" in mailbox.bodies()[0]
+    assert mail["To"] == "boss@example.com" and mail["Subject"] == f"actions-noop: instance {ok} completed"
+    assert "actions-noop done" in mailbox.bodies()[0]
     [posted] = hook.requests
-    assert "flowdb alert" in json.loads(posted.body)["text"] and "actions-missing-agent failed" in posted.body.decode()
+    assert "flowdb alert" in json.loads(posted.body)["text"] and "actions-broken failed" in posted.body.decode()
     with db.engine.connect() as conn:
         rows = conn.execute(select(events.c.instance_id, events.c.payload).where(events.c.type == "action.notified"))
         assert {row.instance_id: (row.payload["channel"], row.payload["ok"]) for row in rows} == {

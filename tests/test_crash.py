@@ -172,7 +172,7 @@ def test_stale_workers_late_completion_is_refused_by_the_lease_token(db: Databas
     definitions = {stale.definition_id: definition}
     late = Outcome(stale, "completed", output={"by": "stale"}, input={"message": "a"})
     with db.engine.begin() as conn:
-        assert claims.heartbeat_steps(conn, [stale], 30) == {stale.id}  # a stale heartbeat is refused too
+        assert claims.heartbeat_steps(conn, [stale], 30) == {stale.id: False}  # a stale heartbeat is refused too
         progress = writer.apply(conn, [late], definitions)
     assert progress.late == [late]
     assert progress.made_ready == 0 and progress.finished_instances == []
@@ -188,7 +188,7 @@ def test_stale_workers_late_completion_is_refused_by_the_lease_token(db: Databas
     assert [(r.step_instance_id, _payload(r.payload)) for r in dropped] == [
         (stale.id, {"attempt": 1, "outcome": "abandoned", "reason": "a heartbeat found the lease lost; the run was "
                                                                      "cancelled"}),
-        (stale.id, {"attempt": 1, "outcome": "completed"})]
+        (stale.id, {"attempt": 1, "outcome": "completed", "reason": "its lease was lost"})]
     assert "step.completed" not in event_types(db.engine, iid)
 
     with db.engine.begin() as conn:  # the stale worker cannot release it either

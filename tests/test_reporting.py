@@ -20,7 +20,7 @@ from conftest import ROOT, Database, flowdb_cli
 from helpers import start, work
 
 VIEWS = ["v_approval_latency", "v_cost_by_agent", "v_instance_summary", "v_process_daily", "v_step_runs",
-         "v_step_stats"]
+         "v_step_stats", "v_unservable_steps"]
 
 
 def at(day: int, clock: str) -> datetime:

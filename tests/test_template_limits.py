@@ -214,7 +214,8 @@ def test_validate_evaluates_no_template_under_a_memory_limit(tmp_path: Path) -> 
     result = flowdb_cli("validate", *files, memory_limit=ULIMIT_V, timeout=60)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    # nothing but the warning that no agents file was found (tests/test_unservable.py)
+    assert all(": warning: no agents file found" in line for line in result.stderr.splitlines()), result.stderr
     steps = {"gateway": 4}
     assert result.stdout.splitlines() == [f"{tmp_path / name}.yaml: ok ({name}, {steps.get(name, 1)} steps)"
                                           for name in texts]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 from starlette.responses import Response
 
 from flowdb.db.instances import deploy
 from flowdb.db.tables import process_definitions
-from flowdb.definitions import parse_definition
+from flowdb.db.workers import unserved_agents
+from flowdb.definitions import CompiledDefinition, parse_definition
 from flowdb.errors import NotFound
-from flowdb.steptypes.registry import STEP_TYPES
+from flowdb.models import AgentTask
 
 from ..body import read_body
 from ..convert import utc
@@ -36,20 +37,38 @@ async def post_definition(call: Call) -> Response:
     filename = call.request.query_params.get("filename") or "definition.yaml"
     if len(filename) > 200:
         raise ApiError(422, "filename is longer than 200 characters")
+    strict = call.request.query_params.get("strict", "false").lower()
+    if strict not in ("true", "false"):
+        raise ApiError(422, f"strict must be true or false, not {strict!r}")
 
     def store(engine: Engine) -> DefinitionOut:
         # Parsing and compiling take seconds for the largest definitions: here, in a thread, never on the
         # event loop. DefinitionError → 422 with FILE:LINE:COL errors.
-        definition = parse_definition(text, filename)
-        STEP_TYPES.check_runnable(definition)
+        definition = parse_definition(text, filename, runnable=True)
         with engine.begin() as conn:
+            # The API has no agents file: what it can tell is whether a running worker serves each agent.
+            warnings = _unserved_warnings(conn, definition)
+            if warnings and strict == "true":
+                raise ApiError(422, "; ".join(warnings) + " (deployed nothing: strict=true)", kind="unserved-agents",
+                               extra={"errors": warnings})
             deployed = deploy(conn, definition)
             created_at = conn.execute(select(D.c.created_at).where(D.c.id == deployed.id)).scalar_one()
         return DefinitionOut(name=deployed.name, version=deployed.version, content_hash=deployed.content_hash,
-                             created_at=utc(created_at), created=deployed.created)
+                             created_at=utc(created_at), created=deployed.created, warnings=warnings)
 
     out = await call.db(store, call.engine)
     return json_response(out, 201 if out.created else 200)
+
+
+def _unserved_warnings(conn: Connection, definition: CompiledDefinition) -> list[str]:
+    """A warning per agent of the definition that no running worker serves."""
+    users: dict[str, list[str]] = {}
+    for step in definition.steps.values():
+        if isinstance(step.model, AgentTask):
+            users.setdefault(step.model.agent, []).append(step.id)
+    return [f"no running worker serves agent {agent!r} (steps {', '.join(users[agent])}): its steps will wait, "
+            "ready, until a worker whose agents file defines it starts"
+            for agent in sorted(unserved_agents(conn, users))]
 
 
 async def list_definitions(call: Call) -> Response:
@@ -100,7 +119,10 @@ ENDPOINTS = [
     Endpoint("POST", "/v1/definitions", post_definition, "Deploy a definition (YAML body)", "admin", "definitions",
              raw_body="application/yaml", responses={201: DefinitionOut, 200: DefinitionOut}, errors=(409,),
              query=(Query("filename", {"type": "string", "maxLength": 200},
-                          "name used in FILE:LINE:COL error locations (default definition.yaml)"),)),
+                          "name used in FILE:LINE:COL error locations (default definition.yaml)"),
+                    Query("strict", {"type": "string", "enum": ["true", "false"]},
+                          "true: refuse (422 unserved-agents) a definition naming an agent no running worker "
+                          "serves; false (default): deploy it and list those agents in `warnings`"))),
     Endpoint("GET", "/v1/definitions", list_definitions, "List deployed processes", "operator", "definitions",
              responses={200: DefinitionList}),
     Endpoint("GET", "/v1/definitions/{name}", get_definition, "A process's versions", "operator", "definitions",

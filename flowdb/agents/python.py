@@ -41,6 +41,9 @@ class PythonBackend:
             self._function = function
         return self._function
 
+    def check(self) -> None:
+        self.load()
+
     async def call(self, request: AgentRequest) -> AgentReply:
         function = self.load()
         if inspect.iscoroutinefunction(function):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,18 @@ class AgentRegistry:
         if folder not in sys.path:
             sys.path.insert(0, folder)
         return cls(backends, str(path))
+
+    def check(self, names: Iterable[str] | None = None) -> None:
+        """Load every agent's backend (or those named); raise AgentConfigError naming each one that
+        cannot be loaded."""
+        problems = []
+        for name in sorted(self._backends if names is None else set(names) & set(self._backends)):
+            try:
+                self._backends[name].check()
+            except AgentConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise AgentConfigError(f"{self.source}: " + "; ".join(problems))
 
     def names(self) -> list[str]:
         return sorted(self._backends)

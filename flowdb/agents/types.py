@@ -28,6 +28,10 @@ class AgentReply:
 class AgentBackend(Protocol):
     """One way of reaching agents (Python callable, HTTP, MCP...)."""
 
+    def check(self) -> None:
+        """Raise AgentConfigError if the agent cannot be reached as configured (a worker checks every
+        agent when it starts, so a broken agents file stops it instead of failing steps)."""
+
     async def call(self, request: AgentRequest) -> AgentReply: ...
 
 

@@ -32,11 +32,13 @@ from sqlalchemy import (
     Connection,
     Select,
     Update,
+    and_,
     bindparam,
     case,
     false,
     literal,
     literal_column,
+    or_,
     select,
     true,
     update,
@@ -48,12 +50,14 @@ from flowdb.db.driver import DriverStatement, from_json
 from flowdb.db.events import EventWriter, event_row
 from flowdb.db.tables import CLAIMABLE, step_instances
 from flowdb.db.timings import CLEARED, timing
+from flowdb.db.workers import Capabilities
 from flowdb.engine.status import StepStatus, word
 
 S = step_instances
 RUNNING: ColumnClause[str] = word(StepStatus.RUNNING)
 READY: ColumnClause[str] = word(StepStatus.READY)
 FREE_RELEASES = 3  # releases at shutdown not charged, per step
+STOPPED = (StepStatus.CANCELLED.value, StepStatus.SKIPPED.value)  # a step stopped while a worker ran it
 # The condition of the suspects' partial index, written as in the index (SQLAlchemy would write a
 # Boolean column as `suspect = 1` on SQLite, which SQLite does not match with the index's `suspect`).
 SUSPECT: ColumnElement[bool] = literal_column("step_instances.suspect")
@@ -99,12 +103,25 @@ class Claimed:
                 f"not charged); {allowed}")
 
 
+def servable(serves: Capabilities) -> ColumnElement[bool]:
+    """The steps a worker can run: of its step types, and of agent tasks only its agents' (the names
+    are written into the statement, compiled once per worker)."""
+    types = S.c.type.in_([literal(name) for name in sorted(serves.step_types)])
+    if not serves.agents:
+        return types & S.c.agent.is_(None)
+    return types & or_(S.c.agent.is_(None), S.c.agent.in_([literal(name) for name in sorted(serves.agents)]))
+
+
 class ClaimStatements:
-    def __init__(self, dialect_name: str, *, one_instance: bool = False) -> None:
+    def __init__(self, dialect_name: str, *, one_instance: bool = False, serves: Capabilities | None = None) -> None:
+        """`serves`: claim only the steps of these agents and step types (None: every step)."""
         clock = Clock(dialect_name)
         self.clock = clock
         self.postgres = dialect_name == "postgresql"
         self.one_instance = one_instance
+        # Steps this worker cannot serve stay ready for a worker that can (db/workers.py); an
+        # expired lease is swept whoever's step it is.
+        can_serve: tuple[ColumnElement[bool], ...] = (servable(serves),) if serves is not None else ()
         lease: BindParameter[float] = bindparam("lease_seconds")
         held = {"status": RUNNING, "lease_owner": bindparam("owner"), "lease_token": bindparam("token"),
                 "lease_expires_at": clock.plus(lease), "claimable_at": clock.plus(lease), "heartbeat_at": clock.now}
@@ -121,7 +138,7 @@ class ClaimStatements:
         queued = timing("queued", clock.milliseconds_between(S.c.ready_at))
         self.claim: Update = (
             update(S)
-            .where(S.c.id.in_(self._due(expired | ~S.c.suspect).scalar_subquery()))
+            .where(S.c.id.in_(self._due(expired | and_(~S.c.suspect, *can_serve)).scalar_subquery()))
             .values(
                 status=case((expired, READY), else_=RUNNING),
                 lease_owner=case((expired, None), else_=bindparam("owner")),
@@ -149,7 +166,7 @@ class ClaimStatements:
         # A suspect, taken over by one worker (found through the small index of suspects).
         self.take_over: Update = (
             update(S)
-            .where(S.c.id.in_(self._due(SUSPECT, S.c.status == READY, n=1, index=False).scalar_subquery()))
+            .where(S.c.id.in_(self._due(SUSPECT, S.c.status == READY, *can_serve, n=1, index=False).scalar_subquery()))
             .values(**held, started_at=clock.now, **queued, attempt=S.c.attempt + literal(1), isolated=false())
             .returning(*returning)
         )
@@ -252,20 +269,25 @@ class ClaimStatements:
                                                                                   "reason": reason}, item.id)])
         return True
 
-    def heartbeat_steps(self, conn: Connection, held: list[Claimed], lease_seconds: float) -> set[int]:
-        """Extend the leases still held; return the ids whose lease this worker lost, each recorded as a
-        dropped late result (the worker abandons its run)."""
+    def heartbeat_steps(self, conn: Connection, held: list[Claimed], lease_seconds: float) -> dict[int, bool]:
+        """Extend the leases still held. Return the steps whose lease this worker lost, each with whether
+        it was cancelled (or skipped) while it ran, and record each as a dropped late result (the worker
+        abandons its run)."""
         lost = set()
         for item in held:
             result = conn.execute(self.heartbeat, {"sid": item.id, "token": item.lease_token,
                                                    "lease_seconds": lease_seconds})
             if result.rowcount == 0:
                 lost.add(item.id)
+        if not lost:
+            return {}
+        stopped = set(conn.scalars(select(S.c.id).where(S.c.id.in_(sorted(lost)), S.c.status.in_(STOPPED))))
         self.events.write(conn, [event_row(item.instance_id, "step.late_result_dropped", {
             "attempt": item.attempt, "outcome": "abandoned",
-            "reason": "a heartbeat found the lease lost; the run was cancelled"}, item.id)
+            "reason": "the step was cancelled while it ran" if item.id in stopped
+            else "a heartbeat found the lease lost; the run was cancelled"}, item.id)
             for item in held if item.id in lost])
-        return lost
+        return {sid: sid in stopped for sid in lost}
 
     def release_steps(self, conn: Connection, held: list[Claimed], free_releases: int = FREE_RELEASES) -> int:
         """Give steps back (worker shutting down): ready again, the attempt not counted for a step's

@@ -27,7 +27,7 @@ from sqlalchemy import (
     update,
 )
 
-from flowdb.db.claims import LEASE_DROPPED
+from flowdb.db.claims import LEASE_DROPPED, STOPPED
 from flowdb.db.clock import Clock
 from flowdb.db.driver import DriverStatement, as_json
 from flowdb.db.events import EventRow, EventWriter, event_row
@@ -38,7 +38,7 @@ from flowdb.engine.for_each import ForEachStatements
 from flowdb.engine.settle import Settled, Settler
 from flowdb.engine.status import InstanceStatus, StepStatus, word
 from flowdb.engine.stop import Stopper
-from flowdb.expressions import StepView, Template
+from flowdb.expressions import ErrorView, StepView, Template
 from flowdb.models import Action
 from flowdb.outcomes import Outcome
 from flowdb.steptypes.registry import STEP_TYPES
@@ -66,6 +66,9 @@ class Progress:
     """What a batch of outcomes changed, for the caller to log and to wake other workers."""
 
     late: list[Outcome] = field(default_factory=list)
+    # Of the late ones, the steps that were cancelled (or skipped) while they ran: their results are
+    # dropped as expected, not because a lease was lost.
+    cancelled: set[int] = field(default_factory=set)
     made_ready: int = 0
     finished_instances: list[tuple[int, str]] = field(default_factory=list)
     actions: list[DueActions] = field(default_factory=list)  # output actions due once committed
@@ -134,6 +137,7 @@ class _Batch:
     events: list[EventRow] = field(default_factory=list)
     closed: dict[int, int] = field(default_factory=dict)
     cost: dict[int, float] = field(default_factory=dict)
+    failures: dict[int, dict[str, Any]] = field(default_factory=dict)  # why instances failed: `error` in on_failure
 
     def event(self, instance_id: int, kind: str, payload: dict[str, Any] | None = None,
               step_instance_id: int | None = None) -> None:
@@ -171,16 +175,20 @@ class ProgressWriter:
         if self.q.lock_instances is not None:
             conn.execute(self.q.lock_instances, {"ids": sorted(batch.definitions)}).all()
         # The lease check for the whole batch: a step is ours if it still runs under our token.
-        tokens = {row.id: row.lease_token for row in conn.execute(self.q.held, {"ids": [o.step.id for o in outcomes]})
-                  if row.status == "running"}
+        rows = conn.execute(self.q.held, {"ids": [o.step.id for o in outcomes]}).all()
+        tokens = {row.id: row.lease_token for row in rows if row.status == "running"}
+        stopped = {row.id for row in rows if row.status in STOPPED}
         live = []
         for o in outcomes:
             for kind, payload in o.events:  # facts (a notice sent...) whether or not the lease still holds
                 batch.event(o.step.instance_id, kind, payload, o.step.id)
             if tokens.get(o.step.id) != o.step.lease_token:
                 batch.progress.late.append(o)
+                reason = "the step was cancelled while it ran" if o.step.id in stopped else "its lease was lost"
+                if o.step.id in stopped:
+                    batch.progress.cancelled.add(o.step.id)
                 batch.event(o.step.instance_id, "step.late_result_dropped",
-                            {"attempt": o.step.attempt, "outcome": o.kind}, o.step.id)
+                            {"attempt": o.step.attempt, "outcome": o.kind, "reason": reason}, o.step.id)
             elif o.side is None or not self._record_side(conn, o, batch):
                 live.append(o)
         settling = [o for o in live if o.kind in ("completed", "skipped")]
@@ -213,7 +221,11 @@ class ProgressWriter:
         for o in finals:
             what = f"step {o.step.step_id!r}" if o.step.item is None else \
                 f"item {o.step.item} of step {o.step.step_id!r}"
-            self._fail_instance(conn, o.step.instance_id, f"{what} failed: {o.error}", batch)
+            text = f"{what} failed: {o.error}"
+            batch.failures.setdefault(o.step.instance_id, {
+                "type": o.error_type or "StepFailed", "message": o.error or "", "step": o.step.step_id,
+                "item": o.step.item, "round": o.step.round, "text": text})
+            self._fail_instance(conn, o.step.instance_id, text, batch)
         self.q.events.write(conn, batch.events)
         return batch.progress
 
@@ -342,12 +354,14 @@ class ProgressWriter:
                        reason=f"ended by step {step_id!r}")
 
     def _fail_instance(self, conn: Connection, instance_id: int, error: str, batch: _Batch) -> None:
-        self._finished(conn, instance_id, InstanceStatus.FAILED, batch, error=error)
+        self._finished(conn, instance_id, InstanceStatus.FAILED, batch, error=error,
+                       cause=batch.failures.get(instance_id))
 
     def _finished(self, conn: Connection, instance_id: int, status: InstanceStatus, batch: _Batch, *,
-                  outputs: Any = None, error: str | None = None, reason: str | None = None) -> None:
+                  outputs: Any = None, error: str | None = None, reason: str | None = None,
+                  cause: dict[str, Any] | None = None) -> None:
         if self.q.stopper.finish_instance(conn, instance_id, status, batch.event, outputs=outputs, error=error,
-                                          reason=reason):
+                                          reason=reason, cause=cause):
             self._after_finish(conn, instance_id, status, batch)
 
     def _after_finish(self, conn: Connection, instance_id: int, status: InstanceStatus, batch: _Batch) -> None:
@@ -363,6 +377,9 @@ class ProgressWriter:
         (never inside a transaction) and carries them out (flowdb/actions.py)."""
         if actions:
             context = template_context(conn, instance_id, definition)
+            failure = batch.failures.get(instance_id)
+            if failure is not None:  # on_failure's `error`: type, message and step; alone, the instance's error
+                context["error"] = ErrorView(failure)
             batch.progress.actions.append(DueActions(instance_id, definition, actions, context))
 
 

@@ -246,3 +246,31 @@ api_tokens = Table(
     Column("created_at", Timestamp, nullable=False),
     Column("revoked_at", Timestamp),
 )
+
+# The workers running now, and what each can serve (db/workers.py): a worker registers when it starts
+# and keeps `expires_at` ahead of the clock with its heartbeat, so a row whose time has passed is a
+# worker that died. The claim does not read these tables (each worker filters by what it serves);
+# they tell which ready steps no running worker can serve (v_unservable_steps) and which agents a
+# deploy names that nobody serves.
+workers = Table(
+    "workers",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("instance_id", Id),  # a `flowdb run` works this one instance only
+    Column("started_at", Timestamp, nullable=False),
+    Column("expires_at", Timestamp, nullable=False),
+    Column("stopped_at", Timestamp),
+)
+
+# One row per agent (kind 'agent') and step type (kind 'step_type') a worker can serve.
+worker_serves = Table(
+    "worker_serves",
+    metadata,
+    Column("worker", String(200), ForeignKey("workers.name", ondelete="CASCADE"), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("name", String(100), primary_key=True),
+    CheckConstraint("kind IN ('agent', 'step_type')", name="ck_worker_serves_kind"),
+    Index("ix_worker_serves_kind_name", "kind", "name"),
+)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from flowdb.agents.types import AgentRequest
-from flowdb.errors import StepFailure
+from flowdb.errors import AgentConfigError, StepFailure
 from flowdb.models import AgentTask
 from flowdb.outcomes import Outcome
 from flowdb.steptypes.base import StepContext, StepType
@@ -36,13 +36,17 @@ class AgentTaskType(StepType):
             else:
                 reply = await backend.call(request)
         except StepFailure as exc:
-            return ctx.outcome("failed", error=str(exc), retryable=exc.retryable, input=given)
+            return ctx.outcome("failed", error=str(exc), error_type=type(exc).__name__, retryable=exc.retryable,
+                               input=given)
+        except AgentConfigError as exc:  # the agents file is wrong: another attempt would fail the same way
+            return ctx.outcome("failed", error=f"{exc} (fix the agents file and retry the step)",
+                               error_type="AgentConfigError", retryable=False, input=given)
         except TimeoutError:
             return ctx.outcome("failed", error=f"agent {model.agent!r} did not answer within {model.timeout:g}s",
-                               input=given)
+                               error_type="StepTimeout", input=given)
         except Exception as exc:  # an agent's own bug or a network error: retried per the policy
             return ctx.outcome("failed", error=f"agent {model.agent!r} raised {type(exc).__name__}: {exc}",
-                               input=given)
+                               error_type=type(exc).__name__, input=given)
         return ctx.outcome("completed", output=reply.output, cost_usd=float(reply.cost_usd),
                            tokens_in=int(reply.tokens_in), tokens_out=int(reply.tokens_out), input=given)
 
