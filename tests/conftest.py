@@ -24,8 +24,10 @@ from flowdb.db import migrate
 from flowdb.db.engine import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
+# The servers the tests use (README, "Tests"): a PostgreSQL database the tests may create databases
+# from (each test gets its own, copied from a migrated template) and a Redis database number of its own.
 PG_ADMIN_URL = os.environ.get("FLOWDB_TEST_PG", "postgresql+psycopg://127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("FLOWDB_TEST_REDIS", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get("FLOWDB_TEST_REDIS", "redis://127.0.0.1:6379/15")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 pytest_plugins = ["servers", "apiserver", "pgserver"]  # SMTP and webhook servers; the HTTP API; a private PostgreSQL
 _TEMPLATE = f"flowdb_tpl_{os.getpid()}"

@@ -73,6 +73,7 @@ def test_definitions(api_server: ApiServer) -> None:
         assert_problem(http.get("/v1/definitions/reviewed-report/versions/9"), 404, "has no version 9")
 
 
+@pytest.mark.slow
 def test_instances_start_list_show_events_cancel(api_server: ApiServer) -> None:
     with client(api_server) as http:
         deploy_reviewed(http)
@@ -299,6 +300,7 @@ ROUTES: list[tuple[str, str, str, dict[str, Any]]] = [
 ROLES = ["approver", "operator", "admin"]
 
 
+@pytest.mark.slow
 def test_authorization_matrix(api_server: ApiServer) -> None:
     """Every route × {no token, bad token, revoked, approver, operator, admin}."""
     with client(api_server) as admin:
@@ -354,6 +356,7 @@ def test_a_listed_approver_cannot_decide_someone_elses_approval(api_server: ApiS
         assert lead.get(f"/v1/approvals/{theirs['id']}").json()["status"] == "pending"
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_decisions_over_http(db: Database) -> None:
     approvers = [f"a{i}@x.com" for i in range(50)]
     definition = REVIEWED.replace(f"approvers: [{MANAGER}]", f"approvers: [{', '.join(approvers)}]")

@@ -142,6 +142,7 @@ def fuzz(target: Target, operation: Operation) -> None:
     check()
 
 
+@pytest.mark.slow
 def test_generated_requests_get_documented_answers(target: Target, subtests: pytest.Subtests) -> None:
     document = httpx.get(f"{target.api.url}/openapi.json").json()
     documented = {f"{method.upper()} {path}" for path, item in document["paths"].items() for method in item}

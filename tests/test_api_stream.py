@@ -165,6 +165,7 @@ def wait_for(check: Any, timeout: float, what: str) -> None:
 # -- the stream, without Redis (polling) ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stream_sends_every_event_in_id_order_and_resumes_exactly(db: Database) -> None:
     with api_for(db, api_stream_poll_seconds=0.05) as api:
         before = start(db.engine, TWO_STEPS)  # history: not part of a stream opened afterwards
@@ -260,6 +261,7 @@ def _insert_event(conn: Connection, instance_id: int, kind: str) -> int:
                             .returning(events.c.id)).scalar_one())
 
 
+@pytest.mark.slow
 def test_stream_never_passes_an_uncommitted_id(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     if db.kind == "sqlite":
         # SQLite has one writer at a time (BEGIN IMMEDIATE) and takes ids under the write lock, so
@@ -295,6 +297,7 @@ def test_stream_never_passes_an_uncommitted_id(db: Database, monkeypatch: pytest
             slow.close()
 
 
+@pytest.mark.slow
 def test_stream_passes_a_gap_after_gap_seconds(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """The backstop: a transaction holding an id for longer than GAP_SECONDS no longer holds the stream."""
     if db.kind == "sqlite":

@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import func, select
 
 from flowdb.db.tables import approvals, events, process_instances, step_instances
@@ -57,6 +58,7 @@ def _until_every_approval_waits(server: ApiServer) -> None:
     drive(server.engine, parked, EXAMPLES / "agents.yaml")
 
 
+@pytest.mark.slow
 def test_unknown_body_fields_are_named_and_nothing_is_written(api_server: ApiServer) -> None:
     with client(api_server) as http:
         _deploy(http)
@@ -122,6 +124,7 @@ def test_the_openapi_document_allows_no_unknown_body_fields(api_server: ApiServe
     assert decision["enum"] == ["approve", "approved", "reject", "rejected"]
 
 
+@pytest.mark.slow
 def test_errors_tell_each_front_end_what_to_do_in_its_own_terms(db: Database, api_server: ApiServer) -> None:
     env = db.cli_env()
     with client(api_server) as http:
@@ -150,6 +153,7 @@ def test_errors_tell_each_front_end_what_to_do_in_its_own_terms(db: Database, ap
     assert _counts(db.engine)[0] == 0
 
 
+@pytest.mark.slow
 def test_decisions_take_the_same_words_on_the_command_line_and_the_api(db: Database, api_server: ApiServer) -> None:
     env = db.cli_env()
     words = ["approve", "approved", "Reject", " rejected "]
@@ -185,6 +189,7 @@ def test_decisions_take_the_same_words_on_the_command_line_and_the_api(db: Datab
         assert _counts(db.engine) == before
 
 
+@pytest.mark.slow
 def test_number_inputs_keep_their_json_type_on_both_front_ends(db: Database, api_server: ApiServer) -> None:
     env = db.cli_env()
     with client(api_server) as http:

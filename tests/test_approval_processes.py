@@ -147,6 +147,7 @@ def _race(db: Database, approval_id: int, folder: Path) -> list[dict[str, Any]]:
                 proc.wait(10)
 
 
+@pytest.mark.slow
 def test_fifty_approvers_deciding_at_once_from_five_processes(db: Database, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     call_log = tmp_path / "calls.log"
@@ -202,6 +203,7 @@ def test_fifty_approvers_deciding_at_once_from_five_processes(db: Database, tmp_
 
 # -- workers that stop while approvals are pending -------------------------------------------------
 
+@pytest.mark.slow
 def test_worker_killed_while_approvals_wait_and_a_new_one_takes_the_decisions(db: Database, tmp_path: Path) -> None:
     call_log = tmp_path / "calls.log"
     expected = {"approve": ("approved", "completed"), "reject": ("rejected", "skipped")}
@@ -300,6 +302,7 @@ def hanging_webhook() -> Iterator[HangingWebhook]:
     hook.close()
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_notify_turn_releases_the_step_and_a_decision_still_lands(
         db: Database, tmp_path: Path, hanging_webhook: HangingWebhook) -> None:
     """SIGTERM while the worker holds the approval step (its notices stuck on a slow webhook): the step
@@ -353,6 +356,7 @@ def test_sigterm_during_the_notify_turn_releases_the_step_and_a_decision_still_l
         ("end", "publish", second)]
 
 
+@pytest.mark.slow
 def test_timeouts_fire_exactly_once_with_several_workers(db: Database, tmp_path: Path) -> None:
     """Approval deadlines are rows claimed like ready steps: with three workers polling, each
     expired approval is closed once and its downstream step runs once."""

@@ -130,6 +130,7 @@ def test_rejection_skips_publish_and_the_instance_completes(db: Database) -> Non
     ("reject", "rejected", "skipped", "completed"),
     ("fail", None, "cancelled", "failed"),
 ])
+@pytest.mark.slow
 def test_timeout_actions_decide_for_nobody(db: Database, on_timeout: str, approval_decision: str | None,
                                            publish: str, final: str) -> None:
     [iid] = start(db.engine, reviewed(timeout="1s", on_timeout=on_timeout))
@@ -150,6 +151,7 @@ def test_timeout_actions_decide_for_nobody(db: Database, on_timeout: str, approv
         decide(db.engine, row.id, "approve", MANAGER)
 
 
+@pytest.mark.slow
 def test_timeout_notify_reminds_each_timeout_and_keeps_waiting(db: Database) -> None:
     [iid] = start(db.engine, reviewed(timeout="1s", on_timeout="notify"))
     drive(db.engine, lambda: bool(approval_rows(db.engine)) and approval_rows(db.engine)[0].reminders >= 2,

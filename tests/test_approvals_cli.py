@@ -6,12 +6,15 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import EXAMPLES, Database, flowdb_cli
 from processes import FLOWDB, wait_until
 
 MANAGER = "manager@company.com"
 
 
+@pytest.mark.slow
 def test_readme_approval_flow(db: Database, tmp_path: Path) -> None:
     env = {**db.cli_env(), "FLOWDB_POLL_SECONDS": "0.05"}
     assert flowdb_cli("deploy", str(EXAMPLES / "reviewed-report.yaml"), env=env).returncode == 0
@@ -70,6 +73,7 @@ def test_readme_approval_flow(db: Database, tmp_path: Path) -> None:
         worker.wait(30)
 
 
+@pytest.mark.slow
 def test_cancel_command(db: Database) -> None:
     env = db.cli_env()
     flowdb_cli("deploy", str(EXAMPLES / "reviewed-report.yaml"), env=env)
@@ -87,6 +91,7 @@ def test_cancel_command(db: Database) -> None:
     assert missing.returncode == 1 and "instance 999 does not exist" in missing.stderr
 
 
+@pytest.mark.slow
 def test_tokens_and_retry_commands(db: Database, tmp_path: Path) -> None:
     env = db.cli_env()
     created = flowdb_cli("tokens", "create", "--identity", "Ops@Company.com", "--role", "operator", env=env)

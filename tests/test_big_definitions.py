@@ -83,6 +83,7 @@ def test_a_chain_of_1000_steps_validates(files: dict[str, Path]) -> None:
     assert result.stdout == f"{files['chain-1000']}: ok (chain-1000, 1000 steps)\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["chain-10000", "fan-10000"])
 def test_10000_steps_validate(files: dict[str, Path], shape: str) -> None:
     assert MAX_STEPS == 10_000
@@ -92,6 +93,7 @@ def test_10000_steps_validate(files: dict[str, Path], shape: str) -> None:
     assert result.stdout == f"{files[shape]}: ok ({shape}, 10000 steps)\n"
 
 
+@pytest.mark.slow
 def test_a_cycle_of_10000_steps_is_reported_where_it_closes(files: dict[str, Path]) -> None:
     path = files["cycle-10000"]
     lines = refused(path, validate(path))
@@ -115,6 +117,7 @@ def test_a_template_reading_a_later_step_is_refused_in_a_long_chain() -> None:
                                  "add 's2500' to its depends_on"]
 
 
+@pytest.mark.slow
 def test_unknown_dependencies_among_many_steps_list_a_few_names_and_stay_quick() -> None:
     # Every one of 2,000 steps depends on a misspelt step: each is reported, listing 20 known steps,
     # and "did you mean" stops when its budget is spent (instead of minutes of comparisons).
@@ -237,6 +240,7 @@ def test_nesting_100000_levels_deep_is_one_clear_error(tmp_path: Path) -> None:
         f"{path}:1:{10 + MAX_DEPTH - 1}: the YAML is nested more than {MAX_DEPTH} levels deep; flatten it"]
 
 
+@pytest.mark.slow
 def test_a_file_past_the_byte_limit_is_refused_with_its_own_message(tmp_path: Path) -> None:
     body = chain(3, name="padded")
     at_limit = tmp_path / "at-limit.yaml"
@@ -252,6 +256,7 @@ def test_a_file_past_the_byte_limit_is_refused_with_its_own_message(tmp_path: Pa
         "or split the process into smaller ones"]
 
 
+@pytest.mark.slow
 def test_more_than_max_steps_is_refused_with_its_own_message(tmp_path: Path) -> None:
     lines = ["process:", "  name: too-many", "  steps:"]
     lines += [f'    - {{id: s{i}, type: agent_task, agent: w, message: "x"}}' for i in range(MAX_STEPS + 1)]
@@ -262,6 +267,7 @@ def test_more_than_max_steps_is_refused_with_its_own_message(tmp_path: Path) -> 
         "smaller processes"]
 
 
+@pytest.mark.slow
 def test_numbers_that_crashed_validation_are_read_or_refused(tmp_path: Path) -> None:
     def process(version: str) -> str:
         return f"process:\n  name: numbers\n  version: {version}\n  steps:\n" \
@@ -305,6 +311,7 @@ def test_an_unexpected_error_is_one_line_per_file(tmp_path: Path) -> None:
 
 # --- the API -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_api_takes_big_definitions_and_refuses_a_long_cycle(api_server: ApiServer) -> None:
     with httpx.Client(base_url=api_server.url, headers=api_server.auth("admin"), timeout=CLI_SECONDS) as http:
         created = http.post("/v1/definitions", content=chain(1000), headers=YAML)  # was a 500 (RecursionError)
@@ -320,6 +327,7 @@ def test_the_api_takes_big_definitions_and_refuses_a_long_cycle(api_server: ApiS
         assert len(http.get("/v1/definitions").json()["items"]) == 1
 
 
+@pytest.mark.slow
 def test_healthz_answers_while_a_10000_step_definition_is_posted(api_server: ApiServer) -> None:
     # Parsing and compiling 10,000 steps takes seconds: in a worker thread, so the event loop keeps
     # answering. Before, /healthz waited for the whole parse.

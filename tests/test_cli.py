@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from flowdb.db.tables import process_definitions, process_instances, step_instances
@@ -30,6 +31,7 @@ def _count(db: Database, table) -> int:  # type: ignore[no-untyped-def]
         return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
 
 
+@pytest.mark.slow
 def test_deploy_is_versioned_and_identical_content_is_a_no_op(db: Database, tmp_path: Path) -> None:
     file = tmp_path / "typed.yaml"
     file.write_text(TYPED)
@@ -50,6 +52,7 @@ def test_deploy_is_versioned_and_identical_content_is_a_no_op(db: Database, tmp_
     assert _count(db, process_definitions) == 2
 
 
+@pytest.mark.slow
 def test_start_validates_inputs_and_honours_idempotency_keys(db: Database, tmp_path: Path) -> None:
     file = tmp_path / "typed.yaml"
     file.write_text(TYPED)
@@ -78,6 +81,7 @@ def test_start_validates_inputs_and_honours_idempotency_keys(db: Database, tmp_p
     assert inputs == {"company": "Acme", "limit": 5, "strict": True}
 
 
+@pytest.mark.slow
 def test_bulk_start_from_jsonl_and_status(db: Database, tmp_path: Path) -> None:
     env = db.cli_env()
     assert flowdb_cli("deploy", str(EXAMPLES / "simple-report.yaml"), env=env).returncode == 0
@@ -110,6 +114,7 @@ def test_start_of_an_unknown_process_says_what_is_deployed(db: Database) -> None
     assert result.returncode == 1 and "process nope is not deployed" in result.stderr
 
 
+@pytest.mark.slow
 def test_validate_with_agents_file_reports_unknown_agents(tmp_path: Path) -> None:
     file = tmp_path / "p.yaml"
     file.write_text("process:\n  name: p\n  steps:\n    - id: a\n      type: agent_task\n"

@@ -63,6 +63,7 @@ def test_long_running_commands_stop_at_once_on_a_wrong_url(case: str, command: l
     _check_one_line(result.stderr, cause, advice, url)
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     url, _, _ = BROKEN["wrong-port"]
     result = flowdb_cli("--debug", "status", "1", env=_env(url))
@@ -71,6 +72,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert "Traceback" in flowdb_cli("status", "1", env=env).stderr
 
 
+@pytest.mark.slow
 def test_a_sqlite_file_that_does_not_exist_is_refused_not_created(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/flowdb.sqlite3"
     missing = tmp_path / "flowdb.sqlite3"
@@ -84,6 +86,7 @@ def test_a_sqlite_file_that_does_not_exist_is_refused_not_created(tmp_path: Path
         assert not missing.exists(), command  # nothing was created
 
 
+@pytest.mark.slow
 def test_db_upgrade_run_and_create_make_the_sqlite_file(tmp_path: Path) -> None:
     for command in (["db", "upgrade"], ["deploy", "--create", EXAMPLE],
                     ["tokens", "create", "--create", "--identity", "a@b.c", "--role", "admin"],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import EXAMPLES, Database, flowdb_cli
 from helpers import start
 
@@ -16,6 +18,7 @@ process:
 """
 
 
+@pytest.mark.slow
 def test_instances_list_filters_and_definitions(db: Database) -> None:
     env = db.cli_env()
     ids = start(db.engine, SIMPLE, count=3)

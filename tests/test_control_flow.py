@@ -234,6 +234,7 @@ process:
 """
 
 
+@pytest.mark.slow
 def test_a_loop_back_cancels_what_its_round_left_open(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """A join: any in a loop body lets the loop go back while a parent of the round still runs: that
     round's open steps are cancelled, and never count into the next round (found by the fleet test)."""
@@ -298,6 +299,7 @@ process:
 """
 
 
+@pytest.mark.slow
 def test_join_any_does_not_wait_for_the_slow_parent(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOWDB_TEST_SLEEP", "1.5")
     [iid] = start(db.engine, JOINS % {"parents": "[fast, slow]", "join": "any", "cancel": "false"})
@@ -309,6 +311,7 @@ def test_join_any_does_not_wait_for_the_slow_parent(db: Database, monkeypatch: p
     assert len(runs(db.engine, iid, "after")) == 1
 
 
+@pytest.mark.slow
 def test_join_at_least_two_of_three(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOWDB_TEST_SLEEP", "1.5")
     [iid] = start(db.engine, JOINS % {"parents": "[fast, also-fast, slow]", "join": "{at_least: 2}",
@@ -319,6 +322,7 @@ def test_join_at_least_two_of_three(db: Database, monkeypatch: pytest.MonkeyPatc
     assert rows["after"].finished_at < rows["slow"].finished_at
 
 
+@pytest.mark.slow
 def test_a_race_cancels_the_loser(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOWDB_TEST_SLEEP", "6")
     [iid] = start(db.engine, JOINS % {"parents": "[fast, slow]", "join": "any", "cancel": "true"})
@@ -331,6 +335,7 @@ def test_a_race_cancels_the_loser(db: Database, monkeypatch: pytest.MonkeyPatch)
     assert any("cancel_others" in e.get("reason", "") for e in event_list(db, iid, "step.cancelled"))
 
 
+@pytest.mark.slow
 def test_a_cancelling_partial_join(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """at_least: 2 of 3 with cancel_others: the third parent is cancelled once two completed (WCP 32)."""
     monkeypatch.setenv("FLOWDB_TEST_SLEEP", "6")
@@ -370,6 +375,7 @@ def test_a_deferred_choice_between_a_decision_and_a_timer(db: Database) -> None:
     assert [r.status for r in approval_rows(db.engine)] == ["cancelled"]
 
 
+@pytest.mark.slow
 def test_retrying_a_failure_gives_back_only_what_the_failure_cancelled(db: Database,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A race's loser stays cancelled when a later failure is retried (it was cancelled for its own sake)."""
@@ -446,6 +452,7 @@ process:
 """
 
 
+@pytest.mark.slow
 def test_cancel_a_running_step_and_its_successors_go_on(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOWDB_TEST_SLEEP", "8")  # long enough for the CLI to start on a loaded machine
     [iid] = start(db.engine, CANCEL)
@@ -559,6 +566,7 @@ process:
 """
 
 
+@pytest.mark.slow
 def test_max_parallel_is_never_exceeded_and_items_start_in_order(db: Database,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOWDB_TEST_SLEEP", "0.3")
@@ -630,6 +638,7 @@ def test_an_item_that_fails_fails_the_step_and_the_instance(db: Database, monkey
     assert own.status == "failed" and items[1].status == "failed"
 
 
+@pytest.mark.slow
 def test_cancel_a_for_each_step_cancels_its_unfinished_items(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOWDB_TEST_SLEEP", "1")
     [iid] = start(db.engine, PARALLEL_ITEMS)

@@ -220,6 +220,7 @@ def check(db: Database, flow_cases: list[Case]) -> None:
         assert rows[iid] == len(flow.steps), text
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(flow_cases=cases)
@@ -227,6 +228,7 @@ def test_random_acyclic_flows_match_the_reference(db: Database, flow_cases: list
     check(db, flow_cases)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(flow=flows())
 def test_generated_definitions_are_valid(flow: Flow) -> None:

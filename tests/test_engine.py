@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import EXAMPLES, Database
 from helpers import event_types, instance, start, steps, work
 
@@ -171,6 +173,7 @@ process:
     assert "step.waiting" in types and "step.woken" in types
 
 
+@pytest.mark.slow
 def test_heartbeats_keep_the_lease_of_a_step_that_outlives_it(db: Database, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("FLOWDB_TEST_SLEEP", "1.5")
     [iid] = start(db.engine, """
@@ -206,6 +209,7 @@ process:
     assert rows["c"].status == "completed" and rows["c"].input["message"] == '{"topic": "agents"}'
 
 
+@pytest.mark.slow
 def test_cancel_while_a_handler_runs_drops_its_late_result(db: Database, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The cancelled step's lease is cleared: the worker's result, arriving later, is dropped."""
     import asyncio

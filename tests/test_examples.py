@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from conftest import EXAMPLES, Database, flowdb_cli
 from helpers import instance, start, steps, work
 
@@ -36,6 +38,7 @@ def test_run_uses_agents_yaml_beside_the_file(db: Database, tmp_path) -> None:  
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_run_finishes_when_another_worker_does_the_work(db: Database) -> None:
     """`flowdb run` must notice its instance finished even when a worker elsewhere ran every step."""
     import subprocess

@@ -40,6 +40,7 @@ def _instances_with_key(engine: Any, key: str) -> list[Any]:
                                  .where(process_instances.c.idempotency_key == key)))
 
 
+@pytest.mark.slow
 def test_identical_concurrent_starts_all_get_the_one_instance(api_server: ApiServer) -> None:
     headers = api_server.auth("admin")
     deployed = httpx.post(f"{api_server.url}/v1/definitions", content=ORDER,

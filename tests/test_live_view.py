@@ -8,6 +8,7 @@ import re
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from flowdb.db.tables import events, step_instances
@@ -17,6 +18,7 @@ from conftest import Database, flowdb_cli
 AGENTS = Path(__file__).parent / "agents.yaml"
 
 
+@pytest.mark.slow
 def test_a_retried_attempt_shows_the_policys_delay(db: Database, tmp_path: Path) -> None:
     file = tmp_path / "retried.yaml"
     file.write_text("""process:

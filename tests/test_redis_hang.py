@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from flowdb.notify import CHANNEL, EVENTS_CHANNEL, RETRY_SECONDS
@@ -60,6 +61,7 @@ def timed_start(api: ApiServer, http: httpx.Client) -> float:
     return elapsed
 
 
+@pytest.mark.slow
 def test_a_hanging_redis_does_not_slow_starts_or_healthz(db: Database, private_redis: RedisServer) -> None:
     with api_for(db, redis_url=private_redis.url) as api, \
             httpx.Client(headers=api.auth("admin"), timeout=30) as http, listening(private_redis.url) as pubsub:

@@ -438,6 +438,7 @@ def _view_names_in(engine: Engine) -> set[str]:
     return set(inspect(engine).get_view_names())
 
 
+@pytest.mark.slow
 def test_db_upgrade_recreates_a_view_dropped_by_hand(db: Database) -> None:
     with db.engine.begin() as conn:
         conn.execute(text("DROP VIEW v_step_stats"))
@@ -493,6 +494,7 @@ def report(history: Database, *args: str) -> Any:
     return flowdb_cli("report", *args, env=history.cli_env())
 
 
+@pytest.mark.slow
 def test_report_json_csv_and_table(history: Database) -> None:
     result = report(history, "v_process_daily", "--format", "json")
     assert result.returncode == 0, result.stderr
@@ -528,6 +530,7 @@ def test_report_json_csv_and_table(history: Database) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_report_filters_by_process_and_day(history: Database) -> None:
     result = report(history, "v_instance_summary", "--process", "orders", "--since", "2026-11-24", "--format", "json")
     assert result.returncode == 0, result.stderr
@@ -545,6 +548,7 @@ def test_report_filters_by_process_and_day(history: Database) -> None:
     assert result.stdout.splitlines()[-1] == "(no rows in v_process_daily)"
 
 
+@pytest.mark.slow
 def test_report_refuses_what_it_cannot_do(history: Database) -> None:
     result = report(history, "v_nothing")
     assert result.returncode == 2

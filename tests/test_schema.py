@@ -72,6 +72,7 @@ def _fill(db: Database) -> None:
         conn.exec_driver_sql("ANALYZE")
 
 
+@pytest.mark.slow
 def test_claim_uses_the_claimable_index_even_after_analyze(db: Database) -> None:
     _fill(db)
     claim = ClaimStatements(db.engine.dialect.name).claim
@@ -83,6 +84,7 @@ def test_claim_uses_the_claimable_index_even_after_analyze(db: Database) -> None
         assert "Seq Scan on step_instances" not in plan, plan
 
 
+@pytest.mark.slow
 def test_take_over_finds_suspects_through_their_index_whatever_the_backlog(db: Database) -> None:
     """The look-up for steps to take over runs often: it must not scan the ready backlog."""
     _fill(db)
@@ -146,6 +148,7 @@ def test_0006_keeps_every_row_and_computes_their_timings(db: Database) -> None:
     _timings_after_upgrade(db)
 
 
+@pytest.mark.slow
 def test_alembic_run_by_hand_migrates_the_same_way(db: Database, tmp_path: Path) -> None:
     """`alembic upgrade head` with an alembic.ini of one's own: SQLite's table rebuild works (foreign
     keys are checked at the end), and the views come back."""

@@ -117,6 +117,7 @@ def until_ok(call: Any, expected: int) -> httpx.Response:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_serve_answers_503_while_postgresql_is_down_and_recovers(private_pg: PgServer, tmp_path: Path) -> None:
     _, token = create_token(private_pg.engine, "ops@company.com", "admin")
     auth = {"Authorization": f"Bearer {token}"}

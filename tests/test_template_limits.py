@@ -207,6 +207,7 @@ def _hostile_files(folder: Path) -> dict[str, str]:
     return texts
 
 
+@pytest.mark.slow
 def test_validate_evaluates_no_template_under_a_memory_limit(tmp_path: Path) -> None:
     texts = _hostile_files(tmp_path)
     files = [str(tmp_path / f"{name}.yaml") for name in texts]
@@ -222,6 +223,7 @@ def test_validate_evaluates_no_template_under_a_memory_limit(tmp_path: Path) -> 
     assert elapsed < 30  # compiled, not evaluated: the folded power alone takes minutes
 
 
+@pytest.mark.slow
 def test_api_accepts_the_definitions_without_evaluating_them(db: Database, tmp_path: Path) -> None:
     texts = _hostile_files(tmp_path)
     _, token = create_token(db.engine, "admin@example.com", "admin")
@@ -321,6 +323,7 @@ def test_values_that_repeat_their_parts_are_measured_before_use(source: str, pat
     assert re.fullmatch(f"template {re.escape(repr(source))} failed: {pattern}", str(error)), str(error)
 
 
+@pytest.mark.slow
 def test_a_large_value_from_the_instance_is_still_compared_and_sorted() -> None:
     items = [{"name": f"item {i}", "tags": ["a", "b"]} for i in range(60000)]  # ~1.7 MB as text, no sharing
     context = {"inputs": {"items": items, "same": [dict(i) for i in items]}}
@@ -404,6 +407,7 @@ def _cpu_seconds(thread: threading.Thread) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
+@pytest.mark.slow
 def test_a_runaway_render_times_out_while_the_event_loop_keeps_running() -> None:
     template = compile_template(NESTED_LOOPS)
     runner = BoundedRunner(name="runaway")
@@ -486,6 +490,7 @@ def test_the_default_timeout_is_the_limit_and_the_runner_runs_on_its_own_thread(
         runner.run_sync(lambda: 1)
 
 
+@pytest.mark.slow
 def test_a_call_stuck_in_c_code_is_abandoned_and_a_fresh_thread_serves_the_next() -> None:
     runner = BoundedRunner(grace_seconds=0.2, name="stuck")
     started = time.monotonic()
@@ -518,6 +523,7 @@ def test_cancelling_the_caller_interrupts_the_render() -> None:
     runner.close()
 
 
+@pytest.mark.slow
 def test_interrupts_never_land_in_the_wrong_call() -> None:
     """Calls past their deadline alternate with calls that return at once: every slow call times out and
     every quick one returns its own value (an interrupt meant for a slow call never lands in the next)."""
@@ -566,6 +572,7 @@ print(json.dumps([[type(r.error).__name__, str(r.error)] for r in results]))
 """
 
 
+@pytest.mark.slow
 def test_the_nastiest_templates_fail_at_a_limit_within_bounded_memory() -> None:
     sources = [
         "{{ 'a' * 10000000000 }}",

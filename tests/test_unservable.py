@@ -59,6 +59,7 @@ def unservable(engine: Engine) -> list[dict[str, Any]]:
     return [dict(row) for row in rows]
 
 
+@pytest.mark.slow
 def test_a_step_whose_agent_the_worker_lacks_waits_ready_and_shows(db: Database, tmp_path: Path,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     [iid] = start(db.engine, NOBODY)
@@ -178,6 +179,7 @@ def test_two_workers_with_different_agents_each_run_their_own(db: Database, tmp_
         assert "unknown agent" not in logs[name].read_text()
 
 
+@pytest.mark.slow
 def test_validate_and_deploy_warn_without_an_agents_file_and_refuse_with_strict(db: Database, tmp_path: Path) -> None:
     process = tmp_path / "p.yaml"
     process.write_text(TWO_AGENTS)
@@ -197,6 +199,7 @@ def test_validate_and_deploy_warn_without_an_agents_file_and_refuse_with_strict(
     assert run.returncode == 1 and "no agents file found" in run.stderr and "started instance" not in run.stdout
 
 
+@pytest.mark.slow
 def test_an_agent_module_that_cannot_be_imported_is_a_configuration_error(db: Database, tmp_path: Path) -> None:
     process = tmp_path / "p.yaml"
     process.write_text(TWO_AGENTS)
@@ -214,6 +217,7 @@ def test_an_agent_module_that_cannot_be_imported_is_a_configuration_error(db: Da
     assert "Traceback" not in worker.stderr
 
 
+@pytest.mark.slow
 def test_a_worker_without_an_agents_file_says_so_and_runs_the_other_steps(db: Database, tmp_path: Path) -> None:
     [iid] = start(db.engine, NOBODY)
     env = {**db.cli_env(), "FLOWDB_POLL_SECONDS": "0.05"}

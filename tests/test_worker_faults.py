@@ -306,6 +306,7 @@ process:
 """
 
 
+@pytest.mark.slow
 def test_a_result_the_database_refuses_fails_its_step_only(db: Database, tmp_path: Path) -> None:
     """PostgreSQL refuses a NUL character in JSON: the step whose result holds one fails with a clear
     error (SQLite stores it), the steps claimed beside it complete, and the worker goes on."""
@@ -421,6 +422,7 @@ process:
 """
 
 
+@pytest.mark.slow
 def test_an_event_the_database_refuses_is_dropped_and_the_worker_goes_on(db: Database, tmp_path: Path) -> None:
     """An output action whose message PostgreSQL cannot store (a NUL character): its event is dropped and
     logged; the worker goes on working (SQLite stores it)."""
