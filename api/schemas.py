@@ -173,7 +173,7 @@ class ApprovalList(Strict):
 
 class DecisionIn(Strict):
     # Read by flowdb.approvals.normalize_decision, as on the command line: the same words, the same refusal.
-    decision: str = Field(json_schema_extra={"enum": list(DECISION_WORDS)},
+    decision: str = Field(max_length=20, json_schema_extra={"enum": list(DECISION_WORDS)},
                           description="approve or reject; approved and rejected are taken too, in any case")
     comment: str | None = Field(default=None, max_length=10_000)
 

@@ -41,7 +41,6 @@ from flowdb.notifications import Notifier
 from flowdb.notify import Wakeups, publish_events_sync, publish_sync
 from flowdb.settings import load_settings
 from flowdb.status import print_status, status_json
-from flowdb.steptypes.registry import STEP_TYPES
 from flowdb.worker import Worker, WorkerOptions
 
 
@@ -86,8 +85,7 @@ def _check_files(files: tuple[str, ...], agents_file: str | None, *, strict: boo
     failed = False
     for file in files:
         try:
-            definition = load_definition_file(file)
-            STEP_TYPES.check_runnable(definition)
+            definition = load_definition_file(file)  # runnable: a type this flowdb cannot run is a problem
             findings = check_agents(definition, agents_file, strict=strict)
             for warning in findings.warnings:
                 click.echo(warning, err=True)
@@ -95,6 +93,9 @@ def _check_files(files: tuple[str, ...], agents_file: str | None, *, strict: boo
             loaded.append(definition)
         except DefinitionError as exc:
             click.echo(str(exc), err=True)
+            failed = True
+        except FlowdbError as exc:  # an agents file that cannot be read, ...
+            click.echo(f"{file}: error: {exc}", err=True)
             failed = True
         except Exception as exc:  # a bug in flowdb, not in the file: still one line, never a traceback
             reason = " ".join(str(exc).split())[:300] or "no details"
@@ -107,7 +108,7 @@ def _check_files(files: tuple[str, ...], agents_file: str | None, *, strict: boo
 
 
 strict_option = click.option("--strict", is_flag=True,
-                             help="A missing agents file is an error, not a warning.")
+                             help="No agents file, or an agent it does not define, is an error, not a warning.")
 
 
 @main.command()
@@ -217,8 +218,8 @@ def worker(db_url: str | None, create: bool, agents_file: str | None, concurrenc
     if agents.names():
         log.info("serving agents %s (from %s)", ", ".join(agents.names()), agents.source)
     else:
-        log.warning("no agents file (give --agents FILE or set FLOWDB_AGENTS): this worker runs no agent tasks; "
-                    "they wait for a worker whose agents file defines their agent")
+        log.warning("no agents (no agents file found, or it defines none; give --agents FILE or set FLOWDB_AGENTS): "
+                    "this worker runs no agent tasks; they wait for a worker whose agents file defines their agent")
     options = WorkerOptions(lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
                             redis_url=settings.redis_url, batch=batch or settings.claim_batch,
                             free_releases=settings.free_releases, suspect_wait_seconds=settings.suspect_wait_seconds,
@@ -272,7 +273,8 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
     view = LiveView(definition, instance_id)
     options = WorkerOptions(lease_seconds=settings.lease_seconds, poll_seconds=min(settings.poll_seconds, 0.2),
                             redis_url=settings.redis_url, instance_id=instance_id, free_releases=settings.free_releases,
-                            suspect_wait_seconds=settings.suspect_wait_seconds)
+                            suspect_wait_seconds=settings.suspect_wait_seconds,
+                            unservable_check_seconds=settings.unservable_check_seconds)
     set_limits(TemplateLimits.from_settings(settings))
     runner = Worker(engine, agents, options, listener=view.on_event, notifier=Notifier.from_settings(settings))
     began = time.monotonic()

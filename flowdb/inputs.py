@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from flowdb.errors import InputError
@@ -71,15 +72,19 @@ def _coerce(name: str, spec: InputSpec, value: Any, from_text: bool) -> Any:
     raise InputError(f"input {name!r} must be {_article(kind)} {kind}, got {shown!r}")
 
 
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
 def _number_text(text: str) -> int | float:
-    """`500` is the integer 500 (not 500.0), as the same number in JSON would be; `0.5` and `5e2` are floats."""
-    try:
-        return int(text)
-    except ValueError:
-        number = float(text)
-    if not math.isfinite(number):
+    """A number written as JSON writes it: `500` is the integer 500 (not 500.0), `0.5` and `5e2` are
+    floats; what JSON would refuse (`1_000`, `0500`, `+5`, `nan`) is refused."""
+    written = text.strip()
+    if not _JSON_NUMBER.fullmatch(written):
         raise ValueError(text)
-    return number
+    number = json.loads(written)
+    if isinstance(number, float) and not math.isfinite(number):  # 1e999
+        raise ValueError(text)
+    return int(number) if isinstance(number, int) else float(number)
 
 
 def _no_constant(name: str) -> Any:

@@ -67,7 +67,8 @@ class WorkerOptions:
     # the suspect back for another worker.
     suspect_wait_seconds: float = 60.0
     redis_url: str | None = None
-    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+    # host:pid:random, at most 200 characters (lease_owner and workers.name hold it)
+    name: str = field(default_factory=lambda: f"{socket.gethostname()[:180]}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
     instance_id: int | None = None  # work only this instance (flowdb run)
     # How often to look for ready steps whose agent no running worker has (the first look comes
     # sooner, once a fleet started together has registered).
@@ -200,8 +201,8 @@ class Worker:
                     except TimeoutError:
                         pass
             await self._shutdown()
-            self._unregister()
         finally:
+            self._unregister()
             self.renderer.close()
             if self._waker is not None:
                 await self._waker.close()
@@ -622,7 +623,7 @@ class Worker:
             return
         try:
             self._transaction(lambda conn: self.registry.stop(conn, self.options.name))
-        except (DatabaseUnavailable, DBAPIError) as exc:
+        except Exception as exc:  # best effort, in a finally: never hide why the worker stopped
             log.info("could not mark worker %s stopped (%s); its registration expires by itself",
                      self.options.name, first_line(exc))
 

@@ -17,7 +17,8 @@
 --   agent             the agent it needs (NULL for steps that are not agent tasks)
 --   needs             what it waits for, in words: 'agent NAME' or 'step type NAME'
 --   ready_at          when it became ready
---   running_workers   workers running now (0: the step waits for any worker at all)
+--   running_workers   workers running now, not counting `flowdb run`s (0: the step waits for any
+--                     worker at all)
 CREATE VIEW v_unservable_steps AS
 SELECT
     s.id AS step_instance_id,
@@ -32,10 +33,13 @@ SELECT
     CASE WHEN s.agent IS NULL THEN 'step type ' || s.type ELSE 'agent ' || s.agent END AS needs,
     s.ready_at,
     (SELECT COUNT(*) FROM workers r
-     WHERE r.stopped_at IS NULL AND julianday(r.expires_at) > julianday(CURRENT_TIMESTAMP)) AS running_workers
+     WHERE r.stopped_at IS NULL AND r.instance_id IS NULL
+       AND julianday(r.expires_at) > julianday(CURRENT_TIMESTAMP)) AS running_workers
 FROM step_instances s
 JOIN process_definitions d ON d.id = s.definition_id
-WHERE s.status = 'ready'
+-- The first condition is the claim index's own (so a database of finished steps is not scanned).
+WHERE s.status IN ('ready', 'running', 'waiting')
+  AND s.status = 'ready'
   AND NOT EXISTS (
       SELECT 1
       FROM workers w

@@ -17,6 +17,8 @@ from flowdb.db import migrate
 from flowdb.db.claims import ClaimStatements
 from flowdb.db.progress import ProgressStatements
 from flowdb.db.tables import metadata
+from flowdb.db.workers import Capabilities
+from flowdb.steptypes.registry import STEP_TYPES
 
 from conftest import ROOT, Database
 
@@ -36,6 +38,10 @@ def test_migrated_schema_matches_the_tables_module(db: Database) -> None:
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
+
+
+# What a worker with one agent serves: the claim as workers run it.
+SERVES = Capabilities(frozenset({"noop"}), frozenset(STEP_TYPES.names()))
 
 
 def _plan(db: Database, statement: Any, values: dict[str, Any]) -> str:
@@ -75,7 +81,7 @@ def _fill(db: Database) -> None:
 @pytest.mark.slow
 def test_claim_uses_the_claimable_index_even_after_analyze(db: Database) -> None:
     _fill(db)
-    claim = ClaimStatements(db.engine.dialect.name).claim
+    claim = ClaimStatements(db.engine.dialect.name, serves=SERVES).claim  # as a worker runs it
     plan = _plan(db, claim, {"n": 5, "owner": "w", "token": "t", "lease_seconds": 30})
     assert "ix_step_instances_claimable" in plan, plan
     if db.kind == "sqlite":
@@ -92,10 +98,25 @@ def test_take_over_finds_suspects_through_their_index_whatever_the_backlog(db: D
         conn.execute(text("UPDATE step_instances SET status = 'ready', claimable_at = CAST('2026-01-01' AS "
                           "TIMESTAMP) WHERE CAST(SUBSTR(step_id, 2) AS INTEGER) < 5000"))
         conn.exec_driver_sql("ANALYZE")
-    take_over = ClaimStatements(db.engine.dialect.name).take_over
+    take_over = ClaimStatements(db.engine.dialect.name, serves=SERVES).take_over
     plan = _plan(db, take_over, {"owner": "w", "token": "t", "lease_seconds": 30})
     assert "ix_step_instances_suspects" in plan, plan
     assert "ix_step_instances_claimable" not in plan, plan
+
+
+def test_the_unservable_steps_view_reads_the_claimable_index(db: Database) -> None:
+    """Workers read v_unservable_steps every minute: it must not scan the finished steps."""
+    _fill(db)
+    with db.engine.begin() as conn:
+        if db.kind == "sqlite":
+            plan = "\n".join(str(r[-1]) for r in conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN SELECT * FROM v_unservable_steps"))
+            assert "SCAN s USING INDEX ix_step_instances_claimable" in plan, plan
+        else:
+            plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN SELECT * FROM v_unservable_steps"))
+            assert "ix_step_instances_claimable" in plan and "Seq Scan on step_instances" not in plan, plan
+        assert [row.step_id for row in conn.execute(text("SELECT step_id FROM v_unservable_steps "
+                                                         "ORDER BY step_id"))] == [f"s{n}" for n in range(6)]
 
 
 def test_per_instance_reads_of_the_completion_path_use_the_instance_key(db: Database) -> None:

@@ -186,7 +186,7 @@ def test_validate_and_deploy_warn_without_an_agents_file_and_refuse_with_strict(
     env = {k: v for k, v in db.cli_env().items() if k != "FLOWDB_AGENTS"}
     checked = flowdb_cli("validate", str(process), env=env, cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
-    assert checked.stderr.startswith(f"{process}: warning: no agents file found"), checked.stderr
+    assert checked.stderr.startswith(f"{process}:5:7: warning: no agents file found"), checked.stderr
     assert "'alpha', 'beta'" in checked.stderr
     strict = flowdb_cli("validate", "--strict", str(process), env=env, cwd=tmp_path)
     assert strict.returncode == 1 and f"{process}:5:7: no agents file found" in strict.stderr, strict.stderr
@@ -262,3 +262,24 @@ def test_the_api_deploy_warns_of_agents_no_running_worker_serves(db: Database, a
         assert again.status_code == 200 and again.json()["warnings"] == [], again.text
         assert_problem(http.post("/v1/definitions?strict=yes", content=TWO_AGENTS, headers=yaml), 422,
                        "strict must be true or false")
+
+
+@pytest.mark.parametrize("broken", ["syntax", "raises", "missing-file"])
+def test_every_broken_agents_file_is_one_line(db: Database, tmp_path: Path, broken: str) -> None:
+    process = tmp_path / "p.yaml"
+    process.write_text(TWO_AGENTS)
+    (tmp_path / "broken_syntax.py").write_text("def run(request):\n    return (\n")
+    (tmp_path / "broken_raises.py").write_text("raise RuntimeError('set ALPHA_KEY first')\n")
+    target = {"syntax": "broken_syntax:run", "raises": "broken_raises:run", "missing-file": ""}[broken]
+    agents = agents_file(tmp_path, "agents.yaml", alpha=target, beta="agents_for_tests:noop") \
+        if target else tmp_path / "no-such-agents.yaml"
+    env = {**db.cli_env(), "PYTHONPATH": str(TESTS)}
+    for command in (["validate", "--agents", str(agents), str(process)], ["worker", "--agents", str(agents)]):
+        result = flowdb_cli(*command, env=env, timeout=60)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1 and len(lines) == 1, (command, result.stderr)
+        assert "Traceback" not in result.stderr and "please report it" not in result.stderr
+        expected = {"syntax": "importing 'broken_syntax' raised SyntaxError",
+                    "raises": "importing 'broken_raises' raised RuntimeError: set ALPHA_KEY first",
+                    "missing-file": "cannot read agents file"}[broken]
+        assert expected in lines[0], lines[0]

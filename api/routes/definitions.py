@@ -37,7 +37,7 @@ async def post_definition(call: Call) -> Response:
     filename = call.request.query_params.get("filename") or "definition.yaml"
     if len(filename) > 200:
         raise ApiError(422, "filename is longer than 200 characters")
-    strict = call.request.query_params.get("strict", "false").lower()
+    strict = call.request.query_params.get("strict", "false")
     if strict not in ("true", "false"):
         raise ApiError(422, f"strict must be true or false, not {strict!r}")
 
@@ -66,7 +66,10 @@ def _unserved_warnings(conn: Connection, definition: CompiledDefinition) -> list
     for step in definition.steps.values():
         if isinstance(step.model, AgentTask):
             users.setdefault(step.model.agent, []).append(step.id)
-    return [f"no running worker serves agent {agent!r} (steps {', '.join(users[agent])}): its steps will wait, "
+    def steps(ids: list[str]) -> str:
+        return ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
+    return [f"no running worker serves agent {agent!r} (steps {steps(users[agent])}): its steps will wait, "
             "ready, until a worker whose agents file defines it starts"
             for agent in sorted(unserved_agents(conn, users))]
 

@@ -1,9 +1,10 @@
 """Whether a definition's agents exist and load: what validate, deploy and run say before a step runs.
 
 A worker runs only the steps of agents its agents file defines (the others wait for a worker that has
-them), so an agent no file defines is not fatal to deploy; but a user should hear of it at once. With
-no agents file at all, the agents cannot be checked: a warning, or an error under --strict (and for
-`flowdb run`, which works the instance itself).
+them), so the agents file found beside a definition need not define every agent of a fleet: an agent
+it does not define, or no agents file at all, is a warning, and an error with --strict (and for
+`flowdb run`, which works the instance itself). An agent the file defines but that cannot be loaded is
+always an error.
 """
 
 from __future__ import annotations
@@ -29,35 +30,38 @@ class AgentFindings:
 
 def check_agents(definition: CompiledDefinition, agents_file: str | None, *, strict: bool = False) -> AgentFindings:
     """Check the agents the definition's agent tasks name against the agents file (found as the
-    workers find it: --agents, FLOWDB_AGENTS, agents.yaml beside the definition): each must be
-    defined there and load. A missing agents file is a warning unless `strict`."""
+    workers find it: --agents, FLOWDB_AGENTS, agents.yaml beside the definition): each should be
+    defined there (a warning, or a problem if `strict`) and must load."""
     first_use: dict[str, tuple[int, int]] = {}
     for step in definition.steps.values():
         if isinstance(step.model, AgentTask):
             first_use.setdefault(step.model.agent, step.position)
     path = find_agents_file(agents_file, definition.filename)
+    findings = AgentFindings(AgentRegistry.from_file(path) if path is not None else AgentRegistry.empty())
+
+    def report(position: tuple[int, int], message: str, consequence: str) -> None:
+        if strict:
+            findings.problems.append(Located(definition.filename, *position, message))
+        else:
+            findings.warnings.append(f"{definition.filename}:{position[0]}:{position[1]}: warning: {message}; "
+                                     f"{consequence}")
+
+    later = "only workers whose agents file defines it will run its steps"
     if path is None:
-        findings = AgentFindings(AgentRegistry.empty())
         if first_use:
             names = ", ".join(repr(name) for name in sorted(first_use))
-            message = (f"no agents file found (give --agents FILE, set FLOWDB_AGENTS, or put agents.yaml beside "
-                       f"{definition.filename}), so agents {names} are not checked; only workers whose agents "
-                       "file defines them will run their steps")
-            if strict:
-                line, col = min(first_use.values())
-                findings.problems.append(Located(definition.filename, line, col, message))
-            else:
-                findings.warnings.append(f"{definition.filename}: warning: {message}")
+            report(min(first_use.values()),
+                   f"no agents file found (give --agents FILE, set FLOWDB_AGENTS, or put agents.yaml beside "
+                   f"{definition.filename}), so {'agent' if len(first_use) == 1 else 'agents'} {names} "
+                   f"{'is' if len(first_use) == 1 else 'are'} not checked",
+                   later.replace("defines it", "defines them").replace("its steps", "their steps")
+                   if len(first_use) > 1 else later)
         return findings
-    agents = AgentRegistry.from_file(path)
-    findings = AgentFindings(agents)
+    agents = findings.agents
     for step in definition.steps.values():
         if isinstance(step.model, AgentTask) and step.model.agent not in agents:
-            line, col = step.position
-            findings.problems.append(Located(
-                definition.filename, line, col,
-                f"step {step.id!r} uses agent {step.model.agent!r}, which {agents.source} does not define "
-                f"(it defines: {', '.join(agents.names()) or 'none'})"))
+            report(step.position, f"step {step.id!r} uses agent {step.model.agent!r}, which {agents.source} does "
+                   f"not define (it defines: {', '.join(agents.names()) or 'none'})", later)
     for name, (line, col) in sorted(first_use.items(), key=lambda used: used[1]):
         try:
             agents.check([name])

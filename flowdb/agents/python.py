@@ -31,6 +31,9 @@ class PythonBackend:
                 module = importlib.import_module(self._module_name)
             except ImportError as exc:
                 raise AgentConfigError(f"agent {self.name!r}: cannot import {self._module_name!r}: {exc}") from None
+            except Exception as exc:  # the module itself is broken (a syntax error, a failing import-time check)
+                raise AgentConfigError(f"agent {self.name!r}: importing {self._module_name!r} raised "
+                                       f"{type(exc).__name__}: {exc}") from None
             function = module
             for part in self._attr.split("."):
                 function = getattr(function, part, None)  # type: ignore[assignment]

@@ -15,6 +15,7 @@ from flowdb.yamlsafe import load_yaml
 
 # Backend kinds by the key that selects them in the agents file. HTTP and MCP add one class each.
 BACKENDS: dict[str, type[Any]] = {"python": PythonBackend}
+MAX_AGENT_NAME = 100  # as step_instances.agent and worker_serves.name hold it
 
 
 class AgentRegistry:
@@ -45,6 +46,9 @@ class AgentRegistry:
         problems = []
         for name, spec in data["agents"].items():
             where = ("agents", name)
+            if not isinstance(name, str) or not name or len(name) > MAX_AGENT_NAME:
+                problems.append(at(where, f"agent name {name!r} must be text of 1 to {MAX_AGENT_NAME} characters"))
+                continue
             kinds = [k for k in spec if k in BACKENDS] if isinstance(spec, dict) else []
             if not isinstance(spec, dict) or len(kinds) != 1 or len(spec) != 1:
                 problems.append(at(where, f"agent {name!r} needs exactly one backend key, one of: "

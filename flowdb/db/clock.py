@@ -42,9 +42,11 @@ def utcnow() -> datetime:
 class Clock:
     """`now` and `now + seconds` as SQL expressions for one dialect (shifted by the offset, if any)."""
 
-    def __init__(self, dialect_name: str) -> None:
+    def __init__(self, dialect_name: str, *, shifted: bool = True) -> None:
+        """`shifted=False`: the database's own time whatever the offset (for facts about processes
+        that other processes and the views compare with CURRENT_TIMESTAMP, like worker registrations)."""
         self.sqlite = dialect_name == "sqlite"
-        self.offset = _offset
+        self.offset = _offset if shifted else 0.0
         shift = f"{self.offset:+.6f} seconds"
         if self.sqlite:
             modifier = f", '{shift}'" if self.offset else ""

@@ -44,7 +44,9 @@ class WorkerRegistry:
     """The registry's statements for one dialect (the clock is the database's)."""
 
     def __init__(self, dialect_name: str) -> None:
-        clock = Clock(dialect_name)
+        # Registrations are compared across processes and in the view: the database's own time, never
+        # a shifted clock (a worker a day ahead would forget everyone else's).
+        clock = Clock(dialect_name, shifted=False)
         self.clock = clock
         lease: BindParameter[float] = bindparam("lease_seconds")
         self._refresh = (update(W).where(W.c.name == bindparam("worker"), W.c.stopped_at.is_(None))
@@ -97,7 +99,7 @@ def unserved_agents(conn: Connection, agents: Iterable[str]) -> set[str]:
     wanted = set(agents)
     if not wanted:
         return set()
-    clock = Clock(conn.dialect.name)
+    clock = Clock(conn.dialect.name, shifted=False)
     query = (select(C.c.name).distinct().join(W, W.c.name == C.c.worker)
              .where(C.c.kind == "agent", C.c.name.in_(sorted(wanted)), W.c.stopped_at.is_(None),
                     W.c.instance_id.is_(None), W.c.expires_at > clock.now))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from flowdb.errors import DefinitionError, Located
+from flowdb.errors import Located
 from flowdb.steptypes.agent_task import AgentTaskType
 from flowdb.steptypes.base import StepType
 from flowdb.steptypes.end import EndType
@@ -36,15 +36,6 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._by_name)
-
-    def check_runnable(self, definition: object) -> None:
-        """Refuse a definition with a step type this flowdb cannot run yet (before anything is written)."""
-        from flowdb.definitions import CompiledDefinition
-
-        assert isinstance(definition, CompiledDefinition)
-        problems = self.unrunnable(definition.filename, definition.steps.values())
-        if problems:
-            raise DefinitionError(problems)
 
     def unrunnable(self, filename: str, steps: Iterable[CompiledStep]) -> list[Located]:
         """A problem for each compiled step of a type this flowdb cannot run yet."""
