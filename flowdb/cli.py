@@ -34,9 +34,9 @@ from flowdb.db import migrate
 from flowdb.db.engine import read_only
 from flowdb.db.instances import StartRequest, deploy, find_definition, start_instances
 from flowdb.definitions import CompiledDefinition, load_definition_file
-from flowdb.errors import DefinitionError, FlowdbError
+from flowdb.errors import DefinitionError, FlowdbError, InputError
 from flowdb.expressions import TemplateLimits, set_limits
-from flowdb.inputs import parse_assignments
+from flowdb.inputs import parse_assignments, validate_inputs
 from flowdb.notifications import Notifier
 from flowdb.notify import Wakeups, publish_events_sync, publish_sync
 from flowdb.settings import load_settings
@@ -162,6 +162,7 @@ def start(db_url: str | None, name: str, inputs: tuple[str, ...], inputs_file: s
         if inputs or idempotency_key:
             raise click.UsageError("--inputs-file cannot be combined with --input or --idempotency-key")
         requests = _read_inputs_file(inputs_file)
+        _check_inputs_file(inputs_file, requests, definition)  # every line first: a bad line starts nothing
         ids: list[int] = []
         for chunk_start in range(0, len(requests), 500):  # batched transactions for bulk starts
             chunk = requests[chunk_start:chunk_start + 500]
@@ -181,6 +182,19 @@ def start(db_url: str | None, name: str, inputs: tuple[str, ...], inputs_file: s
     publish_events_sync(redis_url)
 
 
+def _check_inputs_file(path: str, requests: list[StartRequest], definition: CompiledDefinition) -> None:
+    """Refuse the file, naming each line whose inputs do not fit the process (at most 20 of them)."""
+    problems = []
+    for request in requests:
+        try:
+            validate_inputs(definition.process.inputs, request.inputs)
+        except InputError as exc:
+            problems.append(f"{path}:{request.line}: {exc.in_file}")
+    if problems:
+        more = f"\n... and {len(problems) - 20} more line(s)" if len(problems) > 20 else ""
+        raise FlowdbError("no instance was started:\n" + "\n".join(problems[:20]) + more)
+
+
 def _read_inputs_file(path: str) -> list[StartRequest]:
     requests = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
@@ -193,7 +207,7 @@ def _read_inputs_file(path: str) -> list[StartRequest]:
         if not isinstance(value, dict):
             raise FlowdbError(f"{path}:{number}: each line must be a JSON object of inputs")
         key = value.pop("_idempotency_key", None)
-        requests.append(StartRequest(value, key))
+        requests.append(StartRequest(value, key, line=number))
     return requests
 
 

@@ -124,7 +124,9 @@ def validate_inputs(declared: dict[str, InputSpec], given: dict[str, Any], *,
         cli = [f"missing input {name!r} ({kind}); give it with --input {name}=VALUE" for name, kind in missing]
         http = [f"missing input {name!r} ({kind}); give it in the body's inputs object: "
                 f'{{"inputs": {{"{name}": ...}}}}' for name, kind in missing]
-        raise InputError("; ".join(problems + cli), http="; ".join(problems + http))
+        in_file = [f'missing input {name!r} ({kind}); add "{name}" to the line\'s object' for name, kind in missing]
+        raise InputError("; ".join(problems + cli), http="; ".join(problems + http),
+                         in_file="; ".join(problems + in_file))
     return result
 
 

@@ -131,3 +131,21 @@ def test_validate_with_agents_file_reports_unknown_agents(tmp_path: Path) -> Non
     assert "noop" in result.stderr  # it lists the agents that do exist
     fine = flowdb_cli("validate", "--agents", str(EXAMPLES / "agents.yaml"), str(EXAMPLES / "simple-report.yaml"))
     assert fine.returncode == 0 and "ok" in fine.stdout
+
+
+def test_an_inputs_file_with_bad_lines_starts_nothing_and_names_each_line(db: Database, tmp_path: Path) -> None:
+    process = tmp_path / "p.yaml"
+    process.write_text("process:\n  name: priced\n  inputs: {amount: {type: number}}\n  steps:\n"
+                       "    - {id: a, type: notification, channel: log, message: '{{ inputs.amount }}'}\n")
+    env = db.cli_env()
+    assert flowdb_cli("deploy", str(process), env=env).returncode == 0
+    lines = tmp_path / "inputs.jsonl"
+    lines.write_text('{"amount": 1}\n{}\n\n{"amount": "many"}\n{"amount": 2.5}\n')
+    result = flowdb_cli("start", "priced", "--inputs-file", str(lines), env=env)
+    assert result.returncode == 1 and result.stdout == "", result.stdout
+    assert result.stderr.splitlines() == [
+        "error: no instance was started:",
+        f"{lines}:2: missing input 'amount' (number); add \"amount\" to the line's object",
+        f"{lines}:4: input 'amount' must be a number, got 'many'"], result.stderr
+    listed = flowdb_cli("instances", "list", "--json", env=env)
+    assert json.loads(listed.stdout) == []

@@ -133,6 +133,7 @@ def find_definition(conn: Connection, name: str, version: int | None = None) -> 
 class StartRequest:
     inputs: dict[str, Any]
     idempotency_key: str | None = None
+    line: int | None = None  # its line in an inputs file, for error messages
 
 
 def start_instances(conn: Connection, definition_id: int, version: int, definition: CompiledDefinition,
