@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flowdb.db.claims import FREE_RELEASES
+from flowdb.errors import FlowdbError
 
 DEFAULT_DATABASE_URL = "sqlite:///flowdb.sqlite3"
 
@@ -18,6 +19,13 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str | None = None
     agents: str | None = None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("a Redis URL starts with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)")
+        return value or None
     lease_seconds: float = Field(default=30.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0)
     claim_batch: int = Field(default=32, ge=1, le=1000)
@@ -56,6 +64,15 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Settings from the environment with the non-None overrides (command-line flags) applied."""
+    """Settings from the environment with the non-None overrides (command-line flags) applied; a
+    value that does not fit is a FlowdbError naming its variable (one line, never a traceback)."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**given)  # type: ignore[arg-type]
+    try:
+        return Settings(**given)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            where = "--db" if field == "database_url" and "database_url" in given else f"FLOWDB_{field.upper()}"
+            problems.append(f"{where}={error.get('input')!r}: {error['msg'].removeprefix('Value error, ')}")
+        raise FlowdbError("bad setting: " + "; ".join(problems)) from None

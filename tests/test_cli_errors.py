@@ -97,3 +97,20 @@ def test_db_upgrade_run_and_create_make_the_sqlite_file(tmp_path: Path) -> None:
         assert path.exists()
         listed = flowdb_cli("definitions", "list", env=_env(f"sqlite:///{path}"))
         assert listed.returncode == 0, listed.stderr  # created at the current schema
+
+
+@pytest.mark.parametrize(("variable", "value", "said"), [
+    ("FLOWDB_REDIS_URL", "http://127.0.0.1:6379", "a Redis URL starts with redis://, rediss:// or unix://"),
+    ("FLOWDB_LEASE_SECONDS", "abc", "Input should be a valid number"),
+])
+def test_a_bad_setting_is_one_line_and_nothing_is_written(tmp_path: Path, variable: str, value: str, said: str) -> None:
+    url = f"sqlite:///{tmp_path}/flowdb.sqlite3"
+    assert flowdb_cli("deploy", "--create", EXAMPLE, "--agents", AGENTS, env=_env(url)).returncode == 0
+    env = {**_env(url), variable: value}
+    for command in (["start", "simple-report"], ["status", "1"], ["worker"]):
+        result = flowdb_cli(*command, env=env, timeout=60)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith(f"error: bad setting: {variable}={value!r}: ") and said in result.stderr
+    listed = flowdb_cli("instances", "list", "--json", env=_env(url))
+    assert listed.stdout.strip() == "[]"  # the start wrote nothing
