@@ -70,8 +70,8 @@ class WorkerOptions:
     # host:pid:random, at most 200 characters (lease_owner and workers.name hold it)
     name: str = field(default_factory=lambda: f"{socket.gethostname()[:180]}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
     instance_id: int | None = None  # work only this instance (flowdb run)
-    # How often to look for ready steps whose agent no running worker has (the first look comes
-    # sooner, once a fleet started together has registered).
+    # How often an idle worker looks for ready steps whose agent no running worker has (the first
+    # look comes sooner, once a fleet started together has registered).
     unservable_check_seconds: float = 60.0
 
     @property
@@ -178,8 +178,6 @@ class Worker:
                         self._heartbeat()
                         self._keep_registered()
                         next_heartbeat = time.monotonic() + opts.heartbeat_seconds
-                    if time.monotonic() >= self._next_unservable_check:
-                        self._warn_of_unservable()
                     free = self._free_slots()
                     take_over = self._take_over_due()
                     claimed = await self._cycle(free, take_over) \
@@ -193,6 +191,14 @@ class Worker:
                 if claimed:
                     await asyncio.sleep(0)  # let the new handlers start
                     continue
+                if not self.inflight and time.monotonic() >= self._next_unservable_check:
+                    # Idle, so perhaps for want of an agent: look for steps nobody can serve (not
+                    # while busy: the look reads every ready step, and a busy worker has work).
+                    try:
+                        self._warn_of_unservable()
+                    except DatabaseUnavailable as exc:
+                        await self._pause(self.outage.failed(exc))
+                        continue
                 if not self.done:
                     self._nudge.clear()
                     wait = min(opts.poll_seconds, max(next_heartbeat - time.monotonic(), 0.01))
