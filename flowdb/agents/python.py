@@ -15,7 +15,9 @@ from flowdb.errors import AgentConfigError
 class PythonBackend:
     key = "python"
 
-    def __init__(self, name: str, target: str) -> None:
+    def __init__(self, name: str, target: object) -> None:
+        if not isinstance(target, str):
+            raise AgentConfigError(f"agent {name!r}: python takes text like 'package.module:function', not {target!r}")
         module_name, sep, attr = target.partition(":")
         if not sep or not module_name or not attr:
             raise AgentConfigError(f"agent {name!r}: python target {target!r} must look like 'package.module:function'")

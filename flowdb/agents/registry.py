@@ -1,4 +1,5 @@
-"""The agents file: `agents: {NAME: {python: "module:function"}}` → a backend per agent name."""
+"""The agents file: `agents: {NAME: {python: "module:function"}}` or `{NAME: {http: {url: ...}}}` → a
+backend per agent name (flowdb/agents/python.py, flowdb/agents/http.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from flowdb.agents.http import HttpBackend
 from flowdb.agents.python import PythonBackend
 from flowdb.agents.types import AgentBackend
 from flowdb.errors import AgentConfigError, DefinitionError, Located, StepFailure
 from flowdb.yamlsafe import load_yaml
 
 # Backend kinds by the key that selects them in the agents file. HTTP and MCP add one class each.
-BACKENDS: dict[str, type[Any]] = {"python": PythonBackend}
+BACKENDS: dict[str, type[Any]] = {"python": PythonBackend, "http": HttpBackend}
 MAX_AGENT_NAME = 100  # as step_instances.agent and worker_serves.name hold it
 
 
@@ -56,7 +58,7 @@ class AgentRegistry:
                 continue
             kind = kinds[0]
             try:
-                backends[name] = BACKENDS[kind](name, str(spec[kind]))
+                backends[name] = BACKENDS[kind](name, spec[kind])
             except AgentConfigError as exc:
                 problems.append(at((*where, kind), str(exc)))
         if problems:
