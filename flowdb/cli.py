@@ -32,7 +32,7 @@ from flowdb.cli_report import report
 from flowdb.cli_tokens import tokens_group
 from flowdb.db import migrate
 from flowdb.db.engine import read_only
-from flowdb.db.instances import StartRequest, deploy, find_definition, start_instances
+from flowdb.db.instances import StartRequest, deploy, find_definition, instance_row, start_instances
 from flowdb.definitions import CompiledDefinition, load_definition_file
 from flowdb.errors import DefinitionError, FlowdbError, InputError
 from flowdb.expressions import TemplateLimits, set_limits
@@ -303,7 +303,7 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
         checked[0] = time.monotonic()
         try:
             with read_only(engine).connect() as conn:
-                return bool(status_json(conn, instance_id)["status"] != "running")
+                return bool(instance_row(conn, instance_id).status != "running")
         except DBAPIError:  # the database is away: the worker waits for it, and so does this check
             return False
 

@@ -39,7 +39,7 @@ from flowdb.db.events import EventRow, EventWriter, event_row
 from flowdb.db.instances import DefinitionCache, DefinitionUnloadable
 from flowdb.db.progress import DueActions, Progress, ProgressStatements, ProgressWriter, template_context
 from flowdb.db.tables import process_instances, step_instances
-from flowdb.db.workers import Capabilities, WorkerRegistry, describe_missing, unservable_agents
+from flowdb.db.workers import Capabilities, WorkerRegistry, quoted, unservable_agents
 from flowdb.definitions import CompiledDefinition
 from flowdb.engine import for_each
 from flowdb.engine.for_each import ForEachStatements
@@ -123,7 +123,7 @@ class Worker:
         self.registry = WorkerRegistry(dialect)
         self._registered = False
         self._next_unservable_check = 0.0
-        self._unservable_logged: dict[str, int] = {}
+        self._unservable_logged: set[str] = set()  # the agents last named in the log
         self.writer = ProgressWriter(ProgressStatements(dialect))
         self.events = EventWriter(dialect)
         self.definitions = DefinitionCache()
@@ -617,12 +617,12 @@ class Worker:
         self._next_unservable_check = time.monotonic() + self.options.unservable_check_seconds
         waiting = self._transaction(lambda conn: unservable_agents(conn, self.options.instance_id))
         lacking = {agent: n for agent, n in waiting.items() if agent not in self.capabilities.agents}
-        if lacking and set(lacking) != set(self._unservable_logged):
+        if lacking and set(lacking) != self._unservable_logged:
             log.warning("%d ready step(s) wait for agents no running worker has: %s; this worker has %s. "
                         "Start a worker whose agents file defines them (see the view v_unservable_steps)",
                         sum(lacking.values()), ", ".join(f"{agent!r} ({n})" for agent, n in lacking.items()),
-                        describe_missing(self.capabilities.agents) or "no agents")
-        self._unservable_logged = lacking
+                        quoted(self.capabilities.agents) or "no agents")
+        self._unservable_logged = set(lacking)
 
     def _unregister(self) -> None:
         if not self._registered:

@@ -58,6 +58,7 @@ RUNNING: ColumnClause[str] = word(StepStatus.RUNNING)
 READY: ColumnClause[str] = word(StepStatus.READY)
 FREE_RELEASES = 3  # releases at shutdown not charged, per step
 STOPPED = (StepStatus.CANCELLED.value, StepStatus.SKIPPED.value)  # a step stopped while a worker ran it
+CANCELLED_WHILE_RUNNING = "the step was cancelled while it ran"  # why its result is dropped (events, log)
 # The condition of the suspects' partial index, written as in the index (SQLAlchemy would write a
 # Boolean column as `suspect = 1` on SQLite, which SQLite does not match with the index's `suspect`).
 SUSPECT: ColumnElement[bool] = literal_column("step_instances.suspect")
@@ -284,7 +285,7 @@ class ClaimStatements:
         stopped = set(conn.scalars(select(S.c.id).where(S.c.id.in_(sorted(lost)), S.c.status.in_(STOPPED))))
         self.events.write(conn, [event_row(item.instance_id, "step.late_result_dropped", {
             "attempt": item.attempt, "outcome": "abandoned",
-            "reason": "the step was cancelled while it ran" if item.id in stopped
+            "reason": CANCELLED_WHILE_RUNNING if item.id in stopped
             else "a heartbeat found the lease lost; the run was cancelled"}, item.id)
             for item in held if item.id in lost])
         return {sid: sid in stopped for sid in lost}

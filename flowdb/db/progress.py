@@ -27,7 +27,7 @@ from sqlalchemy import (
     update,
 )
 
-from flowdb.db.claims import LEASE_DROPPED, STOPPED
+from flowdb.db.claims import CANCELLED_WHILE_RUNNING, LEASE_DROPPED, STOPPED
 from flowdb.db.clock import Clock
 from flowdb.db.driver import DriverStatement, as_json
 from flowdb.db.events import EventRow, EventWriter, event_row
@@ -184,9 +184,9 @@ class ProgressWriter:
                 batch.event(o.step.instance_id, kind, payload, o.step.id)
             if tokens.get(o.step.id) != o.step.lease_token:
                 batch.progress.late.append(o)
-                reason = "the step was cancelled while it ran" if o.step.id in stopped else "its lease was lost"
                 if o.step.id in stopped:
                     batch.progress.cancelled.add(o.step.id)
+                reason = CANCELLED_WHILE_RUNNING if o.step.id in stopped else "its lease was lost"
                 batch.event(o.step.instance_id, "step.late_result_dropped",
                             {"attempt": o.step.attempt, "outcome": o.kind, "reason": reason}, o.step.id)
             elif o.side is None or not self._record_side(conn, o, batch):

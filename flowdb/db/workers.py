@@ -106,5 +106,6 @@ def unserved_agents(conn: Connection, agents: Iterable[str]) -> set[str]:
     return wanted - set(conn.scalars(query))
 
 
-def describe_missing(names: Iterable[str]) -> str:
+def quoted(names: Iterable[str]) -> str:
+    """`'a', 'b'`: names for a message, sorted."""
     return ", ".join(repr(name) for name in sorted(names))
