@@ -74,6 +74,11 @@ class StepOut(Strict):
     cost_usd: float
     tokens_in: int
     tokens_out: int
+    backend: str | None = Field(description="how the worker reached the agent: python, http or mcp (agent state "
+                                "binding; null until an agent task ran)")
+    execution_id: str | None = Field(description="the agent platform's execution that ran the step, or still runs "
+                                     "it while the step waits")
+    session_id: str | None = Field(description="the agent platform's chat session the step ran in")
 
 
 class InstanceOut(Strict):

@@ -15,7 +15,7 @@ from flowdb.outcomes import Outcome
 from flowdb.status import run_label
 from flowdb.steptypes.registry import STEP_TYPES
 
-MARKS = {"completed": "✓", "failed": "✗", "skipped": "–", "waiting": "…"}
+MARKS = {"completed": "✓", "failed": "✗", "skipped": "–", "waiting": "…", "deferred": "↻"}
 
 
 class LiveView:
@@ -58,6 +58,8 @@ class LiveView:
             if retry:  # the time it ran, then the delay its retry policy gives before the next attempt
                 line = (f"  {mark} {label:<28} failed after {secs:.2f}s (attempt {step.attempt} of "
                         f"{step.max_attempts}); next attempt in {outcome.retry_delay:.2f}s")
+            elif outcome.kind == "deferred":  # nothing ran: no attempt spent
+                line = f"  {mark} {label:<28} put back; tries again in {outcome.retry_delay:.2f}s"
             else:
                 line = f"  {mark} {label:<28} {outcome.kind} in {secs:.2f}s"
             if outcome.cost_usd:

@@ -119,6 +119,7 @@ class AgentTask(StepBase):
     type: Literal["agent_task"]
     agent: str = Field(min_length=1)
     message: str
+    model: str | None = None  # passed to backends that take a model (the MCP platform's `model`)
 
 
 class HumanApproval(StepBase):

@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from flowdb.db.claims import Claimed
 
-Kind = Literal["completed", "failed", "skipped", "waiting"]
+# deferred: nothing ran (an agent's queue was full); ready again after retry_delay, the attempt given back.
+Kind = Literal["completed", "failed", "skipped", "waiting", "deferred"]
 
 
 @dataclass
@@ -36,3 +37,8 @@ class Outcome:
     # human decision parks again).
     side: Any = None
     events: Sequence[tuple[str, dict[str, Any]]] = ()  # facts recorded with the outcome (a notice sent...)
+    # Agent state binding: which backend ran it, and the platform's execution and session (step row columns).
+    backend: str | None = None
+    execution: str | None = None
+    session: str | None = None
+    restart: bool = False  # for a retried failure: the next attempt starts afresh (not a woken row's next turn)

@@ -34,7 +34,8 @@ def status_json(conn: Connection, instance_id: int) -> dict[str, Any]:
             "status": row.status, "attempt": row.attempt, "waits_for": waits_for.get(row.id),
             "started_at": _iso(row.started_at), "finished_at": _iso(row.finished_at),
             "duration_s": _seconds(row.started_at, row.finished_at), "cost_usd": row.cost_usd,
-            "output": row.output, "error": row.error,
+            "output": row.output, "error": row.error, "agent": row.agent, "backend": row.agent_backend,
+            "execution_id": row.agent_execution, "session_id": row.agent_session,
         })
     return {
         "id": instance.id, "process": instance.process_name, "version": instance.version,
@@ -73,9 +74,19 @@ def print_status(data: dict[str, Any]) -> None:
         detail = step["error"] if step["error"] else _short(step["output"])
         if step.get("waits_for"):
             detail = step["waits_for"]
+        elif step["status"] == "waiting" and step.get("execution_id"):
+            detail = f"the agent still works on it (execution {step['execution_id']})"
         name = run_label(step["step_id"], step["round"], step["item"])
         click.echo(f"{name:<24} {step['type']:<14} {step['status']:<10} {step['attempt']:>3} "
                    f"{secs:>8}  {_short(detail)}")
+    ran = [step for step in data["steps"] if step.get("backend")]
+    if ran:  # agent state binding: which agent, backend, platform execution and session ran each step
+        click.echo("agents:")
+        for step in ran:
+            where = ", ".join(f"{key.removesuffix('_id')} {step[key]}" for key in ("execution_id", "session_id")
+                              if step.get(key))
+            click.echo(f"  {run_label(step['step_id'], step['round'], step['item']):<22} {step['agent']} via "
+                       f"{step['backend']}" + (f" ({where})" if where else ""))
     if data["outputs"] is not None:
         click.echo("outputs:")
         click.echo(json.dumps(data["outputs"], indent=2, default=str))

@@ -117,7 +117,9 @@ class Worker:
         self.listener = listener or (lambda kind, data: None)
         dialect = engine.dialect.name
         # It claims only steps it can serve; the others wait for a worker that has their agent.
-        self.capabilities = Capabilities(frozenset(agents.names()), frozenset(STEP_TYPES.names()))
+        limited = tuple((name, limit) for name in agents.names()
+                        if (limit := agents.limits(name).concurrency) is not None)
+        self.capabilities = Capabilities(frozenset(agents.names()), frozenset(STEP_TYPES.names()), limited)
         self.claims = ClaimStatements(dialect, one_instance=self.options.instance_id is not None,
                                       serves=self.capabilities)
         self.registry = WorkerRegistry(dialect)

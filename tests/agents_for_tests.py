@@ -102,3 +102,42 @@ def timed(request: AgentRequest) -> dict[str, Any]:
     if request.message == "fail":
         raise NonRetryableError("this item fails")
     return {"message": request.message, "began": began, "ended": time.time()}
+
+
+# --- agents with limits and platform-like answers (tests/test_agent_limits.py) -----------------------
+TRACKED: list[tuple[str, str, float]] = []  # (start|end, agent, time.monotonic())
+BUSY_LEFT: dict[str, int] = {}  # message -> how many more calls answer "busy"
+EXECUTIONS: dict[str, int] = {}  # execution id -> polls left before it is done
+
+
+async def tracked(request: AgentRequest) -> dict[str, Any]:
+    """Notes when each call starts and ends (in this process), so a test can count overlaps."""
+    import asyncio
+
+    TRACKED.append(("start", request.agent, time.monotonic()))
+    await asyncio.sleep(0.02)
+    TRACKED.append(("end", request.agent, time.monotonic()))
+    return {"step": request.step_id}
+
+
+def platform_like(request: AgentRequest) -> AgentReply:
+    """`busy N`: the first N calls with this message answer busy; `queue N`: the work runs as an
+    execution that is done after N polls; anything else answers at once."""
+    from flowdb.agents.types import AgentBusy, AgentStillRunning
+
+    if request.execution_id is not None:
+        EXECUTIONS[request.execution_id] -= 1
+        if EXECUTIONS[request.execution_id] > 0:
+            raise AgentStillRunning("still running", request.execution_id, 0.05)
+        return AgentReply(f"done {request.execution_id}", execution_id=request.execution_id)
+    word, number = [*request.message.split(), "0"][:2]
+    if word == "busy":
+        left = BUSY_LEFT.setdefault(request.message, int(number))
+        if left > 0:
+            BUSY_LEFT[request.message] = left - 1
+            raise AgentBusy("queue full", 0.05)
+    if word == "queue":
+        execution = f"exe-{request.instance_id}-{request.step_id}-{request.attempt}"
+        EXECUTIONS[execution] = int(number)
+        raise AgentStillRunning("queued", execution, 0.05)
+    return AgentReply(f"did {request.message}", session_id="s-1")

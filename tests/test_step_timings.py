@@ -240,7 +240,7 @@ def test_a_completion_after_a_clock_that_went_backwards_has_no_run_time(db: Data
             run_ms=None, run_bucket=None, ready_at=datetime(2099, 1, 1, tzinfo=UTC)))
         conn.execute(ProgressStatements(db.kind).complete, {
             "sid": 1, "token": "t", "status": "completed", "output": None, "input": None, "error": None,
-            "cost": 0, "tin": 0, "tout": 0})
+            "cost": 0, "tin": 0, "tout": 0, "backend": None, "execution": None, "session": None})
     assert _timing_columns(db.engine, 1) == (None, None)
     with db.engine.begin() as conn:
         refresh_timings(conn)

@@ -36,6 +36,7 @@ from sqlalchemy import (
     bindparam,
     case,
     false,
+    func,
     literal,
     literal_column,
     or_,
@@ -104,13 +105,30 @@ class Claimed:
                 f"not charged); {allowed}")
 
 
-def servable(serves: Capabilities) -> ColumnElement[bool]:
+def _names(names: Any) -> list[Any]:
+    return [literal(name) for name in sorted(names)]
+
+
+def servable(serves: Capabilities, *, limited_waiting_only: bool = False) -> ColumnElement[bool]:
     """The steps a worker can run: of its step types, and of agent tasks only its agents' (the names
-    are written into the statement, compiled once per worker)."""
-    types = S.c.type.in_([literal(name) for name in sorted(serves.step_types)])
-    if not serves.agents:
-        return types & S.c.agent.is_(None)
-    return types & or_(S.c.agent.is_(None), S.c.agent.in_([literal(name) for name in sorted(serves.agents)]))
+    are written into the statement, compiled once per worker). `limited_waiting_only`: of the agents
+    with a concurrency limit, only the waiting rows' next turns (claim_limited takes their ready rows)."""
+    types = S.c.type.in_(_names(serves.step_types))
+    limited = {name for name, _ in serves.limited}
+    free = serves.agents - limited if limited_waiting_only else serves.agents
+    agents: list[ColumnElement[bool]] = [S.c.agent.is_(None)]
+    if free:
+        agents.append(S.c.agent.in_(_names(free)))
+    if limited_waiting_only and limited:
+        agents.append(S.c.agent.in_(_names(limited)) & (S.c.status == word(StepStatus.WAITING)))
+    return types & or_(*agents)
+
+
+def holding_slot(clock: Clock) -> ColumnElement[bool]:
+    """A row that holds one of its agent's concurrency slots: running under a live lease (a lease that
+    expired is a dead worker's), or parked while the platform still runs its execution."""
+    return or_(and_(S.c.status == RUNNING, S.c.claimable_at > clock.now),
+               and_(S.c.status == word(StepStatus.WAITING), S.c.agent_execution.is_not(None)))
 
 
 class ClaimStatements:
@@ -121,11 +139,15 @@ class ClaimStatements:
         self.postgres = dialect_name == "postgresql"
         self.one_instance = one_instance
         # Steps this worker cannot serve stay ready for a worker that can (db/workers.py); an
-        # expired lease is swept whoever's step it is.
-        can_serve: tuple[ColumnElement[bool], ...] = (servable(serves),) if serves is not None else ()
+        # expired lease is swept whoever's step it is. The ready steps of agents with a concurrency
+        # limit are claimed by claim_limited, which counts the agent's busy slots first.
+        can_serve: tuple[ColumnElement[bool], ...] = (servable(serves, limited_waiting_only=True),) \
+            if serves is not None else ()
+        self.limits: dict[str, int] = dict(serves.limited) if serves is not None else {}
         lease: BindParameter[float] = bindparam("lease_seconds")
         held = {"status": RUNNING, "lease_owner": bindparam("owner"), "lease_token": bindparam("token"),
                 "lease_expires_at": clock.plus(lease), "claimable_at": clock.plus(lease), "heartbeat_at": clock.now}
+        can_type = (S.c.type.in_(_names(serves.step_types)),) if serves is not None else ()
         returning = (S.c.id, S.c.instance_id, S.c.definition_id, S.c.step_id, S.c.type, S.c.attempt,
                      S.c.max_attempts, S.c.input, S.c.suspect, S.c.reclaims, S.c.releases, S.c.woken, S.c.round,
                      S.c.item, S.c.item_value, S.c.items_left)
@@ -164,10 +186,37 @@ class ClaimStatements:
             .returning(*returning)
         )
         self.claim_raw = DriverStatement(self.claim)
-        # A suspect, taken over by one worker (found through the small index of suspects).
+        # The ready steps of one agent with a concurrency limit, up to its free slots (claim_limited).
+        self.claim_agent: DriverStatement | None = DriverStatement(
+            update(S)
+            .where(S.c.id.in_(self._due(S.c.status == READY, ~S.c.suspect, S.c.agent == bindparam("agent"),
+                                        *can_type).scalar_subquery()))
+            .values(**held, started_at=clock.now, **queued, attempt=S.c.attempt + literal(1), error=None)
+            .returning(*returning)
+        ) if self.limits else None
+        # The agents' busy slots, counted through the claimable index (every busy row is claimable).
+        self.busy_slots = (
+            select(S.c.agent, func.count())
+            .where(literal_column(f"step_instances.status IN {CLAIMABLE}"), S.c.agent.in_(_names(self.limits)),
+                   holding_slot(clock))
+            .group_by(S.c.agent)
+        )
+        # A suspect, taken over by one worker (found through the small index of suspects); a suspect
+        # of an agent with a limit only while that agent has a free slot.
+        slot_free: tuple[ColumnElement[bool], ...] = ()
+        if self.limits:
+            R = S.alias("busy")
+            busy = (select(func.count()).where(R.c.agent == S.c.agent, or_(
+                and_(R.c.status == RUNNING, R.c.claimable_at > clock.now),
+                and_(R.c.status == word(StepStatus.WAITING), R.c.agent_execution.is_not(None)))).scalar_subquery())
+            limit = case(*((S.c.agent == literal(name), literal(n)) for name, n in sorted(self.limits.items())),
+                         else_=None)
+            slot_free = (or_(S.c.agent.is_(None), S.c.agent.not_in(_names(self.limits)), busy < limit),)
+        take_over_serves = (servable(serves),) if serves is not None else ()
         self.take_over: Update = (
             update(S)
-            .where(S.c.id.in_(self._due(SUSPECT, S.c.status == READY, *can_serve, n=1, index=False).scalar_subquery()))
+            .where(S.c.id.in_(self._due(SUSPECT, S.c.status == READY, *take_over_serves, *slot_free, n=1,
+                                        index=False).scalar_subquery()))
             .values(**held, started_at=clock.now, **queued, attempt=S.c.attempt + literal(1), isolated=false())
             .returning(*returning)
         )
@@ -219,8 +268,28 @@ class ClaimStatements:
         """Claim up to n ready or waiting steps in the current transaction, sweeping the expired leases
         met on the way into suspects; write a step.started event (step.woken for a waiting one) for
         each step claimed and a step.lease_expired event for each swept."""
-        return self._claimed(conn, self.claim_raw, self._params(owner, token, n, lease_seconds, instance_id),
-                             sweeps=True)
+        params = self._params(owner, token, n, lease_seconds, instance_id)
+        claimed = self._claimed(conn, self.claim_raw, params, sweeps=True)
+        if self.claim_agent is not None and len(claimed) < n:
+            claimed += self.claim_limited(conn, params, n - len(claimed))
+        return claimed
+
+    def claim_limited(self, conn: Connection, params: dict[str, Any], n: int) -> list[Claimed]:
+        """Claim ready steps of the agents with a concurrency limit, each up to its free slots. The
+        count and the claims are serialized per agent across every worker and host: by a transaction
+        lock per agent on PostgreSQL (taken in name order), by the one writer at a time on SQLite."""
+        assert self.claim_agent is not None
+        if self.postgres:
+            for name in sorted(self.limits):
+                conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(
+                    literal("flowdb.agent:") + literal(name), 0))))
+        busy: dict[str, int] = {agent: count for agent, count in conn.execute(self.busy_slots)}
+        claimed: list[Claimed] = []
+        for name, limit in sorted(self.limits.items()):
+            free = min(limit - busy.get(name, 0), n - len(claimed))
+            if free > 0:
+                claimed += self._claimed(conn, self.claim_agent, {**params, "agent": name, "n": free})
+        return claimed
 
     def take_over_step(self, conn: Connection, owner: str, token: str, lease_seconds: float,
                        instance_id: int | None = None) -> Claimed | None:

@@ -17,10 +17,13 @@ from typing import Any
 
 from sqlalchemy import (
     BindParameter,
+    Boolean,
     Connection,
     Update,
     bindparam,
     case,
+    false,
+    func,
     or_,
     select,
     true,
@@ -96,18 +99,31 @@ class ProgressStatements:
             S.c.started_at >= S.c.ready_at)
         run = {column: case((ran, value)) for column, value in
                timing("run", clock.milliseconds_between(S.c.started_at)).items()}
+        # Agent state binding: the backend, platform execution and session that ran the step.
+        binding: dict[str, Any] = {"agent_backend": bindparam("backend"), "agent_execution": bindparam("execution"),
+                   "agent_session": bindparam("session")}
         self.complete: Update = update(S).where(*fenced).values(
             status=bindparam("status"), output=bindparam("output"), input=bindparam("input"),
-            error=bindparam("error"), finished_at=clock.now, claimable_at=None, **run, **usage, **release_lease)
+            error=bindparam("error"), finished_at=clock.now, claimable_at=None, **run, **usage, **binding,
+            **release_lease)
+        # `restart`: the next attempt starts afresh instead of going on from where a parked row waited.
         self.retry: Update = update(S).where(*fenced).values(
             status=_lit("ready"), error=bindparam("error"), ready_at=clock.plus(bindparam("delay")),
-            claimable_at=clock.plus(bindparam("delay")), **CLEARED, **usage, **release_lease)
+            claimable_at=clock.plus(bindparam("delay")), woken=case((bindparam("restart", type_=Boolean), false()),
+                                                     else_=S.c.woken),
+            **CLEARED, **usage, **release_lease)
+        # Nothing ran (an agent's queue was full): ready later, the claim's attempt given back.
+        self.defer: Update = update(S).where(*fenced).values(
+            status=_lit("ready"), error=bindparam("error"), ready_at=clock.plus(bindparam("delay")),
+            claimable_at=clock.plus(bindparam("delay")), attempt=S.c.attempt - bindparam("charged"),
+            agent_backend=bindparam("backend"), **CLEARED, **release_lease)
         # A parked row is `woken` from then on: its later claims go on from where it waited.
-        self.park: Update = update(S).where(*fenced).values(
-            status=_lit("waiting"), input=bindparam("input"), claimable_at=None, woken=true(), **release_lease)
+        parked = {"status": _lit("waiting"), "input": bindparam("input"), "woken": true(),
+                  "agent_backend": func.coalesce(bindparam("backend"), S.c.agent_backend),
+                  "agent_execution": func.coalesce(bindparam("execution"), S.c.agent_execution), **release_lease}
+        self.park: Update = update(S).where(*fenced).values(claimable_at=None, **parked)
         self.park_timed: Update = update(S).where(*fenced).values(
-            status=_lit("waiting"), input=bindparam("input"), claimable_at=clock.plus(bindparam("wake_in")),
-            woken=true(), **release_lease)
+            claimable_at=clock.plus(bindparam("wake_in")), **parked)
         instance_id: BindParameter[int] = bindparam("iid")
         self.account: Update = (
             update(I).where(I.c.id == instance_id)
@@ -211,6 +227,8 @@ class ProgressWriter:
         for o in live:
             if o.kind == "waiting":
                 self._park(conn, o, batch)
+            elif o.kind == "deferred":
+                self._defer(conn, o, batch)
             elif o.kind == "failed" and self._retrying(o):
                 self._retry(conn, o, batch)
         finals = [o for o in finals if o.step.item is None or self._item_failed(conn, o, batch)]
@@ -249,7 +267,7 @@ class ProgressWriter:
         """Parameters of `complete`, driver-ready (JSON as text)."""
         return {"sid": o.step.id, "token": o.step.lease_token, "status": o.kind, "output": as_json(o.output),
                 "input": as_json(o.input), "error": o.error, "cost": o.cost_usd, "tin": o.tokens_in,
-                "tout": o.tokens_out}
+                "tout": o.tokens_out, "backend": o.backend, "execution": o.execution, "session": o.session}
 
     @staticmethod
     def _payload(o: Outcome) -> dict[str, Any]:
@@ -303,16 +321,28 @@ class ProgressWriter:
             conn.execute(self.q.for_each.park_again, {**params, "seen": o.step.items_left})
             batch.event(o.step.instance_id, "step.waiting", {"items_left": o.step.items_left}, o.step.id)
             return
+        params.update(backend=o.backend, execution=o.execution)
         if o.wake_in is not None:
             conn.execute(self.q.park_timed, {**params, "wake_in": o.wake_in})
         else:
             conn.execute(self.q.park, params)
-        batch.event(o.step.instance_id, "step.waiting", {"wake_in_s": o.wake_in}, o.step.id)
+        payload: dict[str, Any] = {"wake_in_s": o.wake_in}
+        if o.execution:
+            payload["execution"] = o.execution
+        batch.event(o.step.instance_id, "step.waiting", payload, o.step.id)
+
+    def _defer(self, conn: Connection, o: Outcome, batch: _Batch) -> None:
+        """Nothing ran (the agent's queue was full): ready again after the delay, no attempt spent."""
+        conn.execute(self.q.defer, {"sid": o.step.id, "token": o.step.lease_token, "error": o.error,
+                                    "delay": o.retry_delay, "charged": 0 if o.step.woken else 1,
+                                    "backend": o.backend})
+        batch.event(o.step.instance_id, "step.deferred", {"attempt": o.step.attempt, "reason": o.error,
+                                                          "retry_after_s": o.retry_delay}, o.step.id)
 
     def _retry(self, conn: Connection, o: Outcome, batch: _Batch) -> None:
         conn.execute(self.q.retry, {"sid": o.step.id, "token": o.step.lease_token, "error": o.error,
                                     "delay": o.retry_delay, "cost": o.cost_usd, "tin": o.tokens_in,
-                                    "tout": o.tokens_out})
+                                    "tout": o.tokens_out, "restart": o.restart})
         batch.event(o.step.instance_id, "step.retry_scheduled",
                     {"attempt": o.step.attempt, "error": o.error, "delay_s": o.retry_delay}, o.step.id)
         batch.spend(o.step.instance_id, o.cost_usd)  # a failed attempt may still have cost money

@@ -147,6 +147,11 @@ step_instances = Table(
     Column("woken", Boolean, nullable=False, server_default=false()),
     # Cancelled because its instance stopped (a failure), not for its own sake: `flowdb retry` gives it back.
     Column("halted", Boolean, nullable=False, server_default=false()),
+    # Agent state binding (migration 0010): the backend (python, http, mcp) that ran an agent task, and
+    # the agent platform's execution and chat session. A waiting agent task with an execution polls it.
+    Column("agent_backend", String(16)),
+    Column("agent_execution", String(200)),
+    Column("agent_session", String(200)),
     CheckConstraint("round >= 1", name="ck_step_instances_round"),
     CheckConstraint("item IS NULL OR item >= 0", name="ck_step_instances_item"),
     CheckConstraint("items_left IS NULL OR (items_left >= 0 AND items_left <= items_total)",

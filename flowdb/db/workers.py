@@ -34,6 +34,8 @@ class Capabilities:
 
     agents: frozenset[str]
     step_types: frozenset[str]
+    # Agents with a `concurrency` limit, and the limit: the claim counts their running steps first.
+    limited: tuple[tuple[str, int], ...] = ()
 
     def rows(self, worker: str) -> list[dict[str, str]]:
         return ([{"worker": worker, "kind": "agent", "name": name} for name in sorted(self.agents)]
