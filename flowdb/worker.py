@@ -697,7 +697,13 @@ def _evaluates(ctx: StepContext) -> bool:
     thread; otherwise its static texts are taken on the loop, which costs nothing)."""
     if for_each.is_own_row(ctx):
         return for_each.needs_render(ctx)
-    return not ctx.claimed.woken and ctx.step.evaluates
+    return not _goes_on(ctx) and ctx.step.evaluates
+
+
+def _goes_on(ctx: StepContext) -> bool:
+    """A woken row whose turn goes on from where it waited: nothing to render (steptypes/base.py)."""
+    step_type = STEP_TYPES.get(ctx.claimed.type)
+    return ctx.claimed.woken and (step_type is None or step_type.goes_on(ctx.claimed))
 
 
 def _render(ctx: StepContext) -> Any:
@@ -706,7 +712,7 @@ def _render(ctx: StepContext) -> Any:
     A woken step (an approval's or a timer's later turn) renders nothing."""
     claimed, step = ctx.claimed, ctx.step
     own_row = for_each.is_own_row(ctx)
-    if claimed.woken and not own_row:
+    if _goes_on(ctx) and not own_row:
         return None
     if step.condition is not None and claimed.item is None and not claimed.woken \
             and not step.condition.evaluate(ctx.templates):

@@ -24,10 +24,11 @@ FLOWDB = shutil.which("flowdb", path=str(Path(sys.executable).parent)) or "flowd
 class Fleet:
     """Worker processes sharing one database; stderr of each goes to a file (never a pipe that fills)."""
 
-    def __init__(self, env: dict[str, str], folder: Path, *args: str) -> None:
+    def __init__(self, env: dict[str, str], folder: Path, *args: str, agents: Path = AGENTS_FILE) -> None:
         self.env = env
         self.folder = folder
         self.args = args
+        self.agents = agents
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: dict[int, Path] = {}
 
@@ -37,7 +38,7 @@ class Fleet:
             index = len(self.procs)
             log = self.folder / f"worker-{index}.log"
             with open(log, "wb") as out:
-                proc = subprocess.Popen([FLOWDB, "worker", "--agents", str(AGENTS_FILE), *self.args],
+                proc = subprocess.Popen([FLOWDB, "worker", "--agents", str(self.agents), *self.args],
                                         env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL)
             self.procs.append(proc)

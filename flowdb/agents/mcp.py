@@ -18,6 +18,7 @@ text holding JSON; its answers map to flowdb's as follows:
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import timedelta
 from typing import Any
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 from mcp import ClientSession
-from mcp.client.streamable_http import streamablehttp_client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import McpError
 from mcp.types import TextContent
 
@@ -72,6 +73,8 @@ class McpBackend:
         self.mode: str = mode
         self.timeout = _seconds(name, spec, "timeout", DEFAULT_TIMEOUT_SECONDS)
         self.poll_interval = _seconds(name, spec, "poll_interval", DEFAULT_POLL_SECONDS)
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def sequential(self) -> bool:
@@ -106,9 +109,12 @@ class McpBackend:
     async def _call_tool(self, tool: str, arguments: dict[str, Any]) -> str:
         where = f"agent {self.name!r} at {self.url}"
         headers = self._headers()
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:  # one HTTP client per event loop: connections reused
+            self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30.0, read=self.timeout + 30))
+            self._loop = loop
         try:
-            async with streamablehttp_client(self.url, headers=headers, timeout=30,
-                                             sse_read_timeout=self.timeout + 30) as (read, write, _):
+            async with streamable_http_client(self.url, http_client=self._client) as (read, write, _):
                 async with ClientSession(read, write, read_timeout_seconds=timedelta(seconds=self.timeout + 30)) \
                         as session:
                     await session.initialize()

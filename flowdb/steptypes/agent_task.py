@@ -13,6 +13,7 @@ import asyncio
 from typing import Any
 
 from flowdb.agents.types import AgentBusy, AgentRequest, AgentStillRunning
+from flowdb.db.claims import Claimed
 from flowdb.errors import AgentConfigError, StepFailure
 from flowdb.models import AgentTask
 from flowdb.outcomes import Outcome
@@ -28,10 +29,15 @@ class AgentTaskType(StepType):
         assert ctx.step.message is not None
         return ctx.step.message.render(ctx.templates)
 
+    def goes_on(self, claimed: Claimed) -> bool:
+        """A woken agent task polls the execution it waited on; without one it was held back before
+        it began (a budget) and starts now."""
+        return _execution_of(claimed) is not None
+
     async def run(self, ctx: StepContext) -> Outcome:
         model = ctx.step.model
         assert isinstance(model, AgentTask)
-        polled = _polled_execution(ctx)
+        polled = _execution_of(ctx.claimed) if ctx.claimed.woken else None
         message: str = ctx.claimed.input["message"] if polled else ctx.rendered
         request = AgentRequest(
             agent=model.agent, message=message, instance_id=ctx.claimed.instance_id, step_id=ctx.claimed.step_id,
@@ -76,12 +82,11 @@ class AgentTaskType(StepType):
         return None
 
 
-def _polled_execution(ctx: StepContext) -> str | None:
+def _execution_of(claimed: Claimed) -> str | None:
     """The platform execution an earlier turn of this run left running (its row waited for it)."""
-    state = ctx.claimed.input
-    if ctx.claimed.woken and isinstance(state, dict) and isinstance(state.get("execution_id"), str):
-        return state["execution_id"]  # type: ignore[no-any-return]
-    return None
+    state = claimed.input
+    execution = state.get("execution_id") if isinstance(state, dict) else None
+    return execution if isinstance(execution, str) else None
 
 
 def _idempotency_key(ctx: StepContext) -> str:

@@ -92,6 +92,11 @@ class StepType:
     def render(self, ctx: StepContext) -> Any:
         return None
 
+    def goes_on(self, claimed: Claimed) -> bool:
+        """Whether a woken row's turn goes on from where it waited (renders nothing), rather than
+        starting its work now (a step held back before it began: by a budget, say)."""
+        return True
+
     async def run(self, ctx: StepContext) -> Outcome:
         raise NotImplementedError
 
