@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from mcp_platform import SERVER, Platform, call_tool, call_tool_async, session, start_platform
 
 
