@@ -116,3 +116,25 @@ class NonRetryableError(StepFailure):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retryable=False)
+
+
+# The error types the HTTP and MCP backends fail a step with (its error.type, for on_failure and, later,
+# on_error and retry.non_retryable). Each keeps StepFailure's `retryable`.
+class AgentUnreachable(StepFailure):
+    """The agent's endpoint could not be reached or did not answer in time (retried)."""
+
+
+class AgentRefused(StepFailure):
+    """The agent or its platform refused the request: an answer with `retryable: false`, a 4xx, a
+    rejected key (not retried, unless the answer said it may be)."""
+
+
+class AgentReplyInvalid(StepFailure):
+    """The agent answered something that is not the protocol's reply (not retried)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+class AgentFailed(StepFailure):
+    """The agent's platform reported an error that may pass (retried, unless it said otherwise)."""

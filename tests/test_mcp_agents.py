@@ -116,19 +116,23 @@ def test_queued_timeout_polls_the_execution_and_never_sends_again(db: Database, 
     assert event_types(db.engine, iid).count("step.waiting") == len(polls)
 
 
-@pytest.mark.parametrize(("directive", "calls", "error"), [
-    ("[refuse]", 1, "refused"),
-    ("[badjson]", 1, "not a JSON object"),
-    ("[flaky 5]", 3, "failed for now"),  # transient: retried under the policy until attempts run out
+@pytest.mark.parametrize(("directive", "calls", "error", "error_type"), [
+    ("[refuse]", 1, "refused", "AgentRefused"),
+    ("[badjson]", 1, "not a JSON object", "AgentReplyInvalid"),
+    ("[flaky 5]", 3, "failed for now", "AgentFailed"),  # transient: retried under the policy until attempts run out
 ])
 def test_failures_are_retried_only_when_the_platform_says_they_may_be(
-        db: Database, keyed: Platform, tmp_path: Path, directive: str, calls: int, error: str) -> None:
+        db: Database, keyed: Platform, tmp_path: Path, directive: str, calls: int, error: str, error_type: str) -> None:
     message = f"{directive} {tmp_path.name}"
     [iid] = start(db.engine, one_step("researcher", message))
     work(db.engine, agents_file(tmp_path, keyed))
     row = steps(db.engine, iid)["ask"]
     assert row.status == "failed" and error in row.error and row.attempt == calls
     assert len(sent(keyed, message)) == calls
+    with db.engine.connect() as conn:
+        failed = conn.execute(select(events.c.payload).where(events.c.instance_id == iid,
+                                                             events.c.type == "instance.failed")).scalar_one()
+    assert failed["error_type"] == error_type
 
 
 def test_a_wrong_key_fails_at_once_and_names_the_variable(db: Database, platform: Platform, tmp_path: Path,

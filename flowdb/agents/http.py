@@ -22,7 +22,7 @@ import httpx
 
 from flowdb.agents.types import AgentReply, AgentRequest, as_reply
 from flowdb.durations import parse_duration
-from flowdb.errors import AgentConfigError, StepFailure
+from flowdb.errors import AgentConfigError, AgentFailed, AgentRefused, AgentReplyInvalid, AgentUnreachable
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
 RETRIED_STATUSES = frozenset({408, 425, 429})
@@ -82,25 +82,26 @@ class HttpBackend:
         try:
             response = await self._client.post(self.url, json=body, headers=headers)
         except httpx.TimeoutException:
-            raise StepFailure(f"{where} did not answer within {self.timeout:g}s") from None
+            raise AgentUnreachable(f"{where} did not answer within {self.timeout:g}s") from None
         except httpx.HTTPError as exc:
-            raise StepFailure(f"{where}: {type(exc).__name__}: {exc}") from None
+            raise AgentUnreachable(f"{where}: {type(exc).__name__}: {exc}") from None
         reply = _json(response)
         if response.status_code >= 300:
             said = _said(reply, response)
             retryable = (response.status_code in RETRIED_STATUSES or response.status_code >= 500) \
                 and not (isinstance(reply, dict) and reply.get("retryable") is False)
-            raise StepFailure(f"{where} answered {response.status_code}: {said}", retryable=retryable)
+            kind = AgentFailed if retryable else AgentRefused
+            raise kind(f"{where} answered {response.status_code}: {said}", retryable=retryable)
         if not isinstance(reply, dict) or "output" not in reply:
-            raise StepFailure(f"{where} answered {response.status_code} without a JSON object holding `output` "
-                              f"(got: {response.text[:200]!r})", retryable=False)
+            raise AgentReplyInvalid(f"{where} answered {response.status_code} without a JSON object holding `output` "
+                                    f"(got: {response.text[:200]!r})")
         if reply.get("retryable") is False:
-            raise StepFailure(f"{where} refused: {_said(reply, response)}", retryable=False)
+            raise AgentRefused(f"{where} refused: {_said(reply, response)}", retryable=False)
         try:
             cost, tokens_in, tokens_out = (float(reply.get("cost_usd") or 0), int(reply.get("tokens_in") or 0),
                                            int(reply.get("tokens_out") or 0))
         except (TypeError, ValueError):
-            raise StepFailure(f"{where}: cost_usd, tokens_in and tokens_out must be numbers", retryable=False) from None
+            raise AgentReplyInvalid(f"{where}: cost_usd, tokens_in and tokens_out must be numbers") from None
         return as_reply(AgentReply(reply["output"], cost, tokens_in, tokens_out), self.name)
 
 

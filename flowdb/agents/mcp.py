@@ -33,7 +33,7 @@ from mcp.types import TextContent
 
 from flowdb.agents.types import AgentBusy, AgentReply, AgentRequest, AgentStillRunning, as_reply
 from flowdb.durations import parse_duration
-from flowdb.errors import AgentConfigError, StepFailure
+from flowdb.errors import AgentConfigError, AgentFailed, AgentRefused, AgentReplyInvalid, AgentUnreachable
 
 DEFAULT_TIMEOUT_SECONDS = 600.0
 DEFAULT_POLL_SECONDS = 5.0
@@ -120,26 +120,26 @@ class McpBackend:
                     await session.initialize()
                     result = await session.call_tool(tool, arguments)
         except McpError as exc:  # the server answered the protocol with an error (an unknown tool, a timeout)
-            raise StepFailure(f"{where}: {tool} failed: {exc.error.message}") from None
+            raise AgentFailed(f"{where}: {tool} failed: {exc.error.message}") from None
         except Exception as exc:  # transport errors, wrapped in groups by the SDK's task groups
             refused = _http_status(exc)
             if refused in (401, 403):
-                raise StepFailure(f"{where} refused the API key (HTTP {refused}): check the key in "
-                                  f"{self.api_key_env or 'api_key_env'}", retryable=False) from None
-            raise StepFailure(f"{where}: {_first_cause(exc)}") from None
+                raise AgentRefused(f"{where} refused the API key (HTTP {refused}): check the key in "
+                                   f"{self.api_key_env or 'api_key_env'}", retryable=False) from None
+            raise AgentUnreachable(f"{where}: {_first_cause(exc)}") from None
         text = "".join(part.text for part in result.content if isinstance(part, TextContent))
         if result.isError:
             said = _json(text)
             retryable = not (isinstance(said, dict) and said.get("retryable") is False)
-            raise StepFailure(f"{where}: {tool} failed: {_said(said, text)}", retryable=retryable)
+            raise AgentFailed(f"{where}: {tool} failed: {_said(said, text)}", retryable=retryable)
         return text
 
     def _reply(self, text: str, tool: str, polled: str | None) -> AgentReply:
         where = f"agent {self.name!r} at {self.url}"
         answer = _json(text)
         if not isinstance(answer, dict):
-            raise StepFailure(f"{where}: {tool} answered something that is not a JSON object "
-                              f"(got: {text[:200]!r})", retryable=False)
+            raise AgentReplyInvalid(f"{where}: {tool} answered something that is not a JSON object "
+                                    f"(got: {text[:200]!r})")
         status = answer.get("status")
         if status == "agent_busy":
             after = _number(answer.get("retry_after_seconds"), DEFAULT_BUSY_RETRY_SECONDS)
@@ -147,13 +147,12 @@ class McpBackend:
         if status in STILL_RUNNING:
             execution = answer.get("execution_id") or polled
             if not isinstance(execution, str) or not execution:
-                raise StepFailure(f"{where}: {tool} answered {status} without an execution_id to poll",
-                                  retryable=False)
+                raise AgentReplyInvalid(f"{where}: {tool} answered {status} without an execution_id to poll")
             raise AgentStillRunning(f"{where} still runs execution {execution}", execution, self.poll_interval)
         if answer.get("retryable") is False:
-            raise StepFailure(f"{where} refused: {_said(answer, text)}", retryable=False)
+            raise AgentRefused(f"{where} refused: {_said(answer, text)}", retryable=False)
         if "response" not in answer:
-            raise StepFailure(f"{where}: {tool} failed: {_said(answer, text)}")
+            raise AgentFailed(f"{where}: {tool} failed: {_said(answer, text)}")
         given = answer.get("metadata")
         meta: dict[str, Any] = given if isinstance(given, dict) else {}
         try:
@@ -161,7 +160,7 @@ class McpBackend:
             tokens_in = int(meta.get("tokens_in") or meta.get("input_tokens") or 0)
             tokens_out = int(meta.get("tokens_out") or meta.get("output_tokens") or 0)
         except (TypeError, ValueError):
-            raise StepFailure(f"{where}: the reply's cost and token counts must be numbers", retryable=False) from None
+            raise AgentReplyInvalid(f"{where}: the reply's cost and token counts must be numbers") from None
         execution = meta.get("execution_id") or polled
         session = meta.get("session_id")
         context: dict[str, Any] = {"agent": self.agent_name, "session_id": session, "response": answer["response"],
