@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from flowdb.approvals import AlreadyDecided, AlreadyVoted, ApprovalClosed, BadDecision, NotAnApprover
+from flowdb.budget_ops import BadBudget
 from flowdb.control import InstanceNotRunning, StepNotCancellable, StepNotRetryable
 from flowdb.db.engine import database_unavailable
 from flowdb.errors import (
@@ -67,6 +68,7 @@ STATUS_OF: list[tuple[type[FlowdbError], int, str]] = [
     (IdempotencyInProgress, 409, "idempotency-in-progress"),
     (InputError, 422, "invalid-inputs"),
     (InstanceNotRunning, 409, "instance-not-running"),
+    (BadBudget, 422, "bad-budget"),
     (StepNotRetryable, 409, "step-not-retryable"),
     (StepNotCancellable, 409, "step-not-cancellable"),
 ]

@@ -135,6 +135,30 @@ class CancelStepOut(Strict):
     step_status: Literal["cancelled"]
 
 
+class BudgetOut(Strict):
+    scope: str = Field(description="process (the whole instance) or step (one agent task)")
+    step_id: str | None = Field(description="the step a step budget limits; null for the process's")
+    max_cost_usd: float | None
+    max_tokens: int | None
+    on_exceed: str = Field(description="fail | pause | ask")
+    approver: str | None
+    raises: int = Field(description="approved asks that raised it")
+    spent_usd: float
+    spent_tokens: int
+    running_steps: int
+
+
+class BudgetList(Strict):
+    items: list[BudgetOut]
+
+
+class BudgetIn(Strict):
+    step_id: str | None = Field(default=None, max_length=100,
+                                description="the agent task whose own budget to set; omitted: the process's")
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**62)
+
+
 class RetryOut(Strict):
     id: int
     status: str

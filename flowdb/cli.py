@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from flowdb import __version__
 from flowdb.agents.check import check_agents
 from flowdb.cli_approvals import approvals_group
+from flowdb.cli_budgets import budget_group
 from flowdb.cli_common import (
     FlowdbGroup,
     agents_option,
@@ -380,6 +381,7 @@ def status(db_url: str | None, instance_id: int, as_json: bool) -> None:
 
 
 main.add_command(approvals_group)
+main.add_command(budget_group)
 main.add_command(instances_group)
 main.add_command(definitions_group)
 main.add_command(tokens_group)

@@ -23,7 +23,7 @@ from flowdb.notify import Wakeups
 I, S = process_instances, step_instances  # noqa: E741
 
 
-def _locked_instance(conn: Connection, instance_id: int) -> Any:
+def locked_instance(conn: Connection, instance_id: int) -> Any:
     """The instance's status and definition, its row locked on PostgreSQL (as the workers' writers
     lock it), so an operator action and a step's outcome serialize."""
     query = select(I.c.status, I.c.definition_id).where(I.c.id == instance_id)
@@ -53,7 +53,7 @@ def cancel_instance(engine: Engine, instance_id: int, reason: str = "cancelled b
             cancelled.append(steps_by_id[sid])
 
     with engine.begin() as conn:
-        status = _locked_instance(conn, instance_id).status
+        status = locked_instance(conn, instance_id).status
         if status != InstanceStatus.RUNNING:
             raise InstanceNotRunning(f"instance {instance_id} is already {status}; only running instances can be "
                                      "cancelled")
@@ -90,7 +90,7 @@ def cancel_step(engine: Engine, instance_id: int, step_id: str, reason: str = "c
     closed = [0]
     sink = _Sink()
     with engine.begin() as conn:
-        found = _locked_instance(conn, instance_id)
+        found = locked_instance(conn, instance_id)
         if found.status != InstanceStatus.RUNNING:
             raise StepNotCancellable(f"instance {instance_id} is {found.status}; steps can be cancelled only in a "
                                      "running instance")
@@ -138,7 +138,7 @@ def retry_step(engine: Engine, instance_id: int, step_id: str) -> str:
     open) or ready. Returns the instance's status afterwards."""
     clock = Clock(engine.dialect.name)
     with engine.begin() as conn:
-        found = _locked_instance(conn, instance_id)
+        found = locked_instance(conn, instance_id)
         step = conn.execute(select(S.c.id, S.c.status, S.c.attempt).where(  # its latest round
             S.c.instance_id == instance_id, S.c.step_id == step_id, S.c.item.is_(None))
             .order_by(S.c.round.desc()).limit(1)).first()

@@ -159,6 +159,12 @@ class CompiledDefinition:
     filename: str = "<definition>"
 
     @functools.cached_property
+    def has_budgets(self) -> bool:
+        """The process or one of its steps has a budget (checked before each agent task starts)."""
+        return self.process.budget is not None or any(
+            getattr(step.model, "budget", None) is not None for step in self.steps.values())
+
+    @functools.cached_property
     def has_loops(self) -> bool:
         return any(step.loops for step in self.steps.values())
 

@@ -53,7 +53,25 @@ class InputSpec(Strict):
 
 
 class Budget(Strict):
-    max_cost_usd: float = Field(gt=0)
+    """A spending limit of a process (all its steps together) or of one agent task (all its attempts,
+    rounds and items), checked before each agent task starts (flowdb/db/budgets.py)."""
+
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    # fail the step; pause it until `flowdb budget raise`; ask `approver` to raise the budget.
+    on_exceed: Literal["fail", "pause", "ask"] = "fail"
+    approver: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Budget:
+        if self.max_cost_usd is None and self.max_tokens is None:
+            raise ValueError("a budget needs max_cost_usd, max_tokens or both")
+        if self.on_exceed == "ask" and self.approver is None:
+            raise ValueError("on_exceed: ask needs an approver (who may raise the budget), e.g. approver: "
+                             "finance@example.com")
+        if self.on_exceed != "ask" and self.approver is not None:
+            raise ValueError(f"approver is only for on_exceed: ask (this budget's on_exceed is {self.on_exceed})")
+        return self
 
 
 class LogAction(Strict):
@@ -120,6 +138,9 @@ class AgentTask(StepBase):
     agent: str = Field(min_length=1)
     message: str
     model: str | None = None  # passed to backends that take a model (the MCP platform's `model`)
+    budget: Budget | None = None  # this step's own limit, over all its attempts, rounds and items
+    # Reserved against the budgets while the step runs, so parallel branches cannot overspend together.
+    estimated_cost_usd: float | None = Field(default=None, ge=0)
 
 
 class HumanApproval(StepBase):

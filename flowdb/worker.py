@@ -32,13 +32,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from flowdb.actions import RenderedAction, render_actions
 from flowdb.agents.registry import AgentRegistry
 from flowdb.bounded import BoundedRunner
+from flowdb.db.budgets import Batch, BudgetChecks
 from flowdb.db.claims import FREE_RELEASES, Claimed, ClaimStatements
 from flowdb.db.clock import utcnow
 from flowdb.db.connectivity import CommitUnknown, DatabaseUnavailable, Outage, first_line, is_conflict, refused_data
 from flowdb.db.events import EventRow, EventWriter, event_row
 from flowdb.db.instances import DefinitionCache, DefinitionUnloadable
 from flowdb.db.progress import DueActions, Progress, ProgressStatements, ProgressWriter, template_context
-from flowdb.db.tables import process_instances, step_instances
+from flowdb.db.tables import step_instances
 from flowdb.db.workers import Capabilities, WorkerRegistry, quoted, unservable_agents
 from flowdb.definitions import CompiledDefinition
 from flowdb.engine import for_each
@@ -130,6 +131,7 @@ class Worker:
         self.events = EventWriter(dialect)
         self.definitions = DefinitionCache()
         self.for_each = ForEachStatements(dialect)
+        self.budgets = BudgetChecks(dialect)
         self.renderer: BoundedRunner  # made by run(): its threads end with it
         self.inflight: dict[int, Held] = {}
         self.done: list[Outcome] = []
@@ -304,7 +306,8 @@ class Worker:
             else:
                 claimed = [] if claim <= 0 else self.claims.claim_steps(
                     conn, opts.name, token, claim, opts.lease_seconds, opts.instance_id)
-            box[:] = [(progress, [(item, self._prepare(conn, item)) for item in claimed])]  # the last try's
+            batch = Batch.of([item.id for item in claimed])
+            box[:] = [(progress, [(item, self._prepare(conn, item, batch)) for item in claimed])]  # the last try's
 
         try:
             self._transaction(work)
@@ -412,7 +415,7 @@ class Worker:
         progress = self._transaction(lambda conn: self.writer.apply(conn, [outcome], definitions))
         await self._recorded([outcome], progress)
 
-    def _prepare(self, conn: Connection, item: Claimed) -> StepContext | Outcome:
+    def _prepare(self, conn: Connection, item: Claimed, batch: Batch | None = None) -> StepContext | Outcome:
         """Everything a handler needs, read in the claim's transaction; or the outcome already decided.
         Nothing here evaluates a user template (that happens after the commit, off the loop)."""
         try:
@@ -431,16 +434,13 @@ class Worker:
             context.update(item=item.item_value, index=item.item)
         gathered = self.for_each.load_items(conn, item.instance_id, item.step_id, item.round) \
             if item.woken and item.item is None and step.model.for_each is not None else None
-        budget = definition.process.budget
         step_type = STEP_TYPES.get(item.type)
-        if budget is not None and step_type is not None and step_type.spends:
-            spent = _instance_cost(conn, item.instance_id)
-            if spent >= budget.max_cost_usd:
-                return Outcome(item, "failed", retryable=False,
-                               error=f"budget of ${budget.max_cost_usd:g} is spent (${spent:g}); step not started")
+        # Budgets are checked in the claim's transaction, before the step starts (db/budgets.py).
+        verdict = self.budgets.check(conn, item, definition, step, batch) \
+            if definition.has_budgets and step_type is not None and step_type.spends else None
         loaded = step_type.load(conn, item, step) if step_type is not None and step_type.loads else None
         return StepContext(item, definition, step, context, self.agents, utcnow(), self.notifier, loaded,
-                           items=gathered)
+                           items=gathered, budget=verdict)
 
     # -- running steps --------------------------------------------------------------------------
     def _start(self, starting: list[tuple[Held, StepContext]]) -> None:
@@ -723,7 +723,3 @@ def _render(ctx: StepContext) -> Any:
     step_type = STEP_TYPES.get(claimed.type)
     return step_type.render(ctx) if step_type is not None and step_type.renders else None
 
-
-def _instance_cost(conn: Connection, instance_id: int) -> float:
-    return float(conn.execute(select(process_instances.c.cost_usd)
-                              .where(process_instances.c.id == instance_id)).scalar_one())

@@ -8,6 +8,7 @@ import binascii
 from sqlalchemy import Connection, Engine, select
 from starlette.responses import Response
 
+from flowdb.budget_ops import instance_budgets, set_budget
 from flowdb.control import cancel_instance, cancel_step, retry_step
 from flowdb.db.instances import DefinitionCache, StartRequest, find_definition, instance_row, start_instances, step_rows
 from flowdb.db.tables import events, process_instances
@@ -17,6 +18,9 @@ from ..endpoints import MAX_ID, Call, Endpoint, Header, Query, json_response
 from ..problems import ApiError
 from ..routes.events import event_out, event_rows
 from ..schemas import (
+    BudgetIn,
+    BudgetList,
+    BudgetOut,
     CancelOut,
     CancelStepOut,
     EventPage,
@@ -169,6 +173,25 @@ async def retry(call: Call) -> Response:
     return json_response(RetryOut(id=instance_id, status=status, step_id=step_id, step_status="ready"))
 
 
+async def budgets(call: Call) -> Response:
+    instance_id = call.path_int("instance_id")
+
+    def load(engine: Engine) -> BudgetList:
+        with engine.connect() as conn:
+            instance_row(conn, instance_id)  # 404 when it does not exist
+            return BudgetList(items=[BudgetOut(**row) for row in instance_budgets(conn, instance_id)])
+
+    return json_response(await call.db(load, call.engine))
+
+
+async def change_budget(call: Call) -> Response:
+    instance_id = call.path_int("instance_id")
+    body = await call.body(BudgetIn)
+    rows = await call.db(set_budget, call.engine, instance_id, body.step_id, body.max_cost_usd, body.max_tokens,
+                         call.who.identity, call.wakeups)
+    return json_response(BudgetList(items=[BudgetOut(**row) for row in rows]))
+
+
 ENDPOINTS = [
     Endpoint("POST", "/v1/processes/{name}/instances", start_instance, "Start an instance", "operator", "instances",
              body=StartIn, responses={201: InstanceDetail, 200: InstanceDetail}, errors=(404, 409),
@@ -188,6 +211,12 @@ ENDPOINTS = [
              "operator", "instances", responses={200: EventPage}, errors=(404, 422),
              query=(Query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "page size (200)"),
                     Query("cursor", {"type": "string"}, "next_cursor of the previous page"))),
+    Endpoint("GET", "/v1/instances/{instance_id:int}/budgets", budgets,
+             "An instance's budgets with what was spent against each", "operator", "instances",
+             responses={200: BudgetList}, errors=(404,)),
+    Endpoint("POST", "/v1/instances/{instance_id:int}/budgets", change_budget,
+             "Set a budget's limits for a running instance (wakes the steps a budget holds back)", "operator",
+             "instances", body=BudgetIn, responses={200: BudgetList}, errors=(404, 409, 422)),
     Endpoint("POST", "/v1/instances/{instance_id:int}/cancel", cancel, "Cancel a running instance", "operator",
              "instances", responses={200: CancelOut}, errors=(404, 409)),
     Endpoint("POST", "/v1/instances/{instance_id:int}/steps/{step_id}/cancel", cancel_one_step,

@@ -56,6 +56,7 @@ class OpenApproval:
     title: str
     instructions: str | None
     artifacts: list[str]
+    state: dict[str, Any] | None = None  # kept in the waiting step's input beside the approval's id
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class ParkApproval:
     approval_id: int
     notified: bool = False  # the first notices went out: set notified_at
     remind: bool = False  # on_timeout notify fired: due_at moves one timeout on, a reminder counted
+    state: dict[str, Any] | None = None  # kept in the waiting step's input beside the approval's id
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,8 @@ class ApprovalStatements:
         raise TypeError(f"unknown approval change {change!r}")
 
     def _park(self, conn: Connection, o: Outcome, approval_id: int, phase: str) -> None:
-        state = {"approval_id": approval_id}  # the turn is told by the approval row (notified_at)
+        # The turn is told by the approval row (notified_at); a step type may keep state of its own beside it.
+        state = {**(getattr(o.side, "state", None) or {}), "approval_id": approval_id}
         conn.execute(self.park_now if phase == "notify" else self.park,
                      {"sid": o.step.id, "token": o.step.lease_token, "aid": approval_id, "input": state})
 

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from flowdb.db.budgets import insert_budgets
 from flowdb.db.clock import Clock
 from flowdb.db.events import EventRow, EventWriter, event_row
 from flowdb.db.tables import process_definitions, process_instances, step_edges, step_instances
@@ -234,6 +235,7 @@ def _insert_instances(conn: Connection, definition_id: int, version: int, defini
         if not any(keys):
             raise
         return None
+    insert_budgets(conn, ids, definition)
     step_rows = []
     edge_rows = []
     event_rows: list[EventRow] = []

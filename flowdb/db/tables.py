@@ -279,3 +279,22 @@ worker_serves = Table(
     CheckConstraint("kind IN ('agent', 'step_type')", name="ck_worker_serves_kind"),
     Index("ix_worker_serves_kind_name", "kind", "name"),
 )
+
+# The budgets of each instance (db/budgets.py): one row for the process's budget (step_id NULL) and one per
+# agent task with a budget of its own, copied from the definition when the instance starts. `flowdb
+# budget raise` and an approved `on_exceed: ask` raise the limits here (`raises` counts them).
+instance_budgets = Table(
+    "instance_budgets",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("instance_id", Id, ForeignKey("process_instances.id"), nullable=False),
+    Column("step_id", String(100)),
+    Column("max_cost_usd", Money),
+    Column("max_tokens", BigInteger),
+    Column("on_exceed", String(8), nullable=False),
+    Column("approver", String(200)),
+    Column("raises", Integer, nullable=False, server_default="0"),
+    Column("updated_at", Timestamp, nullable=False),
+    CheckConstraint("on_exceed IN ('fail', 'pause', 'ask')", name="ck_instance_budgets_on_exceed"),
+    Index("uq_instance_budgets_scope", "instance_id", func.coalesce(text("step_id"), text("''")), unique=True),
+)

@@ -10,14 +10,21 @@ dies while polling hands over the poll, never a second send).
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import Connection
+
 from flowdb.agents.types import AgentBusy, AgentRequest, AgentStillRunning
+from flowdb.db.approvals import ApprovalStatements, OpenApproval, ParkApproval
+from flowdb.db.budgets import BUDGET_EXCEEDED, Verdict
 from flowdb.db.claims import Claimed
-from flowdb.errors import AgentConfigError, StepFailure
+from flowdb.errors import AgentConfigError, AgentUnreachable, StepFailure
 from flowdb.models import AgentTask
 from flowdb.outcomes import Outcome
-from flowdb.steptypes.base import StepContext, StepType
+from flowdb.steptypes.base import EventSink, Parked, StepContext, StepType, StoppedStep
+from flowdb.steptypes.human_approval import approval_notices
 
 
 class AgentTaskType(StepType):
@@ -37,6 +44,10 @@ class AgentTaskType(StepType):
     async def run(self, ctx: StepContext) -> Outcome:
         model = ctx.step.model
         assert isinstance(model, AgentTask)
+        if isinstance(ctx.budget, Verdict):
+            held = await _budget_turn(ctx, ctx.budget)
+            if held is not None:
+                return held
         polled = _execution_of(ctx.claimed) if ctx.claimed.woken else None
         message: str = ctx.claimed.input["message"] if polled else ctx.rendered
         request = AgentRequest(
@@ -47,10 +58,11 @@ class AgentTaskType(StepType):
         given: dict[str, Any] = {"agent": model.agent, "message": message}
         backend_kind = ctx.agents.backend_kind(model.agent)
 
-        def failed(error: str, error_type: str, retryable: bool = True) -> Outcome:
-            # A failed poll's retry sends the message afresh: that execution is over.
+        def failed(error: str, error_type: str, retryable: bool = True, execution_over: bool = False) -> Outcome:
+            # When the platform said the polled execution failed, a retry sends the message afresh; when
+            # the poll itself failed (unreachable, timed out), the retry polls the same execution again.
             return ctx.outcome("failed", error=error, error_type=error_type, retryable=retryable, input=given,
-                               backend=backend_kind, execution=polled, restart=polled is not None)
+                               backend=backend_kind, execution=polled, restart=polled is not None and execution_over)
 
         try:
             backend = ctx.agents.get(model.agent)
@@ -65,7 +77,7 @@ class AgentTaskType(StepType):
             return ctx.outcome("waiting", input={**given, "execution_id": exc.execution_id},
                                wake_in=exc.poll_after, backend=backend_kind, execution=exc.execution_id)
         except StepFailure as exc:
-            return failed(str(exc), type(exc).__name__, exc.retryable)
+            return failed(str(exc), type(exc).__name__, exc.retryable, not isinstance(exc, AgentUnreachable))
         except AgentConfigError as exc:  # the agents file is wrong: another attempt would fail the same way
             return failed(f"{exc} (fix the agents file and retry the step)", "AgentConfigError", False)
         except TimeoutError:
@@ -74,12 +86,74 @@ class AgentTaskType(StepType):
             return failed(f"agent {model.agent!r} raised {type(exc).__name__}: {exc}", type(exc).__name__)
         return ctx.outcome("completed", output=reply.output, cost_usd=float(reply.cost_usd),
                            tokens_in=int(reply.tokens_in), tokens_out=int(reply.tokens_out), input=given,
-                           backend=backend_kind, execution=reply.execution_id or polled, session=reply.session_id)
+                           backend=backend_kind, execution=reply.execution_id or polled, session=reply.session_id,
+                           events=_raised(ctx))
+
+    def record(self, conn: Connection, outcome: Outcome, event: EventSink) -> Parked | None:
+        """A budget `ask`: the approval opened (or waited on again), the step parked on it."""
+        parked = _approvals(conn.dialect.name).apply(conn, outcome, event)
+        if parked is None:
+            return None
+        event("step.waiting", {"approval_id": parked.approval_id, "budget": True})
+        return Parked(parked.claimable_now)
+
+    def stop(self, conn: Connection, stopped: list[StoppedStep], reason: str, event: Callable[..., None]) -> None:
+        """Pending budget approvals of cancelled steps become `cancelled`."""
+        for approval_id, instance_id in _approvals(conn.dialect.name).cancel_for_steps(conn, [s.id for s in stopped]):
+            event(instance_id, "approval.cancelled", {"approval_id": approval_id, "reason": reason})
 
     def describe_wait(self, outcome: Outcome) -> str | None:
         if outcome.execution:
             return f"the agent still works on it (execution {outcome.execution}); polling it"
         return None
+
+
+async def _budget_turn(ctx: StepContext, verdict: Verdict) -> Outcome | None:
+    """What the budgets make of this turn: None to go on and call the agent."""
+    approval = verdict.approval
+    if approval is not None and not verdict.raised and approval.status != "approved":
+        state = {k: v for k, v in ctx.claimed.input.items() if k != "approval_id"}
+        if approval.status == "pending":  # the first turn after it opened sends the notices
+            events: list[tuple[str, dict[str, Any]]] = []
+            if approval.notified_at is None:
+                for notice in approval_notices(ctx.notifier, approval, reminder=False):
+                    delivery = await ctx.notifier.send(notice)
+                    events.append(("approval.notified", {"approval_id": approval.id, "channel": delivery.channel,
+                                                         "ok": delivery.ok, "error": delivery.error}))
+            return ctx.outcome("waiting", side=ParkApproval(approval.id, notified=True, state=state), events=events)
+        who = f" by {approval.decided_by}" if approval.decided_by else ""
+        said = f": {approval.comment}" if approval.comment else ""
+        return ctx.outcome("failed", retryable=False, error_type=BUDGET_EXCEEDED, input=ctx.claimed.input,
+                           error=f"the budget was not raised: approval {approval.id} was {approval.status}{who}{said}")
+    exceeded = verdict.exceeded
+    if exceeded is None:
+        return None
+    limit, facts = exceeded.limit, exceeded.facts()
+    told = [("budget.exceeded", facts)]
+    if limit.on_exceed == "pause":
+        return ctx.outcome("waiting", input={"budget_held": facts}, events=told)
+    if limit.on_exceed == "ask" and limit.approver is not None:
+        title = f"Raise {limit.scope} of instance {ctx.claimed.instance_id} ({ctx.definition.name})?"
+        instructions = (f"Step {ctx.claimed.step_id!r} cannot start: {exceeded.describe()}. Approving raises the "
+                        f"budget by {limit.raised_by()} and lets the step run; rejecting fails it.")
+        opening = OpenApproval([limit.approver], 1, "fail", None, title, instructions, [],
+                               state={"budget": limit.key, "raise": limit.raises + 1})
+        return ctx.outcome("waiting", side=opening, events=told)
+    return ctx.outcome("failed", retryable=False, error_type=BUDGET_EXCEEDED, events=told,
+                       error=f"{exceeded.describe()}; step not started")
+
+
+def _raised(ctx: StepContext) -> list[tuple[str, dict[str, Any]]]:
+    verdict = ctx.budget
+    if isinstance(verdict, Verdict) and verdict.raised and verdict.approval is not None:
+        return [("budget.raised", {"approval_id": verdict.approval.id, "budget": ctx.claimed.input.get("budget"),
+                                   "by": verdict.approval.decided_by})]
+    return []
+
+
+@functools.lru_cache(maxsize=4)
+def _approvals(dialect_name: str) -> ApprovalStatements:
+    return ApprovalStatements(dialect_name)
 
 
 def _execution_of(claimed: Claimed) -> str | None:

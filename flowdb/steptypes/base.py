@@ -44,6 +44,7 @@ class StepContext:
     loaded: Any = None  # what the type's load() read in the claim's transaction
     rendered: Any = None  # what the type's render() made of its templates
     items: list[dict[str, Any]] | None = None  # a for_each step's items, when they woke its own row
+    budget: Any = None  # for a step that spends: the budgets' verdict (db/budgets.py), read at the claim
 
     def outcome(self, kind: Any, **fields: Any) -> Outcome:
         return Outcome(self.claimed, kind, **fields)
