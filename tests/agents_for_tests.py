@@ -108,6 +108,7 @@ def timed(request: AgentRequest) -> dict[str, Any]:
 TRACKED: list[tuple[str, str, float]] = []  # (start|end, agent, time.monotonic())
 BUSY_LEFT: dict[str, int] = {}  # message -> how many more calls answer "busy"
 EXECUTIONS: dict[str, int] = {}  # execution id -> polls left before it is done
+SENT: list[str] = []  # messages platform_like was sent (not polls)
 
 
 async def tracked(request: AgentRequest) -> dict[str, Any]:
@@ -126,6 +127,11 @@ def platform_like(request: AgentRequest) -> AgentReply:
     from flowdb.agents.types import AgentBusy, AgentStillRunning
 
     if request.execution_id is not None:
+        if request.message.startswith("queue-unreachable") and EXECUTIONS[request.execution_id] == 2:
+            from flowdb.errors import AgentUnreachable
+
+            EXECUTIONS[request.execution_id] -= 1
+            raise AgentUnreachable("the platform did not answer the poll")
         EXECUTIONS[request.execution_id] -= 1
         if EXECUTIONS[request.execution_id] > 0:
             raise AgentStillRunning("still running", request.execution_id, 0.05)
@@ -136,7 +142,8 @@ def platform_like(request: AgentRequest) -> AgentReply:
         if left > 0:
             BUSY_LEFT[request.message] = left - 1
             raise AgentBusy("queue full", 0.05)
-    if word == "queue":
+    SENT.append(request.message)
+    if word in ("queue", "queue-unreachable"):
         execution = f"exe-{request.instance_id}-{request.step_id}-{request.attempt}"
         EXECUTIONS[execution] = int(number)
         raise AgentStillRunning("queued", execution, 0.05)

@@ -108,6 +108,17 @@ def test_a_step_waits_on_a_platform_execution_and_polls_it(db: Database, tmp_pat
     assert tuple(view) == ("python", execution, "completed", 1)
 
 
+def test_a_poll_that_fails_is_retried_as_a_poll_of_the_same_execution(db: Database, tmp_path: Path) -> None:
+    agents = agents_file(tmp_path, '  platform: {python: "agents_for_tests:platform_like"}\n')
+    message = f"queue-unreachable 3 {db.kind}-{tmp_path.name}"
+    [iid] = start(db.engine, ONE_STEP.format(agent="platform", message=message))
+    work(db.engine, agents)
+    row = steps(db.engine, iid)["call"]
+    assert (row.status, row.attempt, row.output) == ("completed", 2, f"done exe-{iid}-call-1")
+    assert agents_for_tests.SENT.count(message) == 1  # sent once; the failed poll's retry polled again
+    assert "step.retry_scheduled" in event_types(db.engine, iid)
+
+
 @pytest.mark.parametrize(("body", "message"), [
     ("concurrency: 0", "concurrency must be a whole number of 1 or more, not 0"),
     ("concurrency: two", "concurrency must be a whole number of 1 or more, not 'two'"),

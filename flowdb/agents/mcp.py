@@ -19,6 +19,7 @@ text holding JSON; its answers map to flowdb's as follows:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from datetime import timedelta
 from typing import Any
@@ -42,6 +43,8 @@ MODES = ("sequential", "parallel")
 KEYS = frozenset({"url", "api_key_env", "tool", "result_tool", "agent_name", "mode", "model", "timeout",
                   "poll_interval"})
 STILL_RUNNING = frozenset({"queued_timeout", "running", "queued", "pending"})
+# The SDK logs a traceback for every dropped connection; flowdb reports the failure as the step's error.
+logging.getLogger("mcp.client.streamable_http").setLevel(logging.CRITICAL)
 
 
 class McpBackend:
