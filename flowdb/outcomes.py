@@ -41,4 +41,5 @@ class Outcome:
     backend: str | None = None
     execution: str | None = None
     session: str | None = None
+    metered: str | None = None  # the agent whose tokens_per_minute these tokens count against (db/agent_usage.py)
     restart: bool = False  # for a retried failure: the next attempt starts afresh (not a woken row's next turn)

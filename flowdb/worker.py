@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from flowdb.actions import RenderedAction, render_actions
-from flowdb.agents.registry import AgentRegistry
+from flowdb.agents.registry import AgentLimits, AgentRegistry
 from flowdb.bounded import BoundedRunner
 from flowdb.db.budgets import Batch, BudgetChecks
 from flowdb.db.claims import FREE_RELEASES, Claimed, ClaimStatements
@@ -118,8 +118,8 @@ class Worker:
         self.listener = listener or (lambda kind, data: None)
         dialect = engine.dialect.name
         # It claims only steps it can serve; the others wait for a worker that has their agent.
-        limited = tuple((name, limit) for name in agents.names()
-                        if (limit := agents.limits(name).concurrency) is not None)
+        limited = tuple((name, limits.concurrency, limits.tokens_per_minute) for name in agents.names()
+                        if (limits := agents.limits(name)) != AgentLimits())
         self.capabilities = Capabilities(frozenset(agents.names()), frozenset(STEP_TYPES.names()), limited)
         self.claims = ClaimStatements(dialect, one_instance=self.options.instance_id is not None,
                                       serves=self.capabilities)

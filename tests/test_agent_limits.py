@@ -5,19 +5,21 @@ waits on a platform execution polling it (never sending again), with the binding
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select, text
 
 from flowdb.agents.registry import AgentRegistry
+from flowdb.db import clock
 from flowdb.db.tables import events, process_instances
 from flowdb.errors import DefinitionError
 from flowdb.worker import Worker, WorkerOptions
 
 import agents_for_tests
 from conftest import Database
-from helpers import event_types, start, steps, work
+from helpers import drive, event_types, start, steps, work
 
 ONE_STEP = """\
 process:
@@ -131,3 +133,28 @@ def test_bad_limits_in_the_agents_file_are_refused(tmp_path: Path, body: str, me
         AgentRegistry.from_file(path)
     assert message in str(caught.value)
     assert f"{path}:2:" in str(caught.value)
+
+
+def test_tokens_per_minute_holds_the_agents_steps_until_the_window_moves(db: Database, tmp_path: Path) -> None:
+    agents = agents_file(tmp_path, '  metered: {python: "agents_for_tests:pricey", tokens_per_minute: 300}\n')
+    [iid] = start(db.engine, """
+process:
+  name: metered
+  steps:
+    - {id: a, type: agent_task, agent: metered, message: "1"}
+    - {id: b, type: agent_task, agent: metered, message: "2", depends_on: [a]}
+    - {id: c, type: agent_task, agent: metered, message: "3", depends_on: [b]}
+""")
+    # 150 tokens a call: a and b use the minute's 300; c waits, ready, for the window to move.
+    drive(db.engine, lambda: steps(db.engine, iid)["b"].status == "completed", agents_file=agents)
+    deadline = time.monotonic() + 1.0
+    drive(db.engine, lambda: time.monotonic() > deadline, agents_file=agents)
+    assert steps(db.engine, iid)["c"].status == "ready"
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT SUM(tokens) FROM agent_token_usage WHERE agent = 'metered'")).scalar() == 300
+    clock.set_offset(61)  # a minute later (the workers' clock, which the buckets use)
+    try:
+        work(db.engine, agents)
+    finally:
+        clock.set_offset(0)
+    assert steps(db.engine, iid)["c"].status == "completed"

@@ -46,6 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
+from flowdb.db.agent_usage import UsageStatements
 from flowdb.db.clock import Clock
 from flowdb.db.driver import DriverStatement, from_json
 from flowdb.db.events import EventWriter, event_row
@@ -114,7 +115,7 @@ def servable(serves: Capabilities, *, limited_waiting_only: bool = False) -> Col
     are written into the statement, compiled once per worker). `limited_waiting_only`: of the agents
     with a concurrency limit, only the waiting rows' next turns (claim_limited takes their ready rows)."""
     types = S.c.type.in_(_names(serves.step_types))
-    limited = {name for name, _ in serves.limited}
+    limited = {name for name, _, _ in serves.limited}
     free = serves.agents - limited if limited_waiting_only else serves.agents
     agents: list[ColumnElement[bool]] = [S.c.agent.is_(None)]
     if free:
@@ -143,7 +144,11 @@ class ClaimStatements:
         # limit are claimed by claim_limited, which counts the agent's busy slots first.
         can_serve: tuple[ColumnElement[bool], ...] = (servable(serves, limited_waiting_only=True),) \
             if serves is not None else ()
-        self.limits: dict[str, int] = dict(serves.limited) if serves is not None else {}
+        # Agents whose ready steps claim_limited takes: (concurrency, tokens per minute), None for no limit.
+        self.gated: dict[str, tuple[int | None, int | None]] = {
+            name: (slots, rate) for name, slots, rate in serves.limited} if serves is not None else {}
+        self.limits: dict[str, int] = {name: slots for name, (slots, _) in self.gated.items() if slots is not None}
+        self.usage = UsageStatements(dialect_name)
         lease: BindParameter[float] = bindparam("lease_seconds")
         held = {"status": RUNNING, "lease_owner": bindparam("owner"), "lease_token": bindparam("token"),
                 "lease_expires_at": clock.plus(lease), "claimable_at": clock.plus(lease), "heartbeat_at": clock.now}
@@ -193,7 +198,7 @@ class ClaimStatements:
                                         *can_type).scalar_subquery()))
             .values(**held, started_at=clock.now, **queued, attempt=S.c.attempt + literal(1), error=None)
             .returning(*returning)
-        ) if self.limits else None
+        ) if self.gated else None
         # The agents' busy slots, counted through the claimable index (every busy row is claimable).
         self.busy_slots = (
             select(S.c.agent, func.count())
@@ -275,18 +280,25 @@ class ClaimStatements:
         return claimed
 
     def claim_limited(self, conn: Connection, params: dict[str, Any], n: int) -> list[Claimed]:
-        """Claim ready steps of the agents with a concurrency limit, each up to its free slots. The
-        count and the claims are serialized per agent across every worker and host: by a transaction
-        lock per agent on PostgreSQL (taken in name order), by the one writer at a time on SQLite."""
+        """Claim ready steps of the agents with limits: each up to its free concurrency slots, none of an
+        agent whose last minute's tokens reached its tokens_per_minute. The counts and the claims are
+        serialized per agent across every worker and host: by a transaction lock per agent on
+        PostgreSQL (taken in name order), by the one writer at a time on SQLite."""
         assert self.claim_agent is not None
         if self.postgres:
-            for name in sorted(self.limits):
+            for name in sorted(self.gated):
                 conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(
                     literal("flowdb.agent:") + literal(name), 0))))
-        busy: dict[str, int] = {agent: count for agent, count in conn.execute(self.busy_slots)}
+        busy: dict[str, int] = {agent: count for agent, count in conn.execute(self.busy_slots)} \
+            if self.limits else {}
+        used = self.usage.last_minute(conn, [name for name, (_, rate) in self.gated.items() if rate is not None])
         claimed: list[Claimed] = []
-        for name, limit in sorted(self.limits.items()):
-            free = min(limit - busy.get(name, 0), n - len(claimed))
+        for name, (slots, rate) in sorted(self.gated.items()):
+            free = n - len(claimed)
+            if slots is not None:
+                free = min(free, slots - busy.get(name, 0))
+            if rate is not None and used.get(name, 0) >= rate:
+                free = 0  # its last minute's tokens reached the limit: its steps wait for the window to move
             if free > 0:
                 claimed += self._claimed(conn, self.claim_agent, {**params, "agent": name, "n": free})
         return claimed

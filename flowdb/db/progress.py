@@ -30,6 +30,7 @@ from sqlalchemy import (
     update,
 )
 
+from flowdb.db.agent_usage import UsageStatements
 from flowdb.db.claims import CANCELLED_WHILE_RUNNING, LEASE_DROPPED, STOPPED
 from flowdb.db.clock import Clock
 from flowdb.db.driver import DriverStatement, as_json
@@ -142,6 +143,7 @@ class ProgressStatements:
         self.stopper = Stopper(dialect_name)
         self.settler = Settler(dialect_name, self.stopper)
         self.for_each = ForEachStatements(dialect_name)
+        self.usage = UsageStatements(dialect_name)
 
 
 @dataclass
@@ -207,6 +209,11 @@ class ProgressWriter:
                             {"attempt": o.step.attempt, "outcome": o.kind, "reason": reason}, o.step.id)
             elif o.side is None or not self._record_side(conn, o, batch):
                 live.append(o)
+        metered: dict[str, int] = {}
+        for o in live:
+            if o.metered is not None:
+                metered[o.metered] = metered.get(o.metered, 0) + o.tokens_in + o.tokens_out
+        self.q.usage.record(conn, metered)  # tokens_per_minute (db/agent_usage.py)
         settling = [o for o in live if o.kind in ("completed", "skipped")]
         finals = [o for o in live if o.kind == "failed" and not self._retrying(o)]
         self.q.complete_many.executemany(conn, [self._completion(o) for o in settling + finals])

@@ -298,3 +298,13 @@ instance_budgets = Table(
     CheckConstraint("on_exceed IN ('fail', 'pause', 'ask')", name="ck_instance_budgets_on_exceed"),
     Index("uq_instance_budgets_scope", "instance_id", func.coalesce(text("step_id"), text("''")), unique=True),
 )
+
+# Tokens each rate-limited agent reported, per 10-second bucket (db/agent_usage.py): the claim sums the
+# last minute's against the agent's `tokens_per_minute`. `bucket` is a Unix time in seconds.
+agent_token_usage = Table(
+    "agent_token_usage",
+    metadata,
+    Column("agent", String(100), primary_key=True),
+    Column("bucket", BigInteger, primary_key=True),
+    Column("tokens", BigInteger, nullable=False),
+)

@@ -34,8 +34,9 @@ class Capabilities:
 
     agents: frozenset[str]
     step_types: frozenset[str]
-    # Agents with a `concurrency` limit, and the limit: the claim counts their running steps first.
-    limited: tuple[tuple[str, int], ...] = ()
+    # Agents with a `concurrency` or `tokens_per_minute` limit, with both (None: no such limit): the
+    # claim counts their running steps and their last minute's tokens first.
+    limited: tuple[tuple[str, int | None, int | None], ...] = ()
 
     def rows(self, worker: str) -> list[dict[str, str]]:
         return ([{"worker": worker, "kind": "agent", "name": name} for name in sorted(self.agents)]

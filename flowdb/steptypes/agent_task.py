@@ -57,6 +57,7 @@ class AgentTaskType(StepType):
         )
         given: dict[str, Any] = {"agent": model.agent, "message": message}
         backend_kind = ctx.agents.backend_kind(model.agent)
+        metered = model.agent if ctx.agents.limits(model.agent).tokens_per_minute is not None else None
 
         def failed(error: str, error_type: str, retryable: bool = True, execution_over: bool = False) -> Outcome:
             # When the platform said the polled execution failed, a retry sends the message afresh; when
@@ -87,7 +88,7 @@ class AgentTaskType(StepType):
         return ctx.outcome("completed", output=reply.output, cost_usd=float(reply.cost_usd),
                            tokens_in=int(reply.tokens_in), tokens_out=int(reply.tokens_out), input=given,
                            backend=backend_kind, execution=reply.execution_id or polled, session=reply.session_id,
-                           events=_raised(ctx))
+                           events=_raised(ctx), metered=metered)
 
     def record(self, conn: Connection, outcome: Outcome, event: EventSink) -> Parked | None:
         """A budget `ask`: the approval opened (or waited on again), the step parked on it."""
