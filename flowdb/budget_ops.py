@@ -17,6 +17,8 @@ from flowdb.errors import FlowdbError, NotFound
 from flowdb.notify import Wakeups
 
 S = step_instances
+MAX_USD = 1e12  # as the definition's budgets allow (and Numeric(18, 6) holds)
+MAX_TOKENS = 2**62
 BUDGET_COLUMNS = ("scope", "step_id", "max_cost_usd", "max_tokens", "on_exceed", "approver", "raises", "spent_usd",
                   "spent_tokens", "running_steps")
 V = table("v_budgets", column("instance_id"), *(column(name) for name in BUDGET_COLUMNS))
@@ -39,10 +41,10 @@ def set_budget(engine: Engine, instance_id: int, step_id: str | None, max_cost_u
     tasks a budget holds back (they check again). Returns the instance's budgets afterwards."""
     if max_cost_usd is None and max_tokens is None:
         raise BadBudget("give a new max_cost_usd, max_tokens or both")
-    if max_cost_usd is not None and not max_cost_usd > 0:
-        raise BadBudget(f"max_cost_usd must be more than 0, not {max_cost_usd:g}")
-    if max_tokens is not None and max_tokens < 1:
-        raise BadBudget(f"max_tokens must be 1 or more, not {max_tokens}")
+    if max_cost_usd is not None and not 0 < max_cost_usd <= MAX_USD:
+        raise BadBudget(f"max_cost_usd must be more than 0 and at most {MAX_USD:g}, not {max_cost_usd:g}")
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS:
+        raise BadBudget(f"max_tokens must be from 1 to {MAX_TOKENS}, not {max_tokens}")
     clock = Clock(engine.dialect.name)
     with engine.begin() as conn:
         status = locked_instance(conn, instance_id).status

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from flowdb.errors import DefinitionError, Located
 from flowdb.expressions import (
     FAILURE_NAMES,
+    FEEDBACK_NAMES,
     GATHER_NAMES,
     ITEM_NAMES,
     ROOT_NAMES,
@@ -111,6 +112,7 @@ class CompiledStep:
     position: tuple[int, int] = (1, 1)  # line and column of the step in its file
     for_each: Condition | None = None  # a for_each given as an expression (a list literal is on the model)
     complete_when: Condition | None = None
+    reviewed: bool = False  # an approval `reviews` it: its claims load the feedback given on its output
 
     @property
     def id(self) -> str:
@@ -495,6 +497,7 @@ def _compile(
                    locator, problems)
     for sid, step in steps.items():
         _compile_step(step, step_path[sid], scope)
+    _check_agent_links(steps, step_path, known, locator, problems)
 
     for name, problem in check_defaults(process.inputs):
         problems.append(locator.value(("process", "inputs", name, "default"), problem))
@@ -513,6 +516,35 @@ def _compile(
         return out
 
     return steps, edges, actions("on_success"), actions("on_failure")
+
+
+def _check_agent_links(steps: dict[str, CompiledStep], step_path: dict[str, Path], known: dict[str, Path],
+                       locator: Locator, problems: list[Located]) -> None:
+    """What ties agent tasks together: an approval's `reviews` names an agent task (which is then marked
+    reviewed: its claims load feedback), a context restored is saved by some agent task."""
+    agent_tasks = {sid for sid, step in steps.items() if isinstance(step.model, AgentTask)}
+    saved = {step.model.context.save for step in steps.values()
+             if isinstance(step.model, AgentTask) and step.model.context is not None and step.model.context.save}
+    for sid, step in steps.items():
+        model = step.model
+        if isinstance(model, HumanApproval) and model.reviews is not None:
+            where = (*step_path[sid], "reviews")
+            if model.reviews in agent_tasks:
+                steps[model.reviews].reviewed = True
+            elif model.reviews in steps:
+                problems.append(locator.value(where, f"approval {sid!r} reviews step {model.reviews!r}, which is a "
+                                              f"{steps[model.reviews].type}; reviews names an agent task, whose "
+                                              "agent is given the approvers' feedback when it runs again"))
+            elif model.reviews not in known:
+                problems.append(locator.value(where, f"approval {sid!r} reviews unknown step {model.reviews!r}"
+                                              f"{suggest(model.reviews, agent_tasks)}"))
+        if isinstance(model, AgentTask) and model.context is not None and model.context.restore is not None \
+                and model.context.restore not in saved:
+            problems.append(locator.value((*step_path[sid], "context", "restore"),
+                                          f"step {sid!r} restores context {model.context.restore!r}, which no step "
+                                          f"saves{suggest(model.context.restore, saved)}; "
+                                          + (f"saved contexts: {', '.join(sorted(saved))}" if saved
+                                             else "save one with context: {save: NAME} on an earlier agent task")))
 
 
 def _collect_steps(valid: _Validated, locator: Locator, problems: list[Located]
@@ -658,7 +690,12 @@ def _compile_step(step: CompiledStep, path: Path, scope: _Scope) -> None:
         if condition is not None:
             _check_refs(condition.refs, where, sid, scope)
             step.condition = condition
-    if isinstance(model, AgentTask | Notification):
+    if isinstance(model, AgentTask):  # an agent task's message may quote the feedback on its earlier output
+        template = _template(model.message, (*path, "message"), locator, problems)
+        if template is not None:
+            _check_refs(template.refs, (*path, "message"), sid, scope, per_item | FEEDBACK_NAMES)
+        step.message = template
+    if isinstance(model, Notification):
         step.message = text("message", model.message, (*path, "message"))
     if isinstance(model, HumanApproval | Notification):
         for name in ("title", "instructions"):

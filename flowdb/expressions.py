@@ -838,6 +838,7 @@ ROOT_NAMES = frozenset({"inputs", "steps", "process"})
 ITEM_NAMES = frozenset({"item", "index"})  # in the templates of a for_each step's items
 GATHER_NAMES = frozenset({"items", "completed", "total"})  # in a for_each step's complete_when
 FAILURE_NAMES = frozenset({"error"})  # in on_failure messages: why the instance failed
+FEEDBACK_NAMES = frozenset({"feedback"})  # in agent tasks' messages: what reviewers said of earlier output
 
 
 def _references(ast: nodes.Node) -> References:

@@ -56,8 +56,8 @@ class Budget(Strict):
     """A spending limit of a process (all its steps together) or of one agent task (all its attempts,
     rounds and items), checked before each agent task starts (flowdb/db/budgets.py)."""
 
-    max_cost_usd: float | None = Field(default=None, gt=0)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_cost_usd: float | None = Field(default=None, gt=0, le=1e12, allow_inf_nan=False)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**62)
     # fail the step; pause it until `flowdb budget raise`; ask `approver` to raise the budget.
     on_exceed: Literal["fail", "pause", "ask"] = "fail"
     approver: str | None = Field(default=None, min_length=1, max_length=200)
@@ -126,6 +126,8 @@ class StepBase(Strict):
     condition: str | None = None
     retry: RetryPolicy | None = None
     timeout: float | None = None
+    # Agents sent a short notice when the step completes (at least once; never holds the process up).
+    subscribers: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(default=[], max_length=50)
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -133,18 +135,36 @@ class StepBase(Strict):
         return None if value is None else _seconds(value)
 
 
+class ContextCheckpoint(Strict):
+    """`save`: keep the context the agent's reply leaves under this name; `restore`: pass the context
+    saved under this name to the call (db/contexts.py)."""
+
+    save: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=100)
+    restore: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=100)
+
+    @model_validator(mode="after")
+    def _one(self) -> ContextCheckpoint:
+        if self.save is None and self.restore is None:
+            raise ValueError("context needs save: NAME, restore: NAME or both")
+        return self
+
+
 class AgentTask(StepBase):
     type: Literal["agent_task"]
     agent: str = Field(min_length=1)
     message: str
     model: str | None = None  # passed to backends that take a model (the MCP platform's `model`)
+    context: ContextCheckpoint | None = None  # save the agent's context for a later step, or restore one
     budget: Budget | None = None  # this step's own limit, over all its attempts, rounds and items
     # Reserved against the budgets while the step runs, so parallel branches cannot overspend together.
-    estimated_cost_usd: float | None = Field(default=None, ge=0)
+    estimated_cost_usd: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False)
 
 
 class HumanApproval(StepBase):
     type: Literal["human_approval"]
+    # The agent task whose output this approval judges: each vote's decision and comment is recorded as
+    # feedback for that step, and given to its agent when it runs again (a loop round, a retry).
+    reviews: str | None = None
     approvers: list[str] = Field(min_length=1)
     quorum: int = Field(default=1, ge=1)
     on_timeout: Literal["notify", "approve", "reject", "fail"] = "fail"

@@ -41,5 +41,6 @@ class Outcome:
     backend: str | None = None
     execution: str | None = None
     session: str | None = None
+    context: dict[str, Any] | None = None  # for a completed agent task: what its reply's context holds (to save)
     metered: str | None = None  # the agent whose tokens_per_minute these tokens count against (db/agent_usage.py)
     restart: bool = False  # for a retried failure: the next attempt starts afresh (not a woken row's next turn)

@@ -31,6 +31,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from flowdb.actions import RenderedAction, render_actions
 from flowdb.agents.registry import AgentLimits, AgentRegistry
+from flowdb.agents.types import AgentBusy, AgentRequest, AgentStillRunning
 from flowdb.bounded import BoundedRunner
 from flowdb.db.budgets import Batch, BudgetChecks
 from flowdb.db.claims import FREE_RELEASES, Claimed, ClaimStatements
@@ -39,6 +40,7 @@ from flowdb.db.connectivity import CommitUnknown, DatabaseUnavailable, Outage, f
 from flowdb.db.events import EventRow, EventWriter, event_row
 from flowdb.db.instances import DefinitionCache, DefinitionUnloadable
 from flowdb.db.progress import DueActions, Progress, ProgressStatements, ProgressWriter, template_context
+from flowdb.db.subscriptions import NoticeStatements, Pending
 from flowdb.db.tables import step_instances
 from flowdb.db.workers import Capabilities, WorkerRegistry, quoted, unservable_agents
 from flowdb.definitions import CompiledDefinition
@@ -53,6 +55,7 @@ from flowdb.steptypes.base import StepContext
 from flowdb.steptypes.registry import STEP_TYPES
 
 log = logging.getLogger("flowdb.worker")
+NOTICE_TIMEOUT_SECONDS = 120.0  # a notice to a subscribed agent that takes longer is tried again later
 T = TypeVar("T")
 
 
@@ -74,6 +77,8 @@ class WorkerOptions:
     # How often an idle worker looks for ready steps whose agent no running worker has (the first
     # look comes sooner, once a fleet started together has registered).
     unservable_check_seconds: float = 60.0
+    # How often it looks for notices to subscribed agents to deliver (db/subscriptions.py).
+    notice_poll_seconds: float = 1.0
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -132,6 +137,7 @@ class Worker:
         self.definitions = DefinitionCache()
         self.for_each = ForEachStatements(dialect)
         self.budgets = BudgetChecks(dialect)
+        self.notices = NoticeStatements(dialect)
         self.renderer: BoundedRunner  # made by run(): its threads end with it
         self.inflight: dict[int, Held] = {}
         self.done: list[Outcome] = []
@@ -169,6 +175,7 @@ class Worker:
             self._waker = Waker(self.options.redis_url, self._nudge.set)
             self._waker.start()
         opts = self.options
+        notices = asyncio.create_task(self._notice_loop()) if self.capabilities.agents else None
         next_heartbeat = time.monotonic() + opts.heartbeat_seconds
         self._next_unservable_check = time.monotonic() + min(5.0, opts.unservable_check_seconds)
         try:
@@ -211,7 +218,12 @@ class Worker:
                     except TimeoutError:
                         pass
             await self._shutdown()
+            if notices is not None:
+                notices.cancel()
+                await self._deliver_notices(until=time.monotonic() + opts.grace_seconds)  # this run's last ones
         finally:
+            if notices is not None:
+                notices.cancel()
             self._unregister()
             self.renderer.close()
             if self._waker is not None:
@@ -600,6 +612,58 @@ class Worker:
                 self.abandoned += 1
             self.done = [o for o in self.done if o.step.id != step_instance_id]
             self._forget(step_instance_id)
+
+    # -- notices to subscribed agents -----------------------------------------------------------
+    async def _notice_loop(self) -> None:
+        """Deliver the notices due to the agents this worker has, in the background (never in the way of
+        a step: a failed or slow delivery is retried later, db/subscriptions.py)."""
+        while not self.stopping:
+            try:
+                delivered = await self._deliver_notices()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a notice must never take the worker down
+                log.warning("could not deliver notices to subscribed agents (%s); will try again", first_line(exc))
+                delivered = 0
+            if not delivered:
+                await asyncio.sleep(self.options.notice_poll_seconds)
+
+    async def _deliver_notices(self, until: float | None = None) -> int:
+        """Take due notices and send each through its agent's backend; record how each went. Returns
+        how many were taken. With `until`: keep going until none is due or the time has come."""
+        agents = sorted(self.capabilities.agents)
+        taken_in_all = 0
+        while True:
+            try:
+                taken = self._transaction(lambda conn: self.notices.take_due(conn, agents, 16,
+                                                                             self.options.instance_id))
+            except (DatabaseUnavailable, DBAPIError):
+                return taken_in_all
+            taken_in_all += len(taken)
+            for notice in taken:
+                error = await self._send_notice(notice)
+                try:
+                    self._transaction(lambda conn, n=notice, e=error: self.notices.record(conn, n, e))  # type: ignore[misc]
+                except (DatabaseUnavailable, DBAPIError):
+                    pass  # it is sent again once its sending time is up: at least once
+            if not taken or until is None or time.monotonic() >= until:
+                return taken_in_all
+
+    async def _send_notice(self, notice: Pending) -> str | None:
+        """Send one notice; None when the agent took it, else why not."""
+        request = AgentRequest(agent=notice.agent, message=notice.message, instance_id=notice.instance_id,
+                               step_id=notice.step_id, attempt=notice.tries, idempotency_key=f"notice:{notice.id}")
+        try:
+            await asyncio.wait_for(self.agents.get(notice.agent).call(request), timeout=NOTICE_TIMEOUT_SECONDS)
+        except AgentStillRunning:
+            return None  # the platform took it and works on it
+        except AgentBusy as exc:
+            return f"busy: {exc}"
+        except TimeoutError:
+            return f"no answer within {NOTICE_TIMEOUT_SECONDS:g}s"
+        except Exception as exc:  # the agent's failure is the notice's, never the process's
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     # -- registration ---------------------------------------------------------------------------
     def _register(self) -> None:

@@ -148,3 +148,19 @@ def platform_like(request: AgentRequest) -> AgentReply:
         EXECUTIONS[execution] = int(number)
         raise AgentStillRunning("queued", execution, 0.05)
     return AgentReply(f"did {request.message}", session_id="s-1")
+
+
+# --- contexts, subscribers (tests/test_agent_links.py) -------------------------------------------------
+HEARD: list[AgentRequest] = []  # notices the `listener` agent was sent
+
+
+def listener(request: AgentRequest) -> str:
+    HEARD.append(request)
+    return "noted"
+
+
+def remembers(request: AgentRequest) -> AgentReply:
+    """Replies with a context to save, and quotes any context it was given."""
+    given = request.context or {}
+    return AgentReply(f"{request.message} | context: {given.get('response', '-')} from {given.get('step_id', '-')}",
+                      session_id="sess-9", context={"response": f"facts about {request.message}", "blob": [1, 2]})

@@ -36,6 +36,8 @@ def check_agents(definition: CompiledDefinition, agents_file: str | None, *, str
     for step in definition.steps.values():
         if isinstance(step.model, AgentTask):
             first_use.setdefault(step.model.agent, step.position)
+        for subscriber in step.model.subscribers:
+            first_use.setdefault(subscriber, step.position)
     path = find_agents_file(agents_file, definition.filename)
     findings = AgentFindings(AgentRegistry.from_file(path) if path is not None else AgentRegistry.empty())
 
@@ -62,6 +64,11 @@ def check_agents(definition: CompiledDefinition, agents_file: str | None, *, str
         if isinstance(step.model, AgentTask) and step.model.agent not in agents:
             report(step.position, f"step {step.id!r} uses agent {step.model.agent!r}, which {agents.source} does "
                    f"not define (it defines: {', '.join(agents.names()) or 'none'})", later)
+        for subscriber in step.model.subscribers:
+            if subscriber not in agents:
+                report(step.position, f"step {step.id!r} has subscriber {subscriber!r}, which {agents.source} does "
+                       f"not define (it defines: {', '.join(agents.names()) or 'none'})",
+                       "only workers whose agents file defines it will deliver its notices")
     for name, (line, col) in sorted(first_use.items(), key=lambda used: used[1]):
         try:
             agents.check([name])

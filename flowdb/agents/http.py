@@ -73,8 +73,13 @@ class HttpBackend:
 
     async def call(self, request: AgentRequest) -> AgentReply:
         headers = {**self._headers(), "Idempotency-Key": request.idempotency_key}
-        body = {"agent": request.agent, "message": request.message, "instance_id": request.instance_id,
-                "step_id": request.step_id, "attempt": request.attempt, "idempotency_key": request.idempotency_key}
+        body: dict[str, Any] = {"agent": request.agent, "message": request.message,
+                                "instance_id": request.instance_id, "step_id": request.step_id,
+                                "attempt": request.attempt, "idempotency_key": request.idempotency_key}
+        if request.context is not None:  # a context a `context: {restore: NAME}` step brings
+            body["context"] = request.context
+        if request.feedback:  # reviewers' feedback on the step's earlier output (also in the message)
+            body["feedback"] = list(request.feedback)
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:  # one client per event loop: connections reused
             self._client, self._loop = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False), loop
@@ -102,7 +107,8 @@ class HttpBackend:
                                            int(reply.get("tokens_out") or 0))
         except (TypeError, ValueError):
             raise AgentReplyInvalid(f"{where}: cost_usd, tokens_in and tokens_out must be numbers") from None
-        return as_reply(AgentReply(reply["output"], cost, tokens_in, tokens_out), self.name)
+        context = reply.get("context") if isinstance(reply.get("context"), dict) else None
+        return as_reply(AgentReply(reply["output"], cost, tokens_in, tokens_out, context=context), self.name)
 
 
 def _json(response: httpx.Response) -> Any:

@@ -101,7 +101,7 @@ class McpBackend:
             tool, arguments = self.result_tool, {"execution_id": request.execution_id}
         else:
             tool = self.tool
-            arguments = {"agent_name": self.agent_name, "message": request.message,
+            arguments = {"agent_name": self.agent_name, "message": _with_context(request),
                          "parallel": not self.sequential, "timeout_seconds": int(self.timeout)}
             model = request.model or self.model
             if model:
@@ -171,6 +171,17 @@ class McpBackend:
         return as_reply(AgentReply(answer["response"], cost, tokens_in, tokens_out,
                                    execution_id=str(execution) if execution else None,
                                    session_id=str(session) if session else None, context=context), self.name)
+
+
+def _with_context(request: AgentRequest) -> str:
+    """The message, after the context a `context: {restore: NAME}` step brings: the platform's tool takes
+    no context of its own, so the saved reply goes before the message."""
+    context = request.context
+    if not context or not context.get("response"):
+        return request.message
+    source = f"step {context.get('step_id')!r}" + (f" ({context['agent']})" if context.get("agent") else "")
+    return (f"Context saved as {context.get('name')!r} by {source}:\n{context['response']}\n\n---\n"
+            f"{request.message}")
 
 
 def _text(name: str, spec: dict[str, Any], key: str, default: str | None) -> str | None:

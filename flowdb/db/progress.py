@@ -33,8 +33,11 @@ from sqlalchemy import (
 from flowdb.db.agent_usage import UsageStatements
 from flowdb.db.claims import CANCELLED_WHILE_RUNNING, LEASE_DROPPED, STOPPED
 from flowdb.db.clock import Clock
+from flowdb.db.contexts import ContextStatements
 from flowdb.db.driver import DriverStatement, as_json
 from flowdb.db.events import EventRow, EventWriter, event_row
+from flowdb.db.feedback import FeedbackStatements
+from flowdb.db.subscriptions import NoticeStatements, notice_text
 from flowdb.db.tables import process_instances, step_edges, step_instances
 from flowdb.db.timings import CLEARED, timing
 from flowdb.definitions import CompiledDefinition
@@ -144,6 +147,9 @@ class ProgressStatements:
         self.settler = Settler(dialect_name, self.stopper)
         self.for_each = ForEachStatements(dialect_name)
         self.usage = UsageStatements(dialect_name)
+        self.notices = NoticeStatements(dialect_name)
+        self.contexts = ContextStatements(dialect_name)
+        self.feedback = FeedbackStatements(dialect_name)
 
 
 @dataclass
@@ -231,6 +237,7 @@ class ProgressWriter:
                 self._item_finished(conn, o, batch)
             elif o.cancel_items:
                 self._cancel_items(conn, o, batch)
+        self._completed_side_facts(conn, [o for o in settling if o.kind == "completed"], batch)
         for o in live:
             if o.kind == "waiting":
                 self._park(conn, o, batch)
@@ -284,6 +291,34 @@ class ProgressWriter:
         if o.cost_usd:
             payload["cost_usd"] = o.cost_usd
         return payload
+
+    def _completed_side_facts(self, conn: Connection, completed: list[Outcome], batch: _Batch) -> None:
+        """What some completed steps leave besides their row: notices to their subscribers
+        (db/subscriptions.py), a saved context (db/contexts.py), feedback on a reviewed step (db/feedback.py)."""
+        notices: list[dict[str, Any]] = []
+        for o in completed:
+            definition = batch.definitions[o.step.instance_id]
+            model = definition.steps[o.step.step_id].model
+            if model.subscribers and o.step.item is None:
+                text = notice_text(definition.name, o.step.instance_id, o.step.step_id, o.output)
+                notices += [{"instance_id": o.step.instance_id, "step_instance_id": o.step.id,
+                             "step_id": o.step.step_id, "agent": agent, "message": text}
+                            for agent in model.subscribers]
+            save = getattr(getattr(model, "context", None), "save", None)
+            if save is not None:
+                conn.execute(self.q.contexts.save, {
+                    "iid": o.step.instance_id, "name": save, "step_id": o.step.step_id, "round": o.step.round,
+                    "agent": model.agent, "session_id": o.session, "context": o.context or {"response": o.output}})
+                batch.event(o.step.instance_id, "context.saved", {"name": save, "session_id": o.session}, o.step.id)
+            reviews = getattr(model, "reviews", None)
+            if reviews is not None and isinstance(o.output, dict) and isinstance(o.output.get("approval_id"), int):
+                given = self.q.feedback.record(conn, o.step.instance_id, reviews, o.output["approval_id"])
+                if given:
+                    batch.event(o.step.instance_id, "feedback.recorded", {"step": reviews, "votes": given}, o.step.id)
+        if notices:
+            self.q.notices.write(conn, notices)
+            for n in notices:
+                batch.event(n["instance_id"], "subscriber.notice_queued", {"agent": n["agent"]}, n["step_instance_id"])
 
     def _item_failed(self, conn: Connection, o: Outcome, batch: _Batch) -> bool:
         """A for_each item failed for good: its step fails (True: the instance fails with it), unless the

@@ -308,3 +308,58 @@ agent_token_usage = Table(
     Column("bucket", BigInteger, primary_key=True),
     Column("tokens", BigInteger, nullable=False),
 )
+
+# Notices to the agents subscribed to a step (`subscribers:`), written when it completes and delivered
+# at least once by the workers (db/subscriptions.py): pending → delivered, or failed after its tries.
+agent_notices = Table(
+    "agent_notices",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("instance_id", Id, ForeignKey("process_instances.id"), nullable=False),
+    Column("step_instance_id", Id, nullable=False),
+    Column("step_id", String(100), nullable=False),
+    Column("agent", String(100), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("tries", Integer, nullable=False, server_default="0"),
+    Column("error", Text),
+    Column("created_at", Timestamp, nullable=False),
+    Column("next_at", Timestamp, nullable=False),
+    Column("delivered_at", Timestamp),
+    CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="ck_agent_notices_status"),
+    Index("ix_agent_notices_pending", "next_at", "id", sqlite_where=text("status = 'pending'"),
+          postgresql_where=text("status = 'pending'")),
+)
+
+# Contexts saved by agent tasks (`context: {save: NAME}`) for later ones (`restore: NAME`): one row per
+# name and instance, the latest save (db/contexts.py).
+agent_contexts = Table(
+    "agent_contexts",
+    metadata,
+    Column("instance_id", Id, ForeignKey("process_instances.id"), primary_key=True),
+    Column("name", String(100), primary_key=True),
+    Column("step_id", String(100), nullable=False),
+    Column("round", Integer, nullable=False),
+    Column("agent", String(100), nullable=False),
+    Column("session_id", String(200)),
+    Column("context", Json),
+    Column("saved_at", Timestamp, nullable=False),
+)
+
+# What approvers said about an agent task's output (a human_approval with `reviews: STEP`): one row per
+# vote, given to the agent when the step runs again (db/feedback.py).
+step_feedback = Table(
+    "step_feedback",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("instance_id", Id, ForeignKey("process_instances.id"), nullable=False),
+    Column("step_id", String(100), nullable=False),
+    Column("round", Integer, nullable=False),
+    Column("agent", String(100)),
+    Column("verdict", String(16), nullable=False),
+    Column("comment", Text),
+    Column("given_by", String(200), nullable=False),
+    Column("approval_id", Id, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Index("ix_step_feedback_instance_id_step_id", "instance_id", "step_id"),
+)

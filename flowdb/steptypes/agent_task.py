@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection
@@ -20,6 +21,9 @@ from flowdb.agents.types import AgentBusy, AgentRequest, AgentStillRunning
 from flowdb.db.approvals import ApprovalStatements, OpenApproval, ParkApproval
 from flowdb.db.budgets import BUDGET_EXCEEDED, Verdict
 from flowdb.db.claims import Claimed
+from flowdb.db.contexts import ContextStatements
+from flowdb.db.feedback import FeedbackStatements, feedback_text
+from flowdb.definitions import CompiledStep
 from flowdb.errors import AgentConfigError, AgentUnreachable, StepFailure
 from flowdb.models import AgentTask
 from flowdb.outcomes import Outcome
@@ -27,14 +31,41 @@ from flowdb.steptypes.base import EventSink, Parked, StepContext, StepType, Stop
 from flowdb.steptypes.human_approval import approval_notices
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What an agent task reads in its claim's transaction: a context to restore, reviewers' feedback."""
+
+    context: dict[str, Any] | None = None
+    feedback: list[dict[str, Any]] | None = None  # None: nobody reviews this step
+
+
 class AgentTaskType(StepType):
     name = "agent_task"
     renders = True
     spends = True
+    loads = True
+
+    def load(self, conn: Connection, claimed: Claimed, step: CompiledStep) -> Loaded | None:
+        model = step.model
+        assert isinstance(model, AgentTask)
+        restore = model.context.restore if model.context is not None else None
+        if restore is None and not step.reviewed:  # nothing to read: no query
+            return None
+        dialect = conn.dialect.name
+        return Loaded(_contexts(dialect).saved(conn, claimed.instance_id, restore) if restore else None,
+                      _feedback(dialect).for_step(conn, claimed.instance_id, claimed.step_id)
+                      if step.reviewed else None)
 
     def render(self, ctx: StepContext) -> str:
         assert ctx.step.message is not None
-        return ctx.step.message.render(ctx.templates)
+        loaded = ctx.loaded if isinstance(ctx.loaded, Loaded) else Loaded()
+        quoted = "feedback" in ctx.step.message.refs.unknown_roots
+        if loaded.feedback is None and not quoted:
+            return ctx.step.message.render(ctx.templates)
+        message = ctx.step.message.render({**ctx.templates, "feedback": loaded.feedback or []})
+        if loaded.feedback and not quoted:  # appended by default
+            message += "\n\n" + feedback_text(loaded.feedback)
+        return message
 
     def goes_on(self, claimed: Claimed) -> bool:
         """A woken agent task polls the execution it waited on; without one it was held back before
@@ -50,10 +81,16 @@ class AgentTaskType(StepType):
                 return held
         polled = _execution_of(ctx.claimed) if ctx.claimed.woken else None
         message: str = ctx.claimed.input["message"] if polled else ctx.rendered
+        loaded = ctx.loaded if isinstance(ctx.loaded, Loaded) else Loaded()
+        restore = model.context.restore if model.context is not None else None
+        if restore is not None and loaded.context is None and polled is None:
+            return ctx.outcome("failed", retryable=False, error_type="ContextMissing", input={"agent": model.agent},
+                               error=f"context {restore!r} was not saved in this instance (the step that saves it "
+                                     "did not complete); nothing was sent to the agent")
         request = AgentRequest(
             agent=model.agent, message=message, instance_id=ctx.claimed.instance_id, step_id=ctx.claimed.step_id,
             attempt=ctx.claimed.attempt, idempotency_key=_idempotency_key(ctx), execution_id=polled,
-            model=model.model,
+            model=model.model, feedback=tuple(loaded.feedback or ()), context=loaded.context,
         )
         given: dict[str, Any] = {"agent": model.agent, "message": message}
         backend_kind = ctx.agents.backend_kind(model.agent)
@@ -88,7 +125,7 @@ class AgentTaskType(StepType):
         return ctx.outcome("completed", output=reply.output, cost_usd=float(reply.cost_usd),
                            tokens_in=int(reply.tokens_in), tokens_out=int(reply.tokens_out), input=given,
                            backend=backend_kind, execution=reply.execution_id or polled, session=reply.session_id,
-                           events=_raised(ctx), metered=metered)
+                           events=_raised(ctx), metered=metered, context=reply.context)
 
     def record(self, conn: Connection, outcome: Outcome, event: EventSink) -> Parked | None:
         """A budget `ask`: the approval opened (or waited on again), the step parked on it."""
@@ -155,6 +192,16 @@ def _raised(ctx: StepContext) -> list[tuple[str, dict[str, Any]]]:
 @functools.lru_cache(maxsize=4)
 def _approvals(dialect_name: str) -> ApprovalStatements:
     return ApprovalStatements(dialect_name)
+
+
+@functools.lru_cache(maxsize=4)
+def _contexts(dialect_name: str) -> ContextStatements:
+    return ContextStatements(dialect_name)
+
+
+@functools.lru_cache(maxsize=4)
+def _feedback(dialect_name: str) -> FeedbackStatements:
+    return FeedbackStatements(dialect_name)
 
 
 def _execution_of(claimed: Claimed) -> str | None:
