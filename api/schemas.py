@@ -155,7 +155,7 @@ class BudgetList(Strict):
 class BudgetIn(Strict):
     step_id: str | None = Field(default=None, max_length=100,
                                 description="the agent task whose own budget to set; omitted: the process's")
-    max_cost_usd: float | None = Field(default=None, gt=0, le=1e12, allow_inf_nan=False)
+    max_cost_usd: float | None = Field(default=None, gt=0, lt=1e12, allow_inf_nan=False)
     max_tokens: int | None = Field(default=None, ge=1, le=2**62)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, column, select, table, update
 
 from flowdb.control import InstanceNotRunning, locked_instance
-from flowdb.db.budgets import PROCESS, B, scope_is
+from flowdb.db.budgets import PROCESS, B, scope_is, scope_name
 from flowdb.db.clock import Clock
 from flowdb.db.events import EventWriter, event_row
 from flowdb.db.tables import step_instances
@@ -17,7 +17,7 @@ from flowdb.errors import FlowdbError, NotFound
 from flowdb.notify import Wakeups
 
 S = step_instances
-MAX_USD = 1e12  # as the definition's budgets allow (and Numeric(18, 6) holds)
+MAX_USD = 1e12  # below it, as the definition's budgets (Numeric(18, 6) holds up to 999999999999.999999)
 MAX_TOKENS = 2**62
 BUDGET_COLUMNS = ("scope", "step_id", "max_cost_usd", "max_tokens", "on_exceed", "approver", "raises", "spent_usd",
                   "spent_tokens", "running_steps")
@@ -41,8 +41,8 @@ def set_budget(engine: Engine, instance_id: int, step_id: str | None, max_cost_u
     tasks a budget holds back (they check again). Returns the instance's budgets afterwards."""
     if max_cost_usd is None and max_tokens is None:
         raise BadBudget("give a new max_cost_usd, max_tokens or both")
-    if max_cost_usd is not None and not 0 < max_cost_usd <= MAX_USD:
-        raise BadBudget(f"max_cost_usd must be more than 0 and at most {MAX_USD:g}, not {max_cost_usd:g}")
+    if max_cost_usd is not None and not 0 < max_cost_usd < MAX_USD:
+        raise BadBudget(f"max_cost_usd must be more than 0 and less than {MAX_USD:g}, not {max_cost_usd:g}")
     if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS:
         raise BadBudget(f"max_tokens must be from 1 to {MAX_TOKENS}, not {max_tokens}")
     clock = Clock(engine.dialect.name)
@@ -69,8 +69,8 @@ def set_budget(engine: Engine, instance_id: int, step_id: str | None, max_cost_u
             S.c.instance_id == instance_id, S.c.status == StepStatus.WAITING.value, S.c.type == "agent_task",
             S.c.agent_execution.is_(None)).values(claimable_at=clock.now)).rowcount
         EventWriter(engine.dialect.name).write(conn, [event_row(instance_id, "budget.set", {
-            "budget": step_id or PROCESS, "max_cost_usd": max_cost_usd, "max_tokens": max_tokens, "by": who,
-            "steps_woken": woken})])
+            "scope": scope_name(step_id), "step_id": step_id, "max_cost_usd": max_cost_usd,
+            "max_tokens": max_tokens, "by": who, "steps_woken": woken})])
         budgets = instance_budgets(conn, instance_id)
     (wakeups or Wakeups(None)).notify(workers=True, events=True)
     return budgets

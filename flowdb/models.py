@@ -56,7 +56,7 @@ class Budget(Strict):
     """A spending limit of a process (all its steps together) or of one agent task (all its attempts,
     rounds and items), checked before each agent task starts (flowdb/db/budgets.py)."""
 
-    max_cost_usd: float | None = Field(default=None, gt=0, le=1e12, allow_inf_nan=False)
+    max_cost_usd: float | None = Field(default=None, gt=0, lt=1e12, allow_inf_nan=False)
     max_tokens: int | None = Field(default=None, ge=1, le=2**62)
     # fail the step; pause it until `flowdb budget raise`; ask `approver` to raise the budget.
     on_exceed: Literal["fail", "pause", "ask"] = "fail"
@@ -157,7 +157,7 @@ class AgentTask(StepBase):
     context: ContextCheckpoint | None = None  # save the agent's context for a later step, or restore one
     budget: Budget | None = None  # this step's own limit, over all its attempts, rounds and items
     # Reserved against the budgets while the step runs, so parallel branches cannot overspend together.
-    estimated_cost_usd: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False)
+    estimated_cost_usd: float | None = Field(default=None, ge=0, lt=1e12, allow_inf_nan=False)
 
 
 class HumanApproval(StepBase):

@@ -119,9 +119,9 @@ def test_a_raised_limit_wakes_the_held_step_and_the_instance_completes(api_serve
         assert http.get(f"/v1/instances/{iid}/budgets").json()["items"] == [
             budget(None, 1.0, None, "pause", 0.75, 450), budget("b", None, 2000, "fail", 0.25, 150)]
         first, second = budget_events(api_server, iid, "budget.set")
-        assert (first["budget"], first["max_cost_usd"], first["by"], first["steps_woken"]) == (
-            "process", 1.0, OPERATOR, 1)
-        assert (second["budget"], second["max_tokens"]) == ("b", 2000)
+        assert (first["scope"], first["step_id"], first["max_cost_usd"], first["by"], first["steps_woken"]) == (
+            "process", None, 1.0, OPERATOR, 1)
+        assert (second["scope"], second["step_id"], second["max_tokens"]) == ("step", "b", 2000)
         # Finished: no budget of it can change any more, and it still shows.
         assert_problem(http.post(f"/v1/instances/{iid}/budgets", json={"max_cost_usd": 5}), 409,
                        f"instance {iid} is completed")

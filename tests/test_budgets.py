@@ -16,7 +16,7 @@ from flowdb.db.tables import events
 from flowdb.errors import DefinitionError, NotFound
 
 from conftest import Database, flowdb_cli
-from helpers import approval_rows, definition_from, drive, instance, start, steps, work
+from helpers import approval_rows, definition_from, drive, instance, runs, start, steps, work
 
 PARALLEL = """\
 process:
@@ -57,7 +57,8 @@ def test_fail_stops_the_step_that_would_pass_the_budget(db: Database) -> None:
     [failed] = event_payloads(db, iid, "instance.failed")
     assert failed["error_type"] == "BudgetExceeded"
     [exceeded] = event_payloads(db, iid, "budget.exceeded")
-    assert (exceeded["budget"], exceeded["spent_usd"], exceeded["on_exceed"]) == ("process", 0.5, "fail")
+    assert (exceeded["scope"], exceeded["step_id"], exceeded["spent_usd"], exceeded["on_exceed"]) == (
+        "process", None, 0.5, "fail")
 
 
 def test_reservations_keep_parallel_branches_from_overspending_together(db: Database) -> None:
@@ -108,7 +109,7 @@ def test_ask_opens_an_approval_to_raise_the_budget(db: Database, decision: str) 
                                        "WHERE instance_id = :i"), {"i": iid}).one()
         assert tuple(budget) == (1.0, 1, 0.75)
         [raised] = event_payloads(db, iid, "budget.raised")
-        assert (raised["approval_id"], raised["budget"]) == (approval.id, "process")
+        assert (raised["approval_id"], raised["scope"], raised["step_id"]) == (approval.id, "process", None)
     else:
         assert row.status == "failed" and "approval" in row.error and "rejected by Finance@Example.com: too dear" \
             in row.error
@@ -165,5 +166,23 @@ def test_the_command_line_shows_and_sets_budgets(db: Database, tmp_path: Path) -
     assert refused.returncode != 0 and "has no budget for step 'zzz'" in refused.stderr
     done = flowdb_cli("budget", "set", str(iid), "--max-cost-usd", "2", env=env)
     assert done.returncode == 0 and "$0.5000 spent of $2.0000" in done.stdout
+    work(db.engine)
+    assert instance(db.engine, iid).status == "completed"
+
+
+def test_a_step_called_process_has_a_budget_of_its_own(db: Database) -> None:
+    [iid] = start(db.engine, """
+process:
+  name: named-process
+  budget: {max_cost_usd: 5}
+  steps:
+    - {id: process, type: agent_task, agent: pricey, message: "x", budget: {max_cost_usd: 0.2, on_exceed: pause},
+       for_each: [1, 2], max_parallel: 1}
+""")
+    # The first item spends $0.25; the second finds the step's $0.2 spent and waits.
+    drive(db.engine, lambda: [r.status for r in runs(db.engine, iid, "process")][1:] == ["completed", "waiting"])
+    rows = set_budget(db.engine, iid, "process", 1.0, None, "ops")
+    assert [(r["scope"], r["step_id"], r["max_cost_usd"]) for r in rows] == [("process", None, 5.0),
+                                                                             ("step", "process", 1.0)]
     work(db.engine)
     assert instance(db.engine, iid).status == "completed"

@@ -35,7 +35,7 @@ from flowdb.models import AgentTask, Budget
 
 B, I, S = instance_budgets, process_instances, step_instances  # noqa: E741
 BUDGET_EXCEEDED = "BudgetExceeded"
-PROCESS = "process"  # the process's budget, in a waiting step's state
+PROCESS = "process"  # how the process's budget is named to people (a step may be called that too)
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,6 @@ class Limit:
     def scope(self) -> str:
         return "the process's budget" if self.step_id is None else f"the budget of step {self.step_id!r}"
 
-    @property
-    def key(self) -> str:
-        """The scope as the state of a step waiting on an `ask` holds it."""
-        return PROCESS if self.step_id is None else self.step_id
 
     def raised_by(self) -> str:
         amounts = [f"${self.original.max_cost_usd:g}" if self.original.max_cost_usd else "",
@@ -88,7 +84,8 @@ class Exceeded:
         return f"{limit.scope} would be passed ({'; '.join(parts)})"
 
     def facts(self) -> dict[str, Any]:
-        return {"budget": self.limit.key, "max_cost_usd": self.limit.max_cost_usd,
+        return {"scope": scope_name(self.limit.step_id), "step_id": self.limit.step_id,
+                "max_cost_usd": self.limit.max_cost_usd,
                 "max_tokens": self.limit.max_tokens, "spent_usd": self.spent_usd, "reserved_usd": self.reserved_usd,
                 "estimate_usd": self.estimate_usd, "spent_tokens": self.spent_tokens,
                 "on_exceed": self.limit.on_exceed}
@@ -128,9 +125,13 @@ def insert_budgets(conn: Connection, instance_ids: list[int], definition: Compil
         for iid in instance_ids for sid, b in budgets])
 
 
-def scope_is(key: str | None) -> ColumnElement[bool]:
-    """The budget row of a scope: the process's (None or PROCESS) or a step's."""
-    return B.c.step_id.is_(None) if key in (None, PROCESS) else B.c.step_id == key
+def scope_is(step_id: str | None) -> ColumnElement[bool]:
+    """The budget row of a scope: the process's (None) or a step's."""
+    return B.c.step_id.is_(None) if step_id is None else B.c.step_id == step_id
+
+
+def scope_name(step_id: str | None) -> str:
+    return "process" if step_id is None else "step"
 
 
 @dataclass
@@ -225,13 +226,13 @@ class BudgetChecks:
         """An approved ask: raise the limit it was about by the budget's own amounts. Once per approval,
         however often the step is claimed again (its state holds the raise's number)."""
         state = item.input
-        key = state["budget"]
-        budget = declared.get(None if key == PROCESS else key)
+        step_id = state["budget"]  # None: the process's budget
+        budget = declared.get(step_id)
         if budget is None:
             return False
         number = int(state.get("raise", 1))
         return bool(conn.execute(
-            update(B).where(B.c.instance_id == item.instance_id, scope_is(key), B.c.raises < number)
+            update(B).where(B.c.instance_id == item.instance_id, scope_is(step_id), B.c.raises < number)
             .values(max_cost_usd=B.c.max_cost_usd + (budget.max_cost_usd or 0),
                     max_tokens=B.c.max_tokens + (budget.max_tokens or 0), raises=number,
                     updated_at=self.clock.now)).rowcount)

@@ -19,7 +19,7 @@ from sqlalchemy import Connection
 
 from flowdb.agents.types import AgentBusy, AgentRequest, AgentStillRunning
 from flowdb.db.approvals import ApprovalStatements, OpenApproval, ParkApproval
-from flowdb.db.budgets import BUDGET_EXCEEDED, Verdict
+from flowdb.db.budgets import BUDGET_EXCEEDED, Verdict, scope_name
 from flowdb.db.claims import Claimed
 from flowdb.db.contexts import ContextStatements
 from flowdb.db.feedback import FeedbackStatements, feedback_text
@@ -175,7 +175,7 @@ async def _budget_turn(ctx: StepContext, verdict: Verdict) -> Outcome | None:
         instructions = (f"Step {ctx.claimed.step_id!r} cannot start: {exceeded.describe()}. Approving raises the "
                         f"budget by {limit.raised_by()} and lets the step run; rejecting fails it.")
         opening = OpenApproval([limit.approver], 1, "fail", None, title, instructions, [],
-                               state={"budget": limit.key, "raise": limit.raises + 1})
+                               state={"budget": limit.step_id, "raise": limit.raises + 1})
         return ctx.outcome("waiting", side=opening, events=told)
     return ctx.outcome("failed", retryable=False, error_type=BUDGET_EXCEEDED, events=told,
                        error=f"{exceeded.describe()}; step not started")
@@ -184,8 +184,9 @@ async def _budget_turn(ctx: StepContext, verdict: Verdict) -> Outcome | None:
 def _raised(ctx: StepContext) -> list[tuple[str, dict[str, Any]]]:
     verdict = ctx.budget
     if isinstance(verdict, Verdict) and verdict.raised and verdict.approval is not None:
-        return [("budget.raised", {"approval_id": verdict.approval.id, "budget": ctx.claimed.input.get("budget"),
-                                   "by": verdict.approval.decided_by})]
+        step_id = ctx.claimed.input.get("budget")
+        return [("budget.raised", {"approval_id": verdict.approval.id, "scope": scope_name(step_id),
+                                   "step_id": step_id, "by": verdict.approval.decided_by})]
     return []
 
 
