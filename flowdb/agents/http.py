@@ -2,9 +2,11 @@
 
 Each call is one POST of JSON `{agent, message, instance_id, step_id, attempt, idempotency_key}` (the
 key also as the `Idempotency-Key` header: the same for every attempt of one run of a step, so the
-endpoint can make a retry harmless). The reply is JSON `{output, cost_usd, tokens_in, tokens_out}`
-(only `output` is required). Secrets stay out of the agents file: `headers_env` maps a header to the
-environment variable that holds its value, read when the worker starts.
+endpoint can make a retry harmless), with `context` when the step restores a saved context and
+`feedback` when reviewers judged its earlier output. The reply is JSON `{output, cost_usd, tokens_in,
+tokens_out, context}` (only `output` is required; `context` is what `context: {save: NAME}` keeps).
+Secrets stay out of the agents file: `headers_env` maps a header to the environment variable that
+holds its value, read when the worker starts.
 
 What is retried under the step's policy: transport errors, timeouts, 408, 429 and 5xx. What fails the
 step at once: any other 4xx, a reply that says `"retryable": false`, and a 2xx reply that is not the

@@ -27,10 +27,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import orjson
-from mcp import ClientSession
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import McpError
-from mcp.types import TextContent
 
 from flowdb.agents.types import AgentBusy, AgentReply, AgentRequest, AgentStillRunning, as_reply
 from flowdb.durations import parse_duration
@@ -45,6 +41,7 @@ KEYS = frozenset({"url", "api_key_env", "tool", "result_tool", "agent_name", "mo
 STILL_RUNNING = frozenset({"queued_timeout", "running", "queued", "pending"})
 # The SDK logs a traceback for every dropped connection; flowdb reports the failure as the step's error.
 logging.getLogger("mcp.client.streamable_http").setLevel(logging.CRITICAL)
+# The SDK is imported by the first call (importing it costs a second of start-up every command would pay).
 
 
 class McpBackend:
@@ -110,6 +107,11 @@ class McpBackend:
         return self._reply(answer, tool, request.execution_id)
 
     async def _call_tool(self, tool: str, arguments: dict[str, Any]) -> str:
+        from mcp import ClientSession
+        from mcp.client.streamable_http import streamable_http_client
+        from mcp.shared.exceptions import McpError
+        from mcp.types import TextContent
+
         where = f"agent {self.name!r} at {self.url}"
         headers = self._headers()
         loop = asyncio.get_running_loop()
