@@ -17,6 +17,7 @@ from flowdb.errors import DefinitionError, NotFound
 
 from conftest import Database, flowdb_cli
 from helpers import approval_rows, definition_from, drive, instance, runs, start, steps, work
+from processes import Fleet, wait_until
 
 PARALLEL = """\
 process:
@@ -186,3 +187,28 @@ process:
                                                                              ("step", "process", 1.0)]
     work(db.engine)
     assert instance(db.engine, iid).status == "completed"
+
+
+@pytest.mark.slow
+def test_workers_in_separate_processes_do_not_overspend_together(db: Database, tmp_path: Path) -> None:
+    """Eight parallel branches, each reserving $0.25, under a $1 budget: whichever of two worker processes
+    claims them, exactly four run."""
+    branches = "\n".join(f'    - {{id: b{n}, type: agent_task, agent: pricey, message: "{n}", '
+                         'estimated_cost_usd: 0.25}' for n in range(8))
+    ids = start(db.engine, f"process:\n  name: fan-spend\n  budget: {{max_cost_usd: 1.0, on_exceed: pause}}\n"
+                           f"  steps:\n{branches}\n", count=3)
+    env = db.cli_env()
+    env.update(FLOWDB_LEASE_SECONDS="5", FLOWDB_POLL_SECONDS="0.05")
+    fleet = Fleet(env, tmp_path, "--batch", "2", "--concurrency", "4")
+    try:
+        fleet.start(2)
+
+        def settled() -> bool:
+            return all(sorted(r.status for r in steps(db.engine, iid).values()) == ["completed"] * 4 + ["waiting"] * 4
+                       for iid in ids)
+
+        wait_until(settled, 60, "four branches of each instance to run and four to wait", 0.1, fleet)
+        fleet.terminate()
+    finally:
+        fleet.close()
+    assert {instance(db.engine, iid).cost_usd for iid in ids} == {1.0}

@@ -220,3 +220,24 @@ def test_concurrency_holds_across_worker_processes(db: Database, tmp_path: Path,
         assert peak <= limit
         assert peak == limit  # the workers did use the slots they had
 
+
+
+def test_a_context_saved_from_a_session_is_given_to_another_agent(db: Database, keyed: Platform,
+                                                                   tmp_path: Path) -> None:
+    tag = tmp_path.name
+    [iid] = start(db.engine, f"""
+process:
+  name: mcp-context
+  steps:
+    - {{id: research, type: agent_task, agent: researcher, message: "find facts {tag}", context: {{save: facts}}}}
+    - {{id: brief, type: agent_task, agent: analyst, message: "brief {tag}", depends_on: [research],
+       context: {{restore: facts}}}}
+""")
+    work(db.engine, agents_file(tmp_path, keyed))
+    assert steps(db.engine, iid)["brief"].status == "completed"
+    [call] = [c for c in keyed.tool_calls() if c["agent"] == "analyst-7" and c["message"].endswith(f"brief {tag}")]
+    assert call["message"].startswith(f"Context saved as 'facts' by step 'research' (researcher):\n"
+                                      f"researcher: find facts {tag}\n\n---\n")
+    with db.engine.connect() as conn:
+        saved = conn.execute(text("SELECT session_id FROM agent_contexts WHERE instance_id = :i"), {"i": iid}).one()
+    assert saved.session_id == "researcher-session-1"
