@@ -29,15 +29,21 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import TextContent
 
+from servers import free_port
+
 SERVER = Path(__file__).resolve().parent.parent / "examples" / "mcp" / "agent_platform.py"
 START_SECONDS = 15.0
 STOP_SECONDS = 5.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def most_at_once(work: list[dict[str, Any]]) -> int:
+    """The largest number of pieces of work (the call log's `work` lines) that ran at the same moment."""
+    marks = sorted([(w["start"], 1) for w in work] + [(w["end"], -1) for w in work])  # an end before a start
+    running = peak = 0
+    for _, step in marks:
+        running += step
+        peak = max(peak, running)
+    return peak
 
 
 @dataclass

@@ -16,7 +16,7 @@ from flowdb.db.tables import events
 
 from conftest import Database
 from helpers import event_types, start, steps, work
-from mcp_platform import Platform, start_platform
+from mcp_platform import Platform, most_at_once, start_platform
 from processes import Fleet, instance_statuses, wait_until
 
 pytestmark = pytest.mark.slow
@@ -212,11 +212,7 @@ def test_concurrency_holds_across_worker_processes(db: Database, tmp_path: Path,
             fleet.close()
         work_done = server.work()
         assert sorted(w["message"] for w in work_done) == sorted(f"[slow 0.03] item {n}" for n in range(60))
-        edges = sorted([(w["start"], 1) for w in work_done] + [(w["end"], -1) for w in work_done])
-        running = peak = 0
-        for _, change in edges:
-            running += change
-            peak = max(peak, running)
+        peak = most_at_once(work_done)
         assert peak <= limit
         assert peak == limit  # the workers did use the slots they had
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import text
 
 from conftest import EXAMPLES, Database, flowdb_cli
-from mcp_platform import Platform, start_platform
+from mcp_platform import Platform, most_at_once, start_platform
 
 pytestmark = pytest.mark.slow
 EXAMPLE = EXAMPLES / "mcp"
@@ -29,14 +28,6 @@ def agents_copy(folder: Path, platform: Platform) -> Path:
     return path
 
 
-def most_at_once(work: list[dict[str, Any]]) -> int:
-    """The largest number of pieces of work that ran at the same moment."""
-    marks = sorted([(w["start"], 1) for w in work] + [(w["end"], -1) for w in work], key=lambda m: (m[0], m[1]))
-    running = peak = 0
-    for _, step in marks:
-        running += step
-        peak = max(peak, running)
-    return peak
 
 
 def test_the_due_diligence_example_runs_against_the_emulator(db: Database, tmp_path: Path) -> None:

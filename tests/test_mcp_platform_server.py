@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mcp_platform import SERVER, Platform, call_tool, call_tool_async, session, start_platform
+from mcp_platform import SERVER, Platform, call_tool, call_tool_async, most_at_once, session, start_platform
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +45,6 @@ def work_of(platform: Platform, name: str) -> list[dict[str, Any]]:
     return sorted((w for w in platform.work() if w["agent"] == name), key=lambda w: w["start"])
 
 
-def most_at_once(work: list[dict[str, Any]]) -> int:
-    edges = sorted([(w["start"], 1) for w in work] + [(w["end"], -1) for w in work], key=lambda e: (e[0], e[1]))
-    running = peak = 0
-    for _, step in edges:
-        running += step
-        peak = max(peak, running)
-    return peak
 
 
 def test_a_reply_carries_the_response_and_its_metadata(platform: Platform) -> None:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import os
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
+from flowdb.agents.spec import endpoint_spec
 from flowdb.agents.types import AgentReply, AgentRequest, as_reply
 from flowdb.durations import parse_duration
 from flowdb.errors import AgentConfigError, AgentFailed, AgentRefused, AgentReplyInvalid, AgentUnreachable
@@ -36,18 +36,8 @@ class HttpBackend:
 
     def __init__(self, name: str, spec: Any) -> None:
         self.name = name
-        if not isinstance(spec, dict):
-            raise AgentConfigError(f"agent {name!r}: http takes a mapping: {{url: https://..., headers_env: "
-                                   "{Authorization: ENV_VAR}, timeout: 60s}")
-        unknown = sorted(set(spec) - KEYS)
-        if unknown:
-            raise AgentConfigError(f"agent {name!r}: http does not take {', '.join(unknown)} "
-                                   f"(it takes {', '.join(sorted(KEYS))})")
-        url = spec.get("url")
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise AgentConfigError(f"agent {name!r}: http needs url: http(s)://host/path, not {url!r}")
-        self.url: str = url  # type: ignore[assignment]
+        self.url = endpoint_spec(name, "http", spec, KEYS, "{url: https://..., headers_env: {Authorization: ENV_VAR}, "
+                                 "timeout: 60s}", "http(s)://host/path")
         headers_env = spec.get("headers_env") or {}
         if not isinstance(headers_env, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                         for k, v in headers_env.items()):

@@ -23,11 +23,11 @@ import logging
 import os
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
 
+from flowdb.agents.spec import endpoint_spec
 from flowdb.agents.types import AgentBusy, AgentReply, AgentRequest, AgentStillRunning, as_reply
 from flowdb.durations import parse_duration
 from flowdb.errors import AgentConfigError, AgentFailed, AgentRefused, AgentReplyInvalid, AgentUnreachable
@@ -49,18 +49,8 @@ class McpBackend:
 
     def __init__(self, name: str, spec: Any) -> None:
         self.name = name
-        if not isinstance(spec, dict):
-            raise AgentConfigError(f"agent {name!r}: mcp takes a mapping: {{url: http://host:8080/mcp, api_key_env: "
-                                   "TRINITY_MCP_KEY, agent_name: researcher, mode: sequential}")
-        unknown = sorted(set(spec) - KEYS)
-        if unknown:
-            raise AgentConfigError(f"agent {name!r}: mcp does not take {', '.join(unknown)} "
-                                   f"(it takes {', '.join(sorted(KEYS))})")
-        url = spec.get("url")
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise AgentConfigError(f"agent {name!r}: mcp needs url: http(s)://host:port/mcp, not {url!r}")
-        self.url: str = url  # type: ignore[assignment]
+        self.url = endpoint_spec(name, "mcp", spec, KEYS, "{url: http://host:8080/mcp, api_key_env: TRINITY_MCP_KEY, "
+                                 "agent_name: researcher, mode: sequential}", "http(s)://host:port/mcp")
         self.api_key_env = _text(name, spec, "api_key_env", None)
         self.tool: str = _text(name, spec, "tool", "chat_with_agent") or "chat_with_agent"
         self.result_tool: str = _text(name, spec, "result_tool", "get_execution_result") or "get_execution_result"
