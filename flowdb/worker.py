@@ -40,7 +40,7 @@ from flowdb.db.connectivity import CommitUnknown, DatabaseUnavailable, Outage, f
 from flowdb.db.events import EventRow, EventWriter, event_row
 from flowdb.db.instances import DefinitionCache, DefinitionUnloadable
 from flowdb.db.progress import DueActions, Progress, ProgressStatements, ProgressWriter, template_context
-from flowdb.db.subscriptions import NoticeStatements, Pending
+from flowdb.db.subscriptions import SEND_TIMEOUT_SECONDS, NoticeStatements, Pending
 from flowdb.db.tables import step_instances
 from flowdb.db.workers import Capabilities, WorkerRegistry, quoted, unservable_agents
 from flowdb.definitions import CompiledDefinition
@@ -55,7 +55,6 @@ from flowdb.steptypes.base import StepContext
 from flowdb.steptypes.registry import STEP_TYPES
 
 log = logging.getLogger("flowdb.worker")
-NOTICE_TIMEOUT_SECONDS = 120.0  # a notice to a subscribed agent that takes longer is tried again later
 T = TypeVar("T")
 
 
@@ -309,6 +308,8 @@ class Worker:
         box: list[tuple[Progress | None, Prepared]] = []
 
         def work(conn: Connection) -> None:
+            if claim > 0 or take_over:
+                self.claims.lock_agents(conn)  # before the outcomes' instance rows: one lock order
             progress = self.writer.apply(conn, outcomes, definitions) if outcomes else None
             self.events.write(conn, unwritten)
             suspect = self.claims.take_over_step(conn, opts.name, token, opts.lease_seconds, opts.instance_id) \
@@ -448,8 +449,10 @@ class Worker:
             if item.woken and item.item is None and step.model.for_each is not None else None
         step_type = STEP_TYPES.get(item.type)
         # Budgets are checked in the claim's transaction, before the step starts (db/budgets.py).
+        # (Not for a turn that goes on from a wait, such as a poll of a call already started.)
         verdict = self.budgets.check(conn, item, definition, step, batch) \
-            if definition.has_budgets and step_type is not None and step_type.spends else None
+            if definition.has_budgets and step_type is not None and step_type.spends \
+            and not (item.woken and step_type.goes_on(item)) else None
         loaded = step_type.load(conn, item, step) if step_type is not None and step_type.loads else None
         return StepContext(item, definition, step, context, self.agents, utcnow(), self.notifier, loaded,
                            items=gathered, budget=verdict)
@@ -635,7 +638,8 @@ class Worker:
         taken_in_all = 0
         while True:
             try:
-                taken = self._transaction(lambda conn: self.notices.take_due(conn, agents, 16,
+                # One at a time: a notice is marked as being sent only while this worker sends it.
+                taken = self._transaction(lambda conn: self.notices.take_due(conn, agents, 1,
                                                                              self.options.instance_id))
             except (DatabaseUnavailable, DBAPIError):
                 return taken_in_all
@@ -654,13 +658,13 @@ class Worker:
         request = AgentRequest(agent=notice.agent, message=notice.message, instance_id=notice.instance_id,
                                step_id=notice.step_id, attempt=notice.tries, idempotency_key=f"notice:{notice.id}")
         try:
-            await asyncio.wait_for(self.agents.get(notice.agent).call(request), timeout=NOTICE_TIMEOUT_SECONDS)
+            await asyncio.wait_for(self.agents.get(notice.agent).call(request), timeout=SEND_TIMEOUT_SECONDS)
         except AgentStillRunning:
             return None  # the platform took it and works on it
         except AgentBusy as exc:
             return f"busy: {exc}"
         except TimeoutError:
-            return f"no answer within {NOTICE_TIMEOUT_SECONDS:g}s"
+            return f"no answer within {SEND_TIMEOUT_SECONDS:g}s"
         except Exception as exc:  # the agent's failure is the notice's, never the process's
             return f"{type(exc).__name__}: {exc}"
         return None

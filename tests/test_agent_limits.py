@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import Engine, select, text
 
 from flowdb.agents.registry import AgentRegistry
+from flowdb.budget_ops import set_budget
 from flowdb.db import clock
 from flowdb.db.tables import events, process_instances
 from flowdb.errors import DefinitionError
@@ -158,3 +159,25 @@ process:
     finally:
         clock.set_offset(0)
     assert steps(db.engine, iid)["c"].status == "completed"
+
+
+def test_a_held_step_that_finds_its_agent_busy_keeps_its_attempts(db: Database, tmp_path: Path) -> None:
+    """A step a budget held back, woken by a higher limit, then put back three times by a busy agent:
+    no attempt is spent on any of it (one attempt allowed, and it runs)."""
+    agents = agents_file(tmp_path, '  platform: {python: "agents_for_tests:platform_like"}\n'
+                                   '  pricey: {python: "agents_for_tests:pricey"}\n')
+    message = f"busy 3 {db.kind}-{tmp_path.name}"
+    [iid] = start(db.engine, f"""
+process:
+  name: held-then-busy
+  budget: {{max_cost_usd: 0.25, on_exceed: pause}}
+  steps:
+    - {{id: a, type: agent_task, agent: pricey, message: "a"}}
+    - {{id: b, type: agent_task, agent: platform, message: "{message}", depends_on: [a], retry: {{max_attempts: 1}}}}
+""")
+    drive(db.engine, lambda: steps(db.engine, iid)["b"].status == "waiting", agents_file=agents)
+    set_budget(db.engine, iid, None, 1.0, None, "ops")
+    work(db.engine, agents)
+    row = steps(db.engine, iid)["b"]
+    assert (row.status, row.attempt, row.output) == ("completed", 1, f"did {message}"), row.error
+    assert event_types(db.engine, iid).count("step.deferred") == 3

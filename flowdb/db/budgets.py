@@ -198,9 +198,10 @@ class BudgetChecks:
             limit = Limit(sid, row.max_cost_usd if row is not None else budget.max_cost_usd,
                           row.max_tokens if row is not None else budget.max_tokens,
                           budget.on_exceed, budget.approver, budget, row.raises if row is not None else 0)
-            if sid is None:
+            if sid is None:  # the instance's tokens are summed over its rows only when there is a limit
                 cost = spent_usd
-                tokens = int(conn.execute(self.instance_tokens, {"iid": item.instance_id}).scalar_one())
+                tokens = int(conn.execute(self.instance_tokens, {"iid": item.instance_id}).scalar_one()) \
+                    if limit.max_tokens is not None else 0
                 others = running
             else:
                 step_cost, step_tokens = conn.execute(self.step_spent, {"iid": item.instance_id, "sid": sid}).one()

@@ -113,15 +113,17 @@ def _names(names: Any) -> list[Any]:
 def servable(serves: Capabilities, *, limited_waiting_only: bool = False) -> ColumnElement[bool]:
     """The steps a worker can run: of its step types, and of agent tasks only its agents' (the names
     are written into the statement, compiled once per worker). `limited_waiting_only`: of the agents
-    with a concurrency limit, only the waiting rows' next turns (claim_limited takes their ready rows)."""
+    with limits, only the polls of executions under way (claim_limited takes their other rows: ready ones,
+    and waiting ones that never started, such as steps a budget held back)."""
     types = S.c.type.in_(_names(serves.step_types))
     limited = {name for name, _, _ in serves.limited}
     free = serves.agents - limited if limited_waiting_only else serves.agents
     agents: list[ColumnElement[bool]] = [S.c.agent.is_(None)]
     if free:
         agents.append(S.c.agent.in_(_names(free)))
-    if limited_waiting_only and limited:
-        agents.append(S.c.agent.in_(_names(limited)) & (S.c.status == word(StepStatus.WAITING)))
+    if limited_waiting_only and limited:  # polls of executions under way: they hold their slot already
+        agents.append(S.c.agent.in_(_names(limited)) & (S.c.status == word(StepStatus.WAITING))
+                      & S.c.agent_execution.is_not(None))
     return types & or_(*agents)
 
 
@@ -191,19 +193,27 @@ class ClaimStatements:
             .returning(*returning)
         )
         self.claim_raw = DriverStatement(self.claim)
-        # The ready steps of one agent with a concurrency limit, up to its free slots (claim_limited).
+        # The steps of one agent with limits that would start its work, up to its free slots
+        # (claim_limited): ready ones, and waiting ones that never started (a budget held them back; a
+        # woken turn keeps its attempt and the start of its wait, like the claim's).
+        held_back = (S.c.status == word(StepStatus.WAITING)) & S.c.agent_execution.is_(None)
         self.claim_agent: DriverStatement | None = DriverStatement(
             update(S)
-            .where(S.c.id.in_(self._due(S.c.status == READY, ~S.c.suspect, S.c.agent == bindparam("agent"),
-                                        *can_type).scalar_subquery()))
-            .values(**held, started_at=clock.now, **queued, attempt=S.c.attempt + literal(1), error=None)
+            .where(S.c.id.in_(self._due((S.c.status == READY) | held_back, ~S.c.suspect,
+                                        S.c.agent == bindparam("agent"), *can_type).scalar_subquery()))
+            .values(**held, started_at=case((waiting, S.c.started_at), else_=clock.now),
+                    **{column: case((waiting, S.c[column]), else_=value) for column, value in queued.items()},
+                    attempt=S.c.attempt + case((waiting, literal(0)), else_=literal(1)),
+                    error=case((waiting, S.c.error), else_=None))
             .returning(*returning)
         ) if self.gated else None
-        # The agents' busy slots, counted through the claimable index (every busy row is claimable).
+        # The agents' busy slots, through the claimable index from now on: rows whose lease or next
+        # poll lies ahead (not the ready backlog, whose claimable time has passed). A poll that is due
+        # is claimed by the general claim at once.
         self.busy_slots = (
             select(S.c.agent, func.count())
-            .where(literal_column(f"step_instances.status IN {CLAIMABLE}"), S.c.agent.in_(_names(self.limits)),
-                   holding_slot(clock))
+            .where(literal_column(f"step_instances.status IN {CLAIMABLE}"), S.c.claimable_at > clock.now,
+                   S.c.agent.in_(_names(self.limits)), holding_slot(clock))
             .group_by(S.c.agent)
         )
         # A suspect, taken over by one worker (found through the small index of suspects); a suspect
@@ -211,9 +221,10 @@ class ClaimStatements:
         slot_free: tuple[ColumnElement[bool], ...] = ()
         if self.limits:
             R = S.alias("busy")
-            busy = (select(func.count()).where(R.c.agent == S.c.agent, or_(
-                and_(R.c.status == RUNNING, R.c.claimable_at > clock.now),
-                and_(R.c.status == word(StepStatus.WAITING), R.c.agent_execution.is_not(None)))).scalar_subquery())
+            busy = (select(func.count()).where(
+                literal_column(f"busy.status IN {CLAIMABLE}"), R.c.claimable_at > clock.now, R.c.agent == S.c.agent,
+                or_(R.c.status == RUNNING,
+                    and_(R.c.status == word(StepStatus.WAITING), R.c.agent_execution.is_not(None)))).scalar_subquery())
             limit = case(*((S.c.agent == literal(name), literal(n)) for name, n in sorted(self.limits.items())),
                          else_=None)
             slot_free = (or_(S.c.agent.is_(None), S.c.agent.not_in(_names(self.limits)), busy < limit),)
@@ -285,10 +296,7 @@ class ClaimStatements:
         serialized per agent across every worker and host: by a transaction lock per agent on
         PostgreSQL (taken in name order), by the one writer at a time on SQLite."""
         assert self.claim_agent is not None
-        if self.postgres:
-            for name in sorted(self.gated):
-                conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(
-                    literal("flowdb.agent:") + literal(name), 0))))
+        self.lock_agents(conn)
         busy: dict[str, int] = {agent: count for agent, count in conn.execute(self.busy_slots)} \
             if self.limits else {}
         used = self.usage.last_minute(conn, [name for name, (_, rate) in self.gated.items() if rate is not None])
@@ -303,9 +311,20 @@ class ClaimStatements:
                 claimed += self._claimed(conn, self.claim_agent, {**params, "agent": name, "n": free})
         return claimed
 
+    def lock_agents(self, conn: Connection) -> None:
+        """Serialize the claims of the agents with limits across workers (PostgreSQL; SQLite has one writer
+        at a time): a transaction lock per agent, in name order. A worker's cycle takes them before it
+        records outcomes, so they come before any instance row it locks (no lock-order deadlock with a
+        budget check, which locks an instance row); taken again later in the transaction, they are its own."""
+        if self.postgres and self.gated:
+            for name in sorted(self.gated):
+                conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(
+                    literal("flowdb.agent:") + literal(name), 0))))
+
     def take_over_step(self, conn: Connection, owner: str, token: str, lease_seconds: float,
                        instance_id: int | None = None) -> Claimed | None:
         """Take over one suspect, to run alone (see the module's docstring)."""
+        self.lock_agents(conn)  # its agent's free slot is checked in the statement
         claimed = self._claimed(conn, self.take_over_raw, self._params(owner, token, 1, lease_seconds, instance_id))
         return claimed[0] if claimed else None
 

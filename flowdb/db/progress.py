@@ -24,6 +24,7 @@ from sqlalchemy import (
     case,
     false,
     func,
+    literal,
     or_,
     select,
     true,
@@ -111,20 +112,22 @@ class ProgressStatements:
             error=bindparam("error"), finished_at=clock.now, claimable_at=None, **run, **usage, **binding,
             **release_lease)
         # `restart`: the next attempt starts afresh instead of going on from where a parked row waited.
+        restart = bindparam("restart", type_=Boolean)
         self.retry: Update = update(S).where(*fenced).values(
             status=_lit("ready"), error=bindparam("error"), ready_at=clock.plus(bindparam("delay")),
-            claimable_at=clock.plus(bindparam("delay")), woken=case((bindparam("restart", type_=Boolean), false()),
-                                                     else_=S.c.woken),
-            **CLEARED, **usage, **release_lease)
-        # Nothing ran (an agent's queue was full): ready later, the claim's attempt given back.
+            claimable_at=clock.plus(bindparam("delay")), woken=case((restart, false()), else_=S.c.woken),
+            agent_execution=case((restart, None), else_=S.c.agent_execution), **CLEARED, **usage, **release_lease)
+        # Nothing ran (an agent's queue was full): ready later, its attempt given back. The row is fresh
+        # from then on (not woken: a budget's hold is over), so its next claim charges the attempt again.
         self.defer: Update = update(S).where(*fenced).values(
             status=_lit("ready"), error=bindparam("error"), ready_at=clock.plus(bindparam("delay")),
-            claimable_at=clock.plus(bindparam("delay")), attempt=S.c.attempt - bindparam("charged"),
-            agent_backend=bindparam("backend"), **CLEARED, **release_lease)
+            claimable_at=clock.plus(bindparam("delay")), attempt=S.c.attempt - literal(1),
+            agent_backend=bindparam("backend"), woken=false(), **CLEARED, **release_lease)
         # A parked row is `woken` from then on: its later claims go on from where it waited.
+        # The execution a parked agent task polls (none: it waits for something else, e.g. a budget).
         parked = {"status": _lit("waiting"), "input": bindparam("input"), "woken": true(),
                   "agent_backend": func.coalesce(bindparam("backend"), S.c.agent_backend),
-                  "agent_execution": func.coalesce(bindparam("execution"), S.c.agent_execution), **release_lease}
+                  "agent_execution": bindparam("execution"), **release_lease}
         self.park: Update = update(S).where(*fenced).values(claimable_at=None, **parked)
         self.park_timed: Update = update(S).where(*fenced).values(
             claimable_at=clock.plus(bindparam("wake_in")), **parked)
@@ -376,8 +379,7 @@ class ProgressWriter:
     def _defer(self, conn: Connection, o: Outcome, batch: _Batch) -> None:
         """Nothing ran (the agent's queue was full): ready again after the delay, no attempt spent."""
         conn.execute(self.q.defer, {"sid": o.step.id, "token": o.step.lease_token, "error": o.error,
-                                    "delay": o.retry_delay, "charged": 0 if o.step.woken else 1,
-                                    "backend": o.backend})
+                                    "delay": o.retry_delay, "backend": o.backend})
         batch.event(o.step.instance_id, "step.deferred", {"attempt": o.step.attempt, "reason": o.error,
                                                           "retry_after_s": o.retry_delay}, o.step.id)
 

@@ -3,10 +3,11 @@ notice through its backend when the step completes.
 
 Delivery is at least once and never holds the process up: the completion's transaction writes one
 `agent_notices` row per subscriber (pending); workers that have the agent deliver them in the
-background (`take` marks a batch as being sent for a minute, the send happens outside any
-transaction, `delivered` or `failed_once` records how it went). A worker that dies mid-send leaves its
-notices to be sent again when the minute is up. A notice that fails MAX_TRIES times is given up
-(`status` failed, with the last error); the process never waits for, or fails because of, a notice.
+background, one at a time (`take` marks the notice as being sent for longer than a send may take,
+the send happens outside any transaction, `delivered` or `failed_once` records how it went). A
+worker that dies mid-send leaves its notice to be sent again once that mark runs out. A notice that
+fails MAX_TRIES times is given up (`status` failed, with the last error); the process never waits
+for, or fails because of, a notice.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from flowdb.db.tables import agent_notices
 
 N = agent_notices
 MAX_TRIES = 8
-SENDING_SECONDS = 60.0  # how long a taken notice is left to its worker before another may send it
+SEND_TIMEOUT_SECONDS = 120.0  # a send that takes longer is given up (and tried again later)
+SENDING_SECONDS = SEND_TIMEOUT_SECONDS + 60.0  # how long a taken notice is left to its worker
 MAX_NOTICE = 2000  # characters of the step's output quoted in a notice
 
 

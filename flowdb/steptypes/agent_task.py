@@ -97,10 +97,11 @@ class AgentTaskType(StepType):
         metered = model.agent if ctx.agents.limits(model.agent).tokens_per_minute is not None else None
 
         def failed(error: str, error_type: str, retryable: bool = True, execution_over: bool = False) -> Outcome:
-            # When the platform said the polled execution failed, a retry sends the message afresh; when
-            # the poll itself failed (unreachable, timed out), the retry polls the same execution again.
+            # A retry sends the message afresh, unless a poll itself failed (unreachable, timed out) while
+            # the execution may still run: then the retry polls the same execution again.
             return ctx.outcome("failed", error=error, error_type=error_type, retryable=retryable, input=given,
-                               backend=backend_kind, execution=polled, restart=polled is not None and execution_over)
+                               backend=backend_kind, execution=polled,
+                               restart=polled is None or execution_over)
 
         try:
             backend = ctx.agents.get(model.agent)
