@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute
 
 from flowdb.db.engine import make_engine
 from flowdb.db.instances import DefinitionCache
@@ -20,6 +21,7 @@ from flowdb.settings import Settings, load_settings
 from . import openapi, problems
 from .endpoints import Endpoint, route_of
 from .routes import approvals, definitions, events, health, instances
+from .ui.app import ui_routes
 
 ENDPOINTS: list[Endpoint] = [*health.ENDPOINTS, *definitions.ENDPOINTS, *instances.ENDPOINTS,
                              *approvals.ENDPOINTS, *events.ENDPOINTS]
@@ -39,7 +41,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         await anyio.to_thread.run_sync(wakeups.close)
         engine.dispose()
 
-    routes = [route_of(endpoint, engine, settings, wakeups) for endpoint in ENDPOINTS]
+    routes: list[BaseRoute] = [route_of(endpoint, engine, settings, wakeups) for endpoint in ENDPOINTS]
+    routes += ui_routes(engine, settings, wakeups)  # the web UI under /ui
     app = Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -29,6 +29,7 @@ from flowdb.tokens import Principal, authenticate
 
 from .body import json_body, refuse_body
 from .problems import ApiError
+from .ui.sessions import SESSION_COOKIE, session_of
 
 T = TypeVar("T")
 PATH_CONVERTER = re.compile(r"{(\w+):\w+}")  # {instance_id:int}
@@ -149,7 +150,14 @@ def route_of(endpoint: Endpoint, engine: Engine, settings: Settings, wakeups: Wa
             raise ApiError(422, "a query parameter holds a NUL character", kind="invalid-query")
         principal = None
         if endpoint.role is not None:
-            principal = await run_in_threadpool(authenticate, reader, bearer(request))
+            token = bearer(request)
+            if token is None and endpoint.method == "GET" and SESSION_COOKIE in request.cookies:
+                # The web UI's pages read the API with their session cookie; only reads (a cookie is sent by
+                # the browser on its own, so a change must come with a CSRF token: the UI's forms do that).
+                session = await run_in_threadpool(session_of, engine, request.cookies[SESSION_COOKIE])
+                principal = session.principal if session is not None else None
+            if principal is None:
+                principal = await run_in_threadpool(authenticate, reader, token)
             if not principal.has(endpoint.role):
                 raise ApiError(403, f"this needs the {endpoint.role} role; the token of {principal.identity} "
                                f"has the {principal.role} role", kind="forbidden")

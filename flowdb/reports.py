@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, DateTime, literal_column, select, table
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql import column
+from sqlalchemy.sql import ColumnElement, column
 
 from flowdb.db.views import view_names
 from flowdb.errors import FlowdbError
@@ -65,8 +65,8 @@ def parse_day(text: str) -> date:
 
 
 def run_report(conn: Connection, view: str, *, process: str | None = None, since: date | None = None,
-               limit: int | None = None) -> Report:
-    """Rows of `view` (a name from resolve_view), filtered, in the view's key order."""
+               limit: int | None = None, sort: str | None = None, descending: bool = False) -> Report:
+    """Rows of `view` (a name from resolve_view), filtered, in the view's key order (or by `sort` first)."""
     try:
         columns = list(conn.execute(select(literal_column("*")).select_from(table(view)).limit(0)).keys())
     except DBAPIError as exc:
@@ -83,7 +83,14 @@ def run_report(conn: Connection, view: str, *, process: str | None = None, since
         if DAY_COLUMN not in columns:
             raise FilterError(f"{view} has no {DAY_COLUMN} column, so --since cannot filter it")
         query = query.where(source.c[DAY_COLUMN] >= since.isoformat())
-    query = query.order_by(*(source.c[key] for key in ORDER.get(view, (columns[0],))))
+    keys: list[ColumnElement[Any]] = [source.c[key] for key in ORDER.get(view, (columns[0],))]
+    if sort is not None:
+        if sort not in columns:
+            raise FilterError(f"{view} has no column {sort!r}; its columns are {', '.join(columns)}")
+        first = source.c[sort].desc() if descending else source.c[sort].asc()
+        # NULLs last either way, the same on both databases.
+        keys = [source.c[sort].is_(None), first, *keys]
+    query = query.order_by(*keys)
     if limit is not None:
         query = query.limit(limit)
     rows = [tuple(plain(value) for value in row) for row in conn.execute(query)]

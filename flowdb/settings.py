@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     # Larger bodies get 413. The default takes the largest definition flowdb accepts (yamlsafe.MAX_BYTES).
     api_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     api_stream_poll_seconds: float = Field(default=0.5, gt=0)  # event stream without Redis
+    ui_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)  # a web UI sign-in lasts this long
 
     # Notifications (flowdb.notifications): email over SMTP, Slack incoming webhook.
     smtp_host: str | None = None

@@ -1,7 +1,8 @@
 """Bearer tokens for the HTTP API: created once (printed, never stored), kept as SHA-256 hashes.
 
-Roles nest: an approver reads its inbox and decides its approvals; an operator also starts,
-cancels, retries and reads everything; an admin also deploys definitions.
+Roles: a viewer reads everything but approvals and changes nothing (the web UI shows it no buttons);
+an approver reads its inbox and decides its approvals; an operator can do both and also starts,
+cancels and retries; an admin also deploys definitions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from flowdb.db.engine import read_only
 from flowdb.db.tables import api_tokens
 from flowdb.errors import FlowdbError, NotFound
 
-ROLES = ("approver", "operator", "admin")
+ROLES = ("viewer", "approver", "operator", "admin")
+# What each role may do: viewer and approver are side by side, an operator has both and more.
+GRANTS = {
+    "viewer": frozenset({"viewer"}),
+    "approver": frozenset({"approver"}),
+    "operator": frozenset({"viewer", "approver", "operator"}),
+    "admin": frozenset(ROLES),
+}
 PREFIX = "fdb_"
 T = api_tokens
 
@@ -38,7 +46,7 @@ class Principal:
     role: str
 
     def has(self, role: str) -> bool:
-        return ROLES.index(self.role) >= ROLES.index(role)
+        return role in GRANTS.get(self.role, frozenset())
 
 
 @dataclass(frozen=True)

@@ -190,11 +190,15 @@ def test_an_approver_token_may_neither_see_nor_set_budgets(api_server: ApiServer
     with client(api_server, "approver", FINANCE) as approver, operator(api_server) as http:
         before = http.get(f"/v1/instances/{iid}/budgets").json()
         assert_problem(approver.get(f"/v1/instances/{iid}/budgets"), 403,
-                       f"this needs the operator role; the token of {FINANCE} has the approver role")
+                       f"this needs the viewer role; the token of {FINANCE} has the approver role")
         assert_problem(approver.post(f"/v1/instances/{iid}/budgets", json={"max_cost_usd": 10}), 403,
                        "needs the operator role")
         assert_problem(httpx.post(f"{api_server.url}/v1/instances/{iid}/budgets", json={"max_cost_usd": 10}), 401)
         assert http.get(f"/v1/instances/{iid}/budgets").json() == before
+        with client(api_server, "viewer", "auditor@x.com") as viewer:  # a viewer reads them and changes nothing
+            assert viewer.get(f"/v1/instances/{iid}/budgets").json() == before
+            assert_problem(viewer.post(f"/v1/instances/{iid}/budgets", json={"max_cost_usd": 10}), 403,
+                           "needs the operator role")
         assert budget_events(api_server, iid, "budget.set") == []
         assert steps(api_server.engine, iid)["c"].status == "waiting"
         # Nothing woke it: a worker finds nothing to do, the step stays held.

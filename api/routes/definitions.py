@@ -126,10 +126,10 @@ ENDPOINTS = [
                     Query("strict", {"type": "string", "enum": ["true", "false"]},
                           "true: refuse (422 unserved-agents) a definition naming an agent no running worker "
                           "serves; false (default): deploy it and list those agents in `warnings`"))),
-    Endpoint("GET", "/v1/definitions", list_definitions, "List deployed processes", "operator", "definitions",
+    Endpoint("GET", "/v1/definitions", list_definitions, "List deployed processes", "viewer", "definitions",
              responses={200: DefinitionList}),
-    Endpoint("GET", "/v1/definitions/{name}", get_definition, "A process's versions", "operator", "definitions",
+    Endpoint("GET", "/v1/definitions/{name}", get_definition, "A process's versions", "viewer", "definitions",
              responses={200: DefinitionDetail}, errors=(404,)),
     Endpoint("GET", "/v1/definitions/{name}/versions/{version:int}", get_version, "One version, with its YAML",
-             "operator", "definitions", responses={200: DefinitionVersion}, errors=(404,)),
+             "viewer", "definitions", responses={200: DefinitionVersion}, errors=(404,)),
 ]

@@ -360,7 +360,7 @@ ENDPOINTS = [
     Endpoint(
         "GET", "/v1/events/stream", stream,
         "Live events as server-sent events (id = event id, event = type, data = the event as JSON)",
-        role="operator", tag="events", stream=True, responses={200: None}, errors=(404, 422),
+        role="viewer", tag="events", stream=True, responses={200: None}, errors=(404, 422),
         query=(
             Query("instance", {"type": "integer", "minimum": 0}, "Only this instance's events."),
             Query("after", {"type": "integer", "minimum": 0},

@@ -252,6 +252,20 @@ api_tokens = Table(
     Column("revoked_at", Timestamp),
 )
 
+# Signed-in sessions of the web UI (api/ui/sessions.py): the cookie holds a random secret, the table its
+# hash; a session acts as its API token, so revoking the token ends the session.
+ui_sessions = Table(
+    "ui_sessions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("session_hash", String(64), nullable=False, unique=True),
+    Column("token_id", Id, ForeignKey("api_tokens.id", ondelete="CASCADE"), nullable=False),
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("expires_at", Timestamp, nullable=False),
+    Index("ix_ui_sessions_expires_at", "expires_at"),
+)
+
 # The workers running now, and what each can serve (db/workers.py): a worker registers when it starts
 # and keeps `expires_at` ahead of the clock with its heartbeat, so a row whose time has passed is a
 # worker that died. The claim does not read these tables (each worker filters by what it serves);
