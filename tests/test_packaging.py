@@ -29,3 +29,8 @@ def test_the_wheel_holds_flowdb_and_flowdb_api_only(tmp_path: Path) -> None:
     assert top == {"flowdb", "flowdb_api"}
     assert "flowdb_api/routes/events.py" in names
     assert "flowdb/_migrations/env.py" in names and "flowdb/_sql/v_cost_by_agent.sql" in names
+    # The web UI's templates, scripts, styles and vendored libraries (with their licences) ship too.
+    ui = ROOT / "api" / "ui"
+    shipped = {str(path.relative_to(ui)) for folder in ("templates", "static") for path in (ui / folder).rglob("*")
+               if path.is_file()}
+    assert shipped and {f"flowdb_api/ui/{name}" for name in shipped} <= set(names)
