@@ -77,9 +77,9 @@ def sign_in(browser: Any, url: str, token: str) -> Any:
     return page
 
 
-def shot(page: Any, name: str) -> None:
+def shot(page: Any, name: str, full_page: bool = True) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full_page)
 
 
 def node_status(page: Any, step: str) -> str:
@@ -112,6 +112,8 @@ def test_start_watch_approve_and_finish(browser: Any, db: Database, tmp_path: Pa
             operator.wait_for_selector('#diagram g.node[data-step="draft"][data-status="running"]', timeout=WAIT_MS)
             operator.wait_for_selector('#diagram g.node[data-step="review"][data-status="waiting"]', timeout=WAIT_MS)
             assert node_status(operator, "draft") == "completed"
+            # The steps table follows the diagram (the page swaps its live parts in after each change).
+            operator.wait_for_selector('#live-details tr[data-step="review"][data-status="waiting"]', timeout=WAIT_MS)
             shot(operator, f"instance-waiting-{db.kind}")
 
             # The approver decides from the inbox, where the draft under review shows as text.
@@ -131,6 +133,9 @@ def test_start_watch_approve_and_finish(browser: Any, db: Database, tmp_path: Pa
             operator.wait_for_selector('#diagram g.node[data-step="publish"][data-status="completed"]',
                                        timeout=WAIT_MS)
             operator.wait_for_selector('#instance-status[data-status="completed"]', timeout=WAIT_MS)
+            operator.wait_for_selector('#live-details tr[data-step="publish"][data-status="completed"]',
+                                       timeout=WAIT_MS)
+            assert operator.get_by_role("button", name="Cancel instance").count() == 0  # it finished
             assert operator.evaluate("window.__sameDocument") is True
             seen = operator.evaluate("window.__seen")
             assert seen["draft"][-2:] == ["running", "completed"] and seen["draft"][0] in ("pending", "ready")
@@ -144,6 +149,8 @@ def test_start_watch_approve_and_finish(browser: Any, db: Database, tmp_path: Pa
             assert operator.evaluate("window.__xss") is None
             assert "approval.decided" in operator.locator("ol.timeline").inner_text()
             shot(operator, f"instance-{db.kind}")
+            operator.evaluate("window.scrollTo(0, 0)")
+            shot(operator, f"instance-top-{db.kind}", full_page=False)  # what docs/ui-instance.png shows
             with db.engine.connect() as conn:
                 status = conn.execute(select(process_instances.c.status)
                                       .where(process_instances.c.id == instance_id)).scalar_one()
