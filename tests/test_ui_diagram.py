@@ -163,6 +163,15 @@ def test_a_for_each_step_counts_the_items_of_its_round() -> None:
     assert shown["after"]["items"] is None
 
 
+def test_counts_given_per_status_stand_for_the_item_rows() -> None:
+    """The instance page reads a big for_each's items as counts (one GROUP BY), not as 10,000 rows."""
+    own = [row("list", "completed"), row("each", "waiting", items_total=10_000)]
+    counts = {("each", 1): {"completed": 9_000, "failed": 10, "running": 40, "pending": 950}}
+    shown = nodes(graph_of(parse_definition(FOR_EACH), [*own, row("each", "completed", item=0)], counts))
+    # the item row beside the counts is one of them, not one more
+    assert shown["each"]["items"] == {"total": 10_000, "completed": 9_000, "failed": 10, "running": 40, "open": 990}
+
+
 def test_items_are_those_of_the_highest_round_and_none_before_the_list_is_expanded() -> None:
     rows = [row("each", "completed", items_total=2), row("each", "completed", item=0),
             row("each", "completed", item=1), row("each", "running", round_=2)]

@@ -17,20 +17,28 @@ NOT_STARTED = "not_started"  # no row yet: the step has not been reached in this
 _OPEN = frozenset(s.value for s in OPEN_STEP)
 
 
-def graph_of(definition: CompiledDefinition, steps: Sequence[Any] | None = None) -> dict[str, Any]:
+ItemCounts = dict[tuple[str, int], dict[str, int]]  # (step id, round) -> item rows per status
+
+
+def graph_of(definition: CompiledDefinition, steps: Sequence[Any] | None = None,
+             item_counts: ItemCounts | None = None) -> dict[str, Any]:
     """`{"nodes": [...], "edges": [...]}`, JSON-ready, nodes in the definition's order.
 
     `steps`: the instance's `step_instances` rows (anything with their columns as attributes), or
     None for a definition alone. A node shows its highest round: the status of the step's own row
     (item IS NULL) of that round, and for a for_each step the counts of that round's item rows
     (`open`: pending, ready, running or waiting, so `running` is part of it; skipped and cancelled
-    items are in `total` only).
+    items are in `total` only). A large for_each has thousands of item rows: `item_counts` gives
+    their counts per status instead (the page reads them with one GROUP BY), and item rows in
+    `steps` are then not counted again.
     """
     latest: dict[str, Any] = {}  # step id -> own row of its highest round
-    items: dict[tuple[str, int], list[Any]] = {}  # (step id, round) -> its item rows
+    counts: ItemCounts = {key: dict(value) for key, value in (item_counts or {}).items()}
     for row in steps or ():
         if row.item is not None:
-            items.setdefault((row.step_id, row.round), []).append(row)
+            if item_counts is None:
+                per_status = counts.setdefault((row.step_id, row.round), {})
+                per_status[row.status] = per_status.get(row.status, 0) + 1
         elif row.step_id not in latest or row.round > latest[row.step_id].round:
             latest[row.step_id] = row
     nodes = []
@@ -43,7 +51,7 @@ def graph_of(definition: CompiledDefinition, steps: Sequence[Any] | None = None)
             "status": own.status if own is not None else NOT_STARTED,
             "round": own.round if own is not None else 0,
             "for_each": model.for_each is not None,
-            "items": _items(own, items.get((model.id, own.round), [])) if own is not None
+            "items": _items(own, counts.get((model.id, own.round), {})) if own is not None
             and model.for_each is not None else None,
             "attempt": own.attempt if own is not None else 0,
             "max_attempts": own.max_attempts if own is not None else None,
@@ -54,17 +62,16 @@ def graph_of(definition: CompiledDefinition, steps: Sequence[Any] | None = None)
         for e in definition.edges]}
 
 
-def _items(own: Any, rows: list[Any]) -> dict[str, int] | None:
+def _items(own: Any, per_status: dict[str, int]) -> dict[str, int] | None:
     """Item counts of a for_each step's round; None before its list was expanded into items."""
-    if not rows and own.items_total is None:
+    if not per_status and own.items_total is None:
         return None
-    statuses = [row.status for row in rows]
     return {
-        "total": own.items_total if own.items_total is not None else len(rows),
-        "completed": statuses.count(StepStatus.COMPLETED.value),
-        "failed": statuses.count(StepStatus.FAILED.value),
-        "running": statuses.count(StepStatus.RUNNING.value),
-        "open": sum(status in _OPEN for status in statuses),
+        "total": own.items_total if own.items_total is not None else sum(per_status.values()),
+        "completed": per_status.get(StepStatus.COMPLETED.value, 0),
+        "failed": per_status.get(StepStatus.FAILED.value, 0),
+        "running": per_status.get(StepStatus.RUNNING.value, 0),
+        "open": sum(count for status, count in per_status.items() if status in _OPEN),
     }
 
 

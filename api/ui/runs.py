@@ -14,20 +14,22 @@ from sqlalchemy.sql.elements import ColumnElement
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from flowdb.control import cancel_instance, cancel_step, retry_step
-from flowdb.db.instances import DefinitionCache, instance_row, step_rows
+from flowdb.db.instances import DefinitionCache, instance_row
 from flowdb.db.tables import events as E
 from flowdb.db.tables import process_instances as I
+from flowdb.db.tables import step_instances as S
 from flowdb.reports import run_report
 
 from ..routes.events import event_rows
 from .charts import DayChart, day_chart
-from .diagram import graph_of
+from .diagram import ItemCounts, graph_of
 from .web import SECURITY_HEADERS, UiCall, UiError
 
 STATUSES = ("running", "completed", "failed", "cancelled")
 OPEN_STEP = ("pending", "ready", "running", "waiting")
 PAGE = 50
 TIMELINE = 500  # newest events shown on an instance page
+ITEM_ROWS = 200  # for_each item rows listed on an instance page (the diagram counts them all)
 CHART_DAYS = 30
 
 
@@ -158,23 +160,43 @@ async def runs(call: UiCall) -> Response:
 @dataclass
 class InstanceView:
     instance: Any
-    steps: list[Any]
+    steps: list[Any]  # every step's own rows, and the first ITEM_ROWS for_each item rows, in id order
+    items_total: int  # for_each item rows in all
     events: list[Any]
     graph: dict[str, Any]
     events_total: int
 
+    @property
+    def items_shown(self) -> int:
+        return sum(1 for row in self.steps if row.item is not None)
 
-def _load_instance(engine: Engine, definitions: DefinitionCache, instance_id: int) -> InstanceView:
+
+def _load_instance(engine: Engine, definitions: DefinitionCache, instance_id: int, *,
+                   with_events: bool = True) -> InstanceView:
+    """What the instance page shows; a for_each of 10,000 items reads its counts, not its rows."""
     with engine.connect() as conn:
         instance = instance_row(conn, instance_id)
-        steps = step_rows(conn, instance_id)
-        events = list(conn.execute(event_rows().where(E.c.instance_id == instance_id)
-                                   .order_by(E.c.id.desc()).limit(TIMELINE)).all())
-        total = int(conn.execute(select(func.count()).select_from(E).where(E.c.instance_id == instance_id))
-                    .scalar_one())
-        graph = graph_of(definitions.get(conn, instance.definition_id), steps)
+        mine = S.c.instance_id == instance_id
+        own = list(conn.execute(select(S).where(mine, S.c.item.is_(None)).order_by(S.c.id)).all())
+        counts: ItemCounts = {}
+        for step_id, round_, status, count in conn.execute(
+                select(S.c.step_id, S.c.round, S.c.status, func.count()).where(mine, S.c.item.is_not(None))
+                .group_by(S.c.step_id, S.c.round, S.c.status)):
+            counts.setdefault((step_id, round_), {})[status] = int(count)
+        items_total = sum(sum(per.values()) for per in counts.values())
+        items = list(conn.execute(select(S).where(mine, S.c.item.is_not(None)).order_by(S.c.id)
+                                  .limit(ITEM_ROWS)).all()) if items_total else []
+        events: list[Any] = []
+        total = 0
+        if with_events:
+            events = list(conn.execute(event_rows().where(E.c.instance_id == instance_id)
+                                       .order_by(E.c.id.desc()).limit(TIMELINE)).all())
+            total = int(conn.execute(select(func.count()).select_from(E).where(E.c.instance_id == instance_id))
+                        .scalar_one())
+        graph = graph_of(definitions.get(conn, instance.definition_id), own, counts)
     events.reverse()
-    return InstanceView(instance, steps, events, graph, total)
+    steps = sorted(own + items, key=lambda row: row.id)
+    return InstanceView(instance, steps, items_total, events, graph, total)
 
 
 def _instance_id(call: UiCall) -> int:
@@ -201,7 +223,8 @@ async def instance_live(call: UiCall) -> Response:
 
 async def instance_graph(call: UiCall) -> Response:
     instance_id = _instance_id(call)
-    view = await call.db(_load_instance, call.reader, call.request.app.state.definitions, instance_id)
+    view = await call.db(_load_instance, call.reader, call.request.app.state.definitions, instance_id,
+                         with_events=False)
     return JSONResponse({**view.graph, "instance_status": view.instance.status}, headers=SECURITY_HEADERS)
 
 
