@@ -34,7 +34,6 @@ from flowdb.db.tables import approval_approvers, approvals, process_instances
 from flowdb.engine.status import ApprovalStatus, word
 from flowdb.errors import FlowdbError, NotFound
 from flowdb.notify import Wakeups
-from flowdb.problems import suggest
 
 A, AA, I = approvals, approval_approvers, process_instances  # noqa: E741
 # The words a decision may be given as, the same on the command line and over the API (any case).
@@ -100,6 +99,8 @@ def normalize_decision(word: str) -> str:
     """approved | rejected for any of DECISION_WORDS (any case, surrounding spaces ignored); BadDecision else."""
     decision = DECISION_WORDS.get(word.strip().lower())
     if decision is None:
+        from flowdb.problems import suggest  # its pydantic models: only for this message
+
         raise BadDecision(f"decision must be one of {', '.join(DECISION_WORDS)}, not {word!r}"
                           f"{suggest(word.strip().lower(), DECISION_WORDS)}")
     return decision

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from sqlalchemy.exc import DBAPIError
 
 from flowdb import __version__
-from flowdb.agents.check import check_agents
 from flowdb.cli_approvals import approvals_group
 from flowdb.cli_budgets import budget_group
 from flowdb.cli_common import (
@@ -31,18 +28,14 @@ from flowdb.cli_common import (
 from flowdb.cli_lists import definitions_group, instances_group
 from flowdb.cli_report import report
 from flowdb.cli_tokens import tokens_group
-from flowdb.db import migrate
-from flowdb.db.engine import read_only
-from flowdb.db.instances import StartRequest, deploy, find_definition, instance_row, start_instances
-from flowdb.definitions import CompiledDefinition, load_definition_file
 from flowdb.errors import DefinitionError, FlowdbError, InputError
-from flowdb.expressions import TemplateLimits, set_limits
-from flowdb.inputs import parse_assignments, validate_inputs
-from flowdb.notifications import Notifier
-from flowdb.notify import Wakeups, publish_events_sync, publish_sync
-from flowdb.settings import load_settings
-from flowdb.status import print_status, status_json
-from flowdb.worker import Worker, WorkerOptions
+
+# Every command imports what it uses itself: `flowdb` starts afresh for each command (the tests run it
+# hundreds of times), and SQLAlchemy, pydantic, Jinja and the engine would cost every command their
+# start-up, --help too.
+if TYPE_CHECKING:
+    from flowdb.db.instances import StartRequest
+    from flowdb.definitions import CompiledDefinition
 
 
 @click.group(cls=FlowdbGroup)
@@ -63,6 +56,8 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(db_url: str | None, revision: str) -> None:
     """Create or upgrade the schema (Alembic migrations)."""
+    from flowdb.db import migrate
+
     engine = engine_for(db_url)
     migrate.upgrade(engine, revision)
     click.echo(f"database at revision {migrate.current_revision(engine)}")
@@ -73,15 +68,27 @@ def db_upgrade(db_url: str | None, revision: str) -> None:
 @click.argument("revision")
 def db_downgrade(db_url: str | None, revision: str) -> None:
     """Downgrade the schema to REVISION ('base' removes every table)."""
+    from flowdb.db import migrate
+
     engine = engine_for(db_url)
     refuse_missing_sqlite(engine)
     migrate.downgrade(engine, revision)
     click.echo(f"database at revision {migrate.current_revision(engine) or 'base'}")
 
 
+def load_definition_file(path: str) -> CompiledDefinition:
+    """flowdb.definitions.load_definition_file, imported by the first file read (and a name here that
+    a test can replace)."""
+    from flowdb.definitions import load_definition_file as load
+
+    return load(path)
+
+
 def _check_files(files: tuple[str, ...], agents_file: str | None, *, strict: bool = False) -> list[CompiledDefinition]:
     """Load and check every file and its agents; print every problem and warning; exit 1 if there was
     a problem (with `strict`, a missing agents file is one)."""
+    from flowdb.agents.check import check_agents
+
     loaded = []
     failed = False
     for file in files:
@@ -131,6 +138,8 @@ def validate(files: tuple[str, ...], agents_file: str | None, strict: bool) -> N
 def deploy_cmd(files: tuple[str, ...], db_url: str | None, create: bool, agents_file: str | None,
                strict: bool) -> None:
     """Store definitions as new immutable versions (identical content is a no-op)."""
+    from flowdb.db.instances import deploy
+
     definitions = _check_files(files, agents_file, strict=strict)
     engine = open_database(db_url, create=create, offers_create=True)
     with engine.begin() as conn:
@@ -151,7 +160,11 @@ def deploy_cmd(files: tuple[str, ...], db_url: str | None, create: bool, agents_
 def start(db_url: str | None, name: str, inputs: tuple[str, ...], inputs_file: str | None,
           idempotency_key: str | None, version: int | None) -> None:
     """Start instances of a deployed process; print each new instance id on its own line."""
-    from flowdb.db.instances import DefinitionCache
+    from flowdb.db.engine import read_only
+    from flowdb.db.instances import DefinitionCache, StartRequest, find_definition, start_instances
+    from flowdb.inputs import parse_assignments
+    from flowdb.notify import publish_events_sync, publish_sync
+    from flowdb.settings import load_settings
 
     engine = open_database(db_url)
     cache = DefinitionCache()
@@ -185,6 +198,8 @@ def start(db_url: str | None, name: str, inputs: tuple[str, ...], inputs_file: s
 
 def _check_inputs_file(path: str, requests: list[StartRequest], definition: CompiledDefinition) -> None:
     """Refuse the file, naming each line whose inputs do not fit the process (at most 20 of them)."""
+    from flowdb.inputs import validate_inputs
+
     problems = []
     for request in requests:
         try:
@@ -197,6 +212,8 @@ def _check_inputs_file(path: str, requests: list[StartRequest], definition: Comp
 
 
 def _read_inputs_file(path: str) -> list[StartRequest]:
+    from flowdb.db.instances import StartRequest
+
     requests = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -223,6 +240,14 @@ def _read_inputs_file(path: str) -> list[StartRequest]:
 def worker(db_url: str | None, create: bool, agents_file: str | None, concurrency: int | None, batch: int | None,
            grace: float | None) -> None:
     """Claim and run ready steps until stopped (SIGTERM/SIGINT finishes or releases held steps)."""
+    import asyncio
+    import signal
+
+    from flowdb.expressions import TemplateLimits, set_limits
+    from flowdb.notifications import Notifier
+    from flowdb.settings import load_settings
+    from flowdb.worker import Worker, WorkerOptions
+
     logging.getLogger().setLevel(logging.INFO)
     settings = load_settings(database_url=db_url)
     log = logging.getLogger("flowdb.worker")
@@ -272,7 +297,19 @@ def worker(db_url: str | None, create: bool, agents_file: str | None, concurrenc
 @click.option("--input", "-i", "inputs", multiple=True, help="An input as KEY=VALUE (repeatable).")
 def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[str, ...]) -> None:
     """Deploy FILE, start it and work it to the end here, showing each step (exit 1 if it failed)."""
+    import asyncio
+
+    from sqlalchemy.exc import DBAPIError
+
+    from flowdb.db.engine import read_only
+    from flowdb.db.instances import StartRequest, deploy, instance_row, start_instances
+    from flowdb.expressions import TemplateLimits, set_limits
+    from flowdb.inputs import parse_assignments
     from flowdb.live import LiveView
+    from flowdb.notifications import Notifier
+    from flowdb.settings import load_settings
+    from flowdb.status import status_json
+    from flowdb.worker import Worker, WorkerOptions
 
     # It works the instance here: every agent it names must be defined and load (strict).
     [definition] = _check_files((file,), agents_file, strict=True)
@@ -334,6 +371,8 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
 def retry(db_url: str | None, instance_id: int, step_id: str) -> None:
     """Run a failed step again with fresh attempts; its failed instance resumes from there."""
     from flowdb.control import retry_step
+    from flowdb.notify import publish_events_sync, publish_sync
+    from flowdb.settings import load_settings
 
     settings = load_settings(database_url=db_url)
     engine = open_database(db_url)
@@ -352,6 +391,8 @@ def retry(db_url: str | None, instance_id: int, step_id: str) -> None:
 def cancel(db_url: str | None, instance_id: int, step_id: str | None, reason: str) -> None:
     """Cancel a running instance (its unfinished steps and pending approvals), or one of its steps."""
     from flowdb.control import cancel_instance, cancel_step
+    from flowdb.notify import Wakeups
+    from flowdb.settings import load_settings
 
     settings = load_settings(database_url=db_url)
     engine = open_database(db_url)
@@ -371,6 +412,9 @@ def cancel(db_url: str | None, instance_id: int, step_id: str | None, reason: st
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(db_url: str | None, instance_id: int, as_json: bool) -> None:
     """Show an instance: its steps, statuses, attempts, durations and outputs."""
+    from flowdb.db.engine import read_only
+    from flowdb.status import print_status, status_json
+
     engine = open_database(db_url)
     with read_only(engine).connect() as conn:
         data = status_json(conn, instance_id)
@@ -386,15 +430,3 @@ main.add_command(instances_group)
 main.add_command(definitions_group)
 main.add_command(tokens_group)
 main.add_command(report)
-
-
-def _add_plugin_commands() -> None:
-    """Commands other packages register under the `flowdb.commands` entry point (api/ adds `serve`):
-    flowdb itself never imports them."""
-    from importlib.metadata import entry_points
-
-    for entry in entry_points(group="flowdb.commands"):
-        main.add_command(entry.load(), entry.name)
-
-
-_add_plugin_commands()

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from flowdb.approvals import APPROVAL_STATUSES, Vote, decide, get_approval, list_approvals
-from flowdb.cli_common import db_option, open_database
-from flowdb.db.approvals import ApprovalRow
-from flowdb.settings import load_settings
+from flowdb.cli_common import LazyChoice, db_option, open_database
+
+if TYPE_CHECKING:
+    from flowdb.approvals import Vote
+    from flowdb.db.approvals import ApprovalRow
+
+
+def _statuses() -> tuple[str, ...]:
+    from flowdb.approvals import APPROVAL_STATUSES
+
+    return APPROVAL_STATUSES
 
 
 @click.group("approvals")
@@ -21,13 +28,15 @@ def approvals_group() -> None:
 @approvals_group.command("list")
 @db_option
 @click.option("--approver", default=None, help="Only approvals that list this identity (an inbox).")
-@click.option("--status", type=click.Choice(APPROVAL_STATUSES), default=None, help="Only approvals in this status.")
+@click.option("--status", type=LazyChoice(_statuses), default=None, help="Only approvals in this status.")
 @click.option("--instance", "instance_id", type=int, default=None, help="Only approvals of this instance.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_cmd(db_url: str | None, approver: str | None, status: str | None, instance_id: int | None, limit: int,
              as_json: bool) -> None:
     """Approvals, newest first."""
+    from flowdb.approvals import list_approvals
+
     engine = open_database(db_url)
     rows = list_approvals(engine, approver=approver, status=status, instance_id=instance_id, limit=limit)
     if as_json:
@@ -49,6 +58,8 @@ def list_cmd(db_url: str | None, approver: str | None, status: str | None, insta
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def show_cmd(db_url: str | None, approval_id: int, as_json: bool) -> None:
     """One approval: what it asks, its artifacts, who decided what."""
+    from flowdb.approvals import get_approval
+
     engine = open_database(db_url)
     approval, votes = get_approval(engine, approval_id)
     if as_json:
@@ -79,6 +90,9 @@ def decide_cmd(db_url: str | None, approval_id: int, decision: str, identity: st
     """Approve or reject an approval as one of its approvers.
 
     DECISION is approve or reject (approved and rejected are taken too, in any case), as over the HTTP API."""
+    from flowdb.approvals import decide
+    from flowdb.settings import load_settings
+
     settings = load_settings(database_url=db_url)
     engine = open_database(db_url)
     result = decide(engine, approval_id, decision, identity, comment, redis_url=settings.redis_url)

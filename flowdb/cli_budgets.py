@@ -7,11 +7,7 @@ from typing import Any
 
 import click
 
-from flowdb.budget_ops import instance_budgets, set_budget
 from flowdb.cli_common import db_option, open_database
-from flowdb.db.instances import instance_row
-from flowdb.notify import Wakeups
-from flowdb.settings import load_settings
 
 
 @click.group("budget")
@@ -25,6 +21,9 @@ def budget_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def show_cmd(db_url: str | None, instance_id: int, as_json: bool) -> None:
     """The instance's budgets and what was spent against each."""
+    from flowdb.budget_ops import instance_budgets
+    from flowdb.db.instances import instance_row
+
     engine = open_database(db_url)
     with engine.connect() as conn:
         instance_row(conn, instance_id)
@@ -54,6 +53,10 @@ def show_cmd(db_url: str | None, instance_id: int, as_json: bool) -> None:
 def set_cmd(db_url: str | None, instance_id: int, step_id: str | None, max_cost_usd: float | None,
             max_tokens: int | None, who: str) -> None:
     """Set a budget's limits for a running instance; steps a budget holds back (on_exceed: pause) check again."""
+    from flowdb.budget_ops import set_budget
+    from flowdb.notify import Wakeups
+    from flowdb.settings import load_settings
+
     engine = open_database(db_url)
     rows = set_budget(engine, instance_id, step_id, max_cost_usd, max_tokens, who,
                       Wakeups(load_settings().redis_url))

@@ -8,21 +8,21 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
-from sqlalchemy import func, select
 
-from flowdb.cli_common import db_option, open_database
-from flowdb.db.engine import read_only
-from flowdb.db.tables import process_definitions as D
-from flowdb.db.tables import process_instances as I
-from flowdb.durations import parse_duration
-from flowdb.engine.status import InstanceStatus
+from flowdb.cli_common import LazyChoice, db_option, open_database
 from flowdb.errors import NotFound
 
-STATUSES = [s.value for s in InstanceStatus]
+
+def _statuses() -> list[str]:
+    from flowdb.engine.status import InstanceStatus
+
+    return [s.value for s in InstanceStatus]
 
 
 def _since(text: str) -> datetime:
     """A moment: an ISO date or date-time (UTC unless it says), or a duration back from now (2h, P1D)."""
+    from flowdb.durations import parse_duration
+
     try:
         moment = datetime.fromisoformat(text)
         return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
@@ -61,7 +61,7 @@ def instances_group() -> None:
 @instances_group.command("list")
 @db_option
 @click.option("--process", default=None, help="Only instances of this process.")
-@click.option("--status", type=click.Choice(STATUSES), default=None, help="Only instances in this status.")
+@click.option("--status", type=LazyChoice(_statuses), default=None, help="Only instances in this status.")
 @click.option("--since", default=None, metavar="WHEN",
               help="Only instances created since WHEN: a date, a date-time (UTC) or a duration back (2h, P1D).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
@@ -69,6 +69,11 @@ def instances_group() -> None:
 def list_instances(db_url: str | None, process: str | None, status: str | None, since: str | None, limit: int,
                    as_json: bool) -> None:
     """Instances, newest first."""
+    from sqlalchemy import select
+
+    from flowdb.db.engine import read_only
+    from flowdb.db.tables import process_instances as I
+
     query = select(I.c.id, I.c.process_name, I.c.version, I.c.status, I.c.cost_usd, I.c.created_at,
                    I.c.finished_at, I.c.error).order_by(I.c.id.desc()).limit(limit)
     if process is not None:
@@ -99,6 +104,11 @@ def definitions_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_definitions(db_url: str | None, as_json: bool) -> None:
     """Every deployed process: its latest version, how many versions, when it was last deployed."""
+    from sqlalchemy import func, select
+
+    from flowdb.db.engine import read_only
+    from flowdb.db.tables import process_definitions as D
+
     query = (select(D.c.name, func.max(D.c.version).label("latest"), func.count().label("versions"),
                     func.max(D.c.created_at).label("deployed_at"))
              .group_by(D.c.name).order_by(D.c.name))
@@ -118,6 +128,11 @@ def list_definitions(db_url: str | None, as_json: bool) -> None:
 @click.option("--version", "version", type=int, default=None, help="This version (else the latest).")
 def show_definition(db_url: str | None, name: str, version: int | None) -> None:
     """A deployed definition's YAML, as it was deployed."""
+    from sqlalchemy import select
+
+    from flowdb.db.engine import read_only
+    from flowdb.db.tables import process_definitions as D
+
     query = select(D.c.version, D.c.source).where(D.c.name == name)
     if version is not None:
         query = query.where(D.c.version == version)

@@ -6,13 +6,14 @@ import csv
 import io
 import json
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from flowdb.cli_common import db_option, open_database
-from flowdb.db.engine import read_only
-from flowdb.reports import FilterError, Report, ReportError, parse_day, resolve_view, run_report
+
+if TYPE_CHECKING:
+    from flowdb.reports import Report
 
 _TABLE_TEXT_WIDTH = 60  # longer text (errors) is cut in the table; CSV and JSON keep all of it
 
@@ -30,6 +31,9 @@ def report(db_url: str | None, view: str, process: str | None, since: str | None
     """Print a reporting view. VIEW is one of the views in sql/ (the v_ prefix may be left out):
     v_instance_summary, v_step_runs, v_process_daily, v_step_stats, v_approval_latency, v_cost_by_agent.
     docs/reporting.md explains every column."""
+    from flowdb.db.engine import read_only
+    from flowdb.reports import FilterError, ReportError, parse_day, resolve_view, run_report
+
     try:
         name = resolve_view(view)
     except ReportError as exc:

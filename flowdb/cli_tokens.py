@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import click
 
-from flowdb.cli_common import create_option, db_option, open_database
-from flowdb.tokens import ROLES, create_token, list_tokens, revoke_token
+from flowdb.cli_common import LazyChoice, create_option, db_option, open_database
+
+
+def _roles() -> tuple[str, ...]:
+    from flowdb.tokens import ROLES
+
+    return ROLES
 
 
 @click.group("tokens")
@@ -17,10 +22,12 @@ def tokens_group() -> None:
 @db_option
 @create_option
 @click.option("--identity", required=True, help="Who the token acts as (an approver's email address, usually).")
-@click.option("--role", type=click.Choice(ROLES), required=True,
+@click.option("--role", type=LazyChoice(_roles), required=True,
               help="approver: inbox and decisions; operator: also start, cancel, retry, read; admin: also deploy.")
 def create_cmd(db_url: str | None, create: bool, identity: str, role: str) -> None:
     """Create a token and print it once (only its hash is stored)."""
+    from flowdb.tokens import create_token
+
     token_id, token = create_token(open_database(db_url, create=create, offers_create=True), identity, role)
     click.echo(token)
     click.echo(f"token {token_id} for {identity} ({role}); it is shown only now", err=True)
@@ -30,6 +37,8 @@ def create_cmd(db_url: str | None, create: bool, identity: str, role: str) -> No
 @db_option
 def list_cmd(db_url: str | None) -> None:
     """Tokens (never the tokens themselves): id, identity, role, created, revoked."""
+    from flowdb.tokens import list_tokens
+
     for row in list_tokens(open_database(db_url)):
         revoked = f"revoked {row.revoked_at:%Y-%m-%d %H:%M:%S}" if row.revoked_at else "active"
         created = f"{row.created_at:%Y-%m-%d %H:%M:%S}"
@@ -41,5 +50,7 @@ def list_cmd(db_url: str | None) -> None:
 @click.argument("token_id", type=int)
 def revoke_cmd(db_url: str | None, token_id: int) -> None:
     """Revoke a token: requests carrying it get 401 from now on."""
+    from flowdb.tokens import revoke_token
+
     revoke_token(open_database(db_url), token_id)
     click.echo(f"token {token_id} revoked")

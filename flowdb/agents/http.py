@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from flowdb.agents.spec import endpoint_spec
 from flowdb.agents.types import AgentReply, AgentRequest, as_reply
@@ -29,6 +27,9 @@ from flowdb.errors import AgentConfigError, AgentFailed, AgentRefused, AgentRepl
 DEFAULT_TIMEOUT_SECONDS = 300.0
 RETRIED_STATUSES = frozenset({408, 425, 429})
 KEYS = frozenset({"url", "headers_env", "timeout"})
+
+if TYPE_CHECKING:
+    import httpx  # imported by the first call: every command loads the agents file, few call an agent
 
 
 class HttpBackend:
@@ -64,6 +65,8 @@ class HttpBackend:
         self._headers()
 
     async def call(self, request: AgentRequest) -> AgentReply:
+        import httpx
+
         headers = {**self._headers(), "Idempotency-Key": request.idempotency_key}
         body: dict[str, Any] = {"agent": request.agent, "message": request.message,
                                 "instance_id": request.instance_id, "step_id": request.step_id,

@@ -22,9 +22,8 @@ import asyncio
 import logging
 import os
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 
 from flowdb.agents.spec import endpoint_spec
@@ -41,7 +40,10 @@ KEYS = frozenset({"url", "api_key_env", "tool", "result_tool", "agent_name", "mo
 STILL_RUNNING = frozenset({"queued_timeout", "running", "queued", "pending"})
 # The SDK logs a traceback for every dropped connection; flowdb reports the failure as the step's error.
 logging.getLogger("mcp.client.streamable_http").setLevel(logging.CRITICAL)
-# The SDK is imported by the first call (importing it costs a second of start-up every command would pay).
+# The SDK (and httpx) is imported by the first call (importing it costs a second of start-up every command
+# would pay).
+if TYPE_CHECKING:
+    import httpx
 
 
 class McpBackend:
@@ -97,6 +99,7 @@ class McpBackend:
         return self._reply(answer, tool, request.execution_id)
 
     async def _call_tool(self, tool: str, arguments: dict[str, Any]) -> str:
+        import httpx
         from mcp import ClientSession
         from mcp.client.streamable_http import streamable_http_client
         from mcp.shared.exceptions import McpError
@@ -222,6 +225,8 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def _http_status(exc: BaseException) -> int | None:
+    import httpx  # loaded already: only a call's failure gets here
+
     for leaf in _leaves(exc):
         if isinstance(leaf, httpx.HTTPStatusError):
             return leaf.response.status_code

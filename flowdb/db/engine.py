@@ -15,7 +15,6 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-import psycopg
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -122,6 +121,8 @@ def database_unavailable(exc: BaseException) -> bool:
     orig = exc.orig
     if isinstance(orig, sqlite3.OperationalError):
         return str(orig).startswith(_SQLITE_UNAVAILABLE)
+    import psycopg  # here, not at the top: a command on SQLite never loads the PostgreSQL driver
+
     if isinstance(orig, psycopg.Error):
         if orig.sqlstate is None:  # raised by the driver itself: no connection (refused, reset, timed out)
             return isinstance(orig, psycopg.OperationalError)

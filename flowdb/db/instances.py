@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from flowdb.db.budgets import insert_budgets
 from flowdb.db.clock import Clock
 from flowdb.db.events import EventRow, EventWriter, event_row
 from flowdb.db.tables import process_definitions, process_instances, step_edges, step_instances
-from flowdb.definitions import CompiledDefinition, parse_definition
 from flowdb.errors import (
     DefinitionConflict,
     DefinitionError,
@@ -21,9 +19,11 @@ from flowdb.errors import (
     IdempotencyInProgress,
     NotFound,
 )
-from flowdb.inputs import validate_inputs
-from flowdb.models import effective_retry
-from flowdb.problems import suggest
+
+# Definitions (pydantic models, templates) load with the first one compiled or started: reading
+# instances back (`flowdb status`, the API's reads) does not need them.
+if TYPE_CHECKING:
+    from flowdb.definitions import CompiledDefinition
 
 D, I, S, E = process_definitions, process_instances, step_instances, step_edges  # noqa: E741
 KEY_RACE_ROUNDS = 3  # lookups of keys another transaction took while this one inserted, before giving up
@@ -88,6 +88,8 @@ class DefinitionCache:
         """The compiled definition; DefinitionUnloadable if it no longer compiles."""
         found = self._by_id.get(definition_id)
         if found is None:
+            from flowdb.definitions import CompiledDefinition, parse_definition
+
             if definition_id in self._unloadable:
                 raise DefinitionUnloadable(self._unloadable[definition_id][1])
             row = conn.execute(select(D.c.name, D.c.version, D.c.source).where(D.c.id == definition_id)).first()
@@ -122,6 +124,8 @@ def find_definition(conn: Connection, name: str, version: int | None = None) -> 
         known = conn.execute(select(D.c.name).distinct().order_by(D.c.name)).scalars().all()
         what = f"{name} version {version}" if version is not None else name
         if known:
+            from flowdb.problems import suggest
+
             listed = f" (deployed: {', '.join(known)}){suggest(name, known)}"
             raise NotFound(f"process {what} is not deployed{listed}")
         raise NotFound(f"process {what} is not deployed (nothing is deployed yet; run flowdb deploy FILE)",
@@ -150,6 +154,8 @@ def start_instances(conn: Connection, definition_id: int, version: int, definiti
     keys are looked up again and the winner's instance is returned. A key whose instance still
     cannot be seen after that raises IdempotencyInProgress ("retry"), never IdempotencyConflict.
     """
+    from flowdb.inputs import validate_inputs
+
     process = definition.process
     typed = [validate_inputs(process.inputs, r.inputs, from_text=from_text) for r in requests]
     for _ in range(KEY_RACE_ROUNDS):
@@ -218,6 +224,9 @@ def _insert_instances(conn: Connection, definition_id: int, version: int, defini
                       inputs: list[dict[str, Any]], keys: list[str | None], trigger: str) -> list[int] | None:
     """Insert the instances with their steps, edges and events; None when one of `keys` was taken
     by another transaction since they were looked up (nothing inserted)."""
+    from flowdb.db.budgets import insert_budgets
+    from flowdb.models import effective_retry
+
     clock = Clock(conn.dialect.name)
     budget = definition.process.budget.max_cost_usd if definition.process.budget else None
     rows = [{"definition_id": definition_id, "process_name": definition.name, "version": version,
