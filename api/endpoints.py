@@ -24,12 +24,12 @@ from starlette.routing import Route
 from flowdb.db.engine import read_only
 from flowdb.notify import Wakeups
 from flowdb.problems import suggest
+from flowdb.sessions import SESSION_COOKIE, session_of
 from flowdb.settings import Settings
-from flowdb.tokens import Principal, authenticate
+from flowdb.tokens import Principal, TokenError, authenticate
 
 from .body import json_body, refuse_body
 from .problems import ApiError
-from .ui.sessions import SESSION_COOKIE, session_of
 
 T = TypeVar("T")
 PATH_CONVERTER = re.compile(r"{(\w+):\w+}")  # {instance_id:int}
@@ -53,6 +53,10 @@ class Header:
     description: str
 
 
+def _always() -> bool:
+    return True
+
+
 @dataclass
 class Call:
     """What a handler gets."""
@@ -62,6 +66,9 @@ class Call:
     engine: Engine  # read-only for GET endpoints
     settings: Settings
     wakeups: Wakeups  # tell workers and event streams what was committed: wakeups.notify(workers=..., events=...)
+    # Whether the caller's token (or UI session) still holds the role: a long stream asks again now and then,
+    # so a revoked token or an ended session stops receiving.
+    still_allowed: Callable[[], bool] = field(default=_always)
 
     async def db(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await run_in_threadpool(work, *args, **kwargs)
@@ -138,6 +145,19 @@ def _refuse_unknown_query(endpoint: Endpoint, request: Request) -> None:
                    f"{', '.join(repr(u) for u in unknown)}{hint}; {takes}", kind="invalid-query")
 
 
+def _recheck(engine: Engine, role: str, token: str | None, cookie: str | None) -> Callable[[], bool]:
+    def allowed() -> bool:
+        if cookie is not None:
+            session = session_of(engine, cookie)
+            return session is not None and session.principal.has(role)
+        try:
+            return authenticate(read_only(engine), token).has(role)
+        except TokenError:
+            return False
+
+    return allowed
+
+
 def route_of(endpoint: Endpoint, engine: Engine, settings: Settings, wakeups: Wakeups) -> Route:
     reader = read_only(engine)
     handler_engine = reader if endpoint.method == "GET" else engine
@@ -149,21 +169,24 @@ def route_of(endpoint: Endpoint, engine: Engine, settings: Settings, wakeups: Wa
         if any("\x00" in k or "\x00" in v for k, v in request.query_params.multi_items()):
             raise ApiError(422, "a query parameter holds a NUL character", kind="invalid-query")
         principal = None
+        still_allowed = _always
         if endpoint.role is not None:
             token = bearer(request)
-            if token is None and endpoint.method == "GET" and SESSION_COOKIE in request.cookies:
+            cookie = request.cookies.get(SESSION_COOKIE) if token is None and endpoint.method == "GET" else None
+            if cookie is not None:
                 # The web UI's pages read the API with their session cookie; only reads (a cookie is sent by
                 # the browser on its own, so a change must come with a CSRF token: the UI's forms do that).
-                session = await run_in_threadpool(session_of, engine, request.cookies[SESSION_COOKIE])
+                session = await run_in_threadpool(session_of, engine, cookie)
                 principal = session.principal if session is not None else None
             if principal is None:
                 principal = await run_in_threadpool(authenticate, reader, token)
+            still_allowed = _recheck(engine, endpoint.role, token, cookie if token is None else None)
             if not principal.has(endpoint.role):
                 raise ApiError(403, f"this needs the {endpoint.role} role; the token of {principal.identity} "
                                f"has the {principal.role} role", kind="forbidden")
         _refuse_unknown_query(endpoint, request)
         if endpoint.refuses_body:
             await refuse_body(request, settings.api_max_body_bytes, endpoint.label)
-        return await endpoint.handler(Call(request, principal, handler_engine, settings, wakeups))
+        return await endpoint.handler(Call(request, principal, handler_engine, settings, wakeups, still_allowed))
 
     return Route(endpoint.path, endpoint_fn, methods=[endpoint.method], name=f"{endpoint.method} {endpoint.path}")

@@ -4,6 +4,7 @@ the same whichever database they came from."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -67,6 +68,16 @@ def parse_day(text: str) -> date:
 def run_report(conn: Connection, view: str, *, process: str | None = None, since: date | None = None,
                limit: int | None = None, sort: str | None = None, descending: bool = False) -> Report:
     """Rows of `view` (a name from resolve_view), filtered, in the view's key order (or by `sort` first)."""
+    columns, rows = stream_report(conn, view, process=process, since=since, limit=limit, sort=sort,
+                                  descending=descending)
+    return Report(view, columns, list(rows))
+
+
+def stream_report(conn: Connection, view: str, *, process: str | None = None, since: date | None = None,
+                  limit: int | None = None, sort: str | None = None, descending: bool = False
+                  ) -> tuple[list[str], Iterator[tuple[Any, ...]]]:
+    """As run_report, the rows read in batches while they are used (a CSV of a million rows holds a
+    thousand at a time); the connection must stay open until they are all read."""
     try:
         columns = list(conn.execute(select(literal_column("*")).select_from(table(view)).limit(0)).keys())
     except DBAPIError as exc:
@@ -93,8 +104,8 @@ def run_report(conn: Connection, view: str, *, process: str | None = None, since
     query = query.order_by(*keys)
     if limit is not None:
         query = query.limit(limit)
-    rows = [tuple(plain(value) for value in row) for row in conn.execute(query)]
-    return Report(view, columns, rows)
+    result = conn.execution_options(yield_per=1000).execute(query)
+    return columns, (tuple(plain(value) for value in row) for row in result)
 
 
 def plain(value: Any) -> Any:

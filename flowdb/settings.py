@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     api_stream_poll_seconds: float = Field(default=0.5, gt=0)  # event stream without Redis
     ui_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)  # a web UI sign-in lasts this long
+    # The address people open the web UI at (https://flowdb.example.com), when a proxy in front rewrites Host:
+    # a form post must come from it. Unset: from the Host the request names.
+    ui_origin: str | None = None
 
     # Notifications (flowdb.notifications): email over SMTP, Slack incoming webhook.
     smtp_host: str | None = None

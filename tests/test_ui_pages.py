@@ -11,6 +11,7 @@ import html
 import io
 import json
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -29,7 +30,8 @@ from flowdb.db.tables import process_instances as I
 from flowdb.db.tables import step_instances as S
 from flowdb.db.views import view_names
 from flowdb.reports import run_report
-from flowdb.tokens import revoke_token
+from flowdb.tokens import create_token, revoke_token
+from flowdb_api.routes import events as events_route
 
 from apiserver import ApiServer
 from conftest import EXAMPLES
@@ -106,11 +108,9 @@ process:
 """
 
 
-def known_bug(broken: list[Any], reason: str) -> None:
-    """A bug in api/ui (reported to the lead, not fixed here): the test xfails while any check in `broken`
-    fails, and passes again once it is fixed. Every check runs first, so the list is complete."""
-    if broken:
-        pytest.xfail(f"{reason}: {broken}")
+def none_broken(broken: list[Any], what: str) -> None:
+    """Every check runs first and the failures are listed together (the list is complete)."""
+    assert broken == [], f"{what}: {broken}"
 
 
 # -- a browser over httpx ------------------------------------------------------------------------------
@@ -813,9 +813,7 @@ def test_runs_search_finds_non_ascii_text(api_server: ApiServer) -> None:
             found = listed_ids(b.get("/ui/runs", params={"q": q}))
             if found != expected:
                 broken.append((q, found, expected))
-    known_bug(broken, "api/ui/runs.py RunFilters.where: on SQLite ?q= finds no non-ASCII text: inputs are stored "
-                      "as JSON with \\u escapes (Zürich is Z\\u00fcrich in the cast text) and SQLite's lower() "
-                      "folds ASCII only (GENÈVE stays GENÈVE); PostgreSQL finds both")
+    none_broken(broken, "?q= finds non-ASCII text in inputs and errors, whatever its case, on both databases")
 
 
 def test_out_of_range_ids_and_nul_characters_get_an_error_page(api_server: ApiServer) -> None:
@@ -852,9 +850,7 @@ def test_out_of_range_ids_and_nul_characters_get_an_error_page(api_server: ApiSe
         assert snapshot(engine)[2:] == before[2:]  # no approval touched
         if count(engine, I) != instances:
             broken.append("an instance was started with a NUL in its input")
-    known_bug(broken, "api/ui: ids past a BIGINT (the runs cursor, runs.py _cursor; the approval id, approvals.py "
-                      "decide_one) and NUL characters in paths, queries and form fields (web.py endpoint_of has "
-                      "no NUL guard like api/endpoints.py route_of) are a 500, not an error page")
+    none_broken(broken, "ids past a BIGINT and NUL characters get an error page, never a 500")
 
 
 # -- 7. reports ----------------------------------------------------------------------------------------------
@@ -912,7 +908,7 @@ def test_reports_tables_and_csv(api_server: ApiServer) -> None:
                         "/ui/reports/api_tokens.csv"):
             gone = b.get(missing)
             assert gone.status_code == 404, (missing, gone.text)
-            assert "api_tokens" not in gone.text or "not" in text_of(gone)
+            assert "no view" in text_of(gone)  # a table is not a report: refused, whatever its name
 
 
 # -- 8. the API with a session cookie ------------------------------------------------------------------------
@@ -944,3 +940,30 @@ def test_a_session_cookie_reads_the_api_and_never_changes_it(api_server: ApiServ
             httpx.Client(base_url=api_server.url, cookies=viewer.http.cookies, timeout=30) as api:
         assert api.get("/v1/instances").status_code == 200
         assert api.get("/v1/approvals").status_code == 403  # the session acts with its token's role
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("credential", ["session", "bearer"])
+def test_an_open_event_stream_ends_when_its_token_is_revoked(api_server: ApiServer, credential: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream checks now and then that its token (or the UI session standing for it) still holds: a revoked
+    token stops receiving (the diagram's page would otherwise go on showing a run to someone shut out)."""
+    monkeypatch.setattr(events_route, "RECHECK_SECONDS", 0.3)  # the server runs in this process (api_for)
+    token_id, token = create_token(api_server.engine, "auditor@x.com", "viewer")
+    deploy(api_server, REVIEWED)
+    with browser(api_server) as b:
+        headers: dict[str, str] = {}
+        if credential == "session":
+            assert b.sign_in(token).status_code == 303
+        else:
+            headers = {"Authorization": f"Bearer {token}"}
+        with b.http.stream("GET", "/v1/events/stream", headers=headers, timeout=30) as stream:
+            assert stream.status_code == 200
+            revoke_token(api_server.engine, token_id)
+            started = time.monotonic()
+            time.sleep(1.0)  # two checks' time: the stream has ended (or ends before it reads what follows)
+            with admin(api_server) as http:  # events keep coming: none of them may reach the revoked reader
+                http.post("/v1/processes/reviewed-report/instances", json={})
+            received = "".join(stream.iter_text())  # returns once the server ends the stream
+        assert time.monotonic() - started < 15
+        assert "instance.started" not in received

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -46,6 +47,7 @@ log = logging.getLogger("flowdb_api.events")
 PAGE = 500  # events sent per read
 SCAN = 2000  # event ids examined per read, looking for gaps (cheap: the primary key's index)
 PING_SECONDS = 15
+RECHECK_SECONDS = 30.0  # how often an open stream checks that its token or UI session is still good
 GAP_SECONDS = 10.0  # a gap this old (by the database's clock) is passed even if nothing proved it empty
 GAP_RECHECK_SECONDS = 0.2  # how soon to read again while a gap holds the stream back
 REDIS_RETRY_SECONDS = 5.0
@@ -309,8 +311,17 @@ async def _events(call: Call, horizon: Horizon, instance_id: int | None,
     ring = bell.join() if bell is not None else None
     poll = call.settings.api_stream_poll_seconds
     outage = 0.0  # the wait before the next read while the database is unavailable (0: it answers)
+    checked = time.monotonic()
     try:
         while True:
+            if time.monotonic() - checked > RECHECK_SECONDS:  # a revoked token or an ended session stops here
+                checked = time.monotonic()
+                try:
+                    if not await call.db(call.still_allowed):
+                        return
+                except Exception as exc:
+                    if not database_unavailable(exc):
+                        raise
             if ring is not None:
                 ring.clear()  # before reading: a message during the read makes the next wait return at once
             try:

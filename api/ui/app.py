@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from sqlalchemy import Engine
-from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -12,12 +11,12 @@ from flowdb.notify import Wakeups
 from flowdb.settings import Settings
 
 from . import approvals, definitions, reports, runs
-from .auth_pages import HOME, login_pages, logout
-from .web import HERE, Handler, Page, endpoint_of
+from .auth_pages import login_pages, logout
+from .web import HERE, Handler, Page, UiCall, endpoint_of, home_for
 
 
-async def home(request: Request) -> Response:
-    return RedirectResponse(HOME, status_code=303)
+async def home(call: UiCall) -> Response:
+    return RedirectResponse(home_for(call.who), status_code=303)
 
 
 def ui_routes(engine: Engine, settings: Settings, wakeups: Wakeups) -> list[BaseRoute]:
@@ -26,7 +25,7 @@ def ui_routes(engine: Engine, settings: Settings, wakeups: Wakeups) -> list[Base
 
     show_login, submit_login = login_pages(engine, settings)
     return [
-        Route("/ui", home), Route("/ui/", home),
+        page("/ui", None, home), page("/ui/", None, home),
         Route("/ui/login", show_login, methods=["GET"]),
         Route("/ui/login", submit_login, methods=["POST"]),
         page("/ui/logout", None, logout, "POST"),

@@ -9,7 +9,7 @@ from sqlalchemy import Engine, func, select
 from starlette.responses import RedirectResponse, Response
 
 from flowdb.approvals import APPROVAL_STATUSES, Vote, decide, get_approval, list_approvals
-from flowdb.db.approvals import ApprovalRow
+from flowdb.db.approvals import ApprovalRow, approver_key
 from flowdb.db.instances import DefinitionCache, DefinitionUnloadable, instance_row
 from flowdb.db.tables import step_instances as S
 
@@ -34,6 +34,7 @@ class InboxItem:
     approval: ApprovalRow
     votes: list[Vote]
     approved: int  # approving votes so far (of `quorum`)
+    mine: str | None  # the signed-in approver's own decision, once given (the form is not shown again)
     process: str
     reviewed: list[Reviewed]
 
@@ -64,7 +65,8 @@ def _inbox(engine: Engine, definitions: DefinitionCache, identity: str, status: 
         _, votes = get_approval(engine, approval.id)
         process, reviewed = _reviewed(engine, definitions, approval)
         approved = sum(1 for vote in votes if vote.decision == "approved")
-        items.append(InboxItem(approval, votes, approved, process, reviewed))
+        mine = next((vote.decision for vote in votes if approver_key(vote.approver) == approver_key(identity)), None)
+        items.append(InboxItem(approval, votes, approved, mine, process, reviewed))
     return items
 
 
@@ -79,7 +81,7 @@ async def inbox(call: UiCall) -> Response:
 
 
 async def decide_one(call: UiCall) -> Response:
-    approval_id = int(call.request.path_params["approval_id"])
+    approval_id = call.path_id("approval_id")
     decision = call.field("decision")
     if decision not in DECISIONS:
         raise UiError(422, "choose Approve or Reject")

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from starlette.responses import Response, StreamingResponse
 
 from flowdb.db.views import view_names
-from flowdb.reports import Report, ReportError, resolve_view, run_report
+from flowdb.reports import Report, ReportError, resolve_view, run_report, stream_report
 
 from .web import SECURITY_HEADERS, UiCall, UiError
 
@@ -59,23 +59,36 @@ def _cell(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-def _csv(report: Report) -> Iterator[str]:
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may run as a formula
+
+
+def _csv(engine: Engine, view: str, sort: str | None, descending: bool) -> Iterator[str]:
+    """The view as CSV, read and written a batch at a time (Starlette runs each step in a thread)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(report.columns)
-    for row in report.rows:
-        # A cell a spreadsheet would run as a formula (=, +, -, @ first) is written with a quote before it.
-        writer.writerow(["'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else _cell(v) for v in row])
-        if buffer.tell() > 65536:
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
+    with engine.connect() as conn:
+        columns, rows = stream_report(conn, view, sort=sort, descending=descending)
+        writer.writerow(columns)
+        for row in rows:
+            # A cell a spreadsheet would run as a formula is written with a quote before it.
+            writer.writerow(["'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else _cell(v)
+                             for v in row])
+            if buffer.tell() > 65536:
+                yield buffer.getvalue()
+                buffer.seek(0)
+                buffer.truncate()
     yield buffer.getvalue()
+
+
+def _check(engine: Engine, view: str, sort: str | None) -> None:
+    """Refuse a bad sort before the response starts (a streamed body cannot become an error page)."""
+    _load(engine, view, sort, False, 0)
 
 
 async def report_csv(call: UiCall) -> Response:
     view = _view(call)
     sort, descending = _order(call)
-    report = await call.db(_load, call.reader, view, sort, descending, None)
+    await call.db(_check, call.reader, view, sort)
     headers = {**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{view}.csv"'}
-    return StreamingResponse(_csv(report), media_type="text/csv; charset=utf-8", headers=headers)
+    return StreamingResponse(_csv(call.reader, view, sort, descending), media_type="text/csv; charset=utf-8",
+                             headers=headers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -18,19 +19,23 @@ from flowdb.db.instances import DefinitionCache, instance_row
 from flowdb.db.tables import events as E
 from flowdb.db.tables import process_instances as I
 from flowdb.db.tables import step_instances as S
-from flowdb.reports import run_report
+from flowdb.engine.status import OPEN_STEP as OPEN_STEP_STATUSES
+from flowdb.engine.status import InstanceStatus
 
 from ..routes.events import event_rows
 from .charts import DayChart, day_chart
 from .diagram import ItemCounts, graph_of
-from .web import SECURITY_HEADERS, UiCall, UiError
+from .web import MAX_ID, SECURITY_HEADERS, UiCall, UiError
 
-STATUSES = ("running", "completed", "failed", "cancelled")
-OPEN_STEP = ("pending", "ready", "running", "waiting")
+STATUSES = tuple(status.value for status in InstanceStatus)
+OPEN_STEP = tuple(status.value for status in OPEN_STEP_STATUSES)
+FIRST_DAY, LAST_DAY = date(1970, 1, 1), date(9998, 12, 31)  # what both databases' timestamps hold, with room
 PAGE = 50
 TIMELINE = 500  # newest events shown on an instance page
 ITEM_ROWS = 200  # for_each item rows listed on an instance page (the diagram counts them all)
+OWN_ROWS = 300  # step rows (each round of each step) listed, the newest
 CHART_DAYS = 30
+FOLD = "flowdb_fold"  # a function each SQLite connection gets for the runs search (_fold)
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class RunFilters:
     until: date | None
     text: str | None
 
-    def where(self, with_status: bool = True) -> list[ColumnElement[bool]]:
+    def where(self, with_status: bool = True, sqlite: bool = False) -> list[ColumnElement[bool]]:
         clauses: list[ColumnElement[bool]] = []
         if self.process:
             clauses.append(I.c.process_name == self.process)
@@ -53,17 +58,21 @@ class RunFilters:
             end = self.until + timedelta(days=1)
             clauses.append(I.c.created_at < datetime(end.year, end.month, end.day, tzinfo=UTC))
         if self.text:
-            needle = self.text.lower()
-            matches: list[ColumnElement[bool]] = [
-                func.lower(I.c.process_name).contains(needle, autoescape=True),
-                func.lower(func.coalesce(I.c.error, "")).contains(needle, autoescape=True),
-                func.lower(func.coalesce(I.c.idempotency_key, "")).contains(needle, autoescape=True),
-                func.lower(cast(I.c.inputs, Text)).contains(needle, autoescape=True),
-            ]
-            if self.text.isascii() and self.text.isdigit() and len(self.text) < 19:
-                matches.append(I.c.id == int(self.text))
-            clauses.append(or_(*matches))
+            clauses.append(self._matches(self.text, sqlite))
         return clauses
+
+    @staticmethod
+    def _matches(text: str, sqlite: bool) -> ColumnElement[bool]:
+        """Any of the searched columns holds `text`, whatever its case. SQLite's lower() folds ASCII only
+        and its JSON keeps \\u escapes, so there the connection's fold function (FOLD) does both."""
+        fold = getattr(func, FOLD) if sqlite else func.lower
+        needle = text.casefold() if sqlite else text.lower()
+        columns = [I.c.process_name, func.coalesce(I.c.error, ""), func.coalesce(I.c.idempotency_key, ""),
+                   cast(I.c.inputs, Text)]
+        matches: list[ColumnElement[bool]] = [fold(c).contains(needle, autoescape=True) for c in columns]
+        if text.isascii() and text.isdigit() and len(text) < 19:
+            matches.append(I.c.id == int(text))
+        return or_(*matches)
 
     def query_string(self, **changes: Any) -> str:
         """These filters as a query string (for paging and the status links), with some changed."""
@@ -78,9 +87,12 @@ def _day(raw: str | None, what: str) -> date | None:
     if not raw:
         return None
     try:
-        return date.fromisoformat(raw)
+        day = date.fromisoformat(raw)
     except ValueError:
         raise UiError(422, f"{what} must be a date as YYYY-MM-DD, not {raw[:40]!r}") from None
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise UiError(422, f"{what} must be a day from {FIRST_DAY} to {LAST_DAY}")
+    return day
 
 
 def _filters(call: UiCall) -> RunFilters:
@@ -100,7 +112,7 @@ def _cursor(raw: str | None) -> int | None:
         return None
     try:
         value = base64.urlsafe_b64decode(raw.encode() + b"=" * (-len(raw) % 4)).decode()
-        if value.startswith("id:") and value[3:].isdigit() and len(value) < 25:
+        if value.startswith("id:") and value[3:].isascii() and value[3:].isdigit() and int(value[3:]) <= MAX_ID:
             return int(value[3:])
     except (ValueError, binascii.Error, UnicodeDecodeError):
         pass
@@ -120,15 +132,32 @@ class RunsPage:
     chart: DayChart
 
 
+def _fold(value: str | None) -> str | None:
+    """SQLite's FOLD: the text case-folded, JSON's \\u escapes read first (what `?q=` compares with)."""
+    if value is None:
+        return None
+    if "\\u" in value:
+        try:
+            value = json.dumps(json.loads(value), ensure_ascii=False)
+        except ValueError:
+            pass
+    return value.casefold()
+
+
 def _load_runs(engine: Engine, filters: RunFilters, after: int | None) -> RunsPage:
-    query = select(I).where(*filters.where()).order_by(I.c.id.desc()).limit(PAGE + 1)
+    sqlite = engine.dialect.name == "sqlite"
+    query = select(I).where(*filters.where(sqlite=sqlite)).order_by(I.c.id.desc()).limit(PAGE + 1)
     if after is not None:
         query = query.where(I.c.id < after)
     with engine.connect() as conn:
+        if sqlite and filters.text:
+            conn.connection.driver_connection.create_function(  # type: ignore[union-attr]
+                FOLD, 1, _fold, deterministic=True)
         rows = list(conn.execute(query).all())
         counts = {status: 0 for status in STATUSES}
         counts.update({row[0]: int(row[1]) for row in conn.execute(
-            select(I.c.status, func.count()).where(*filters.where(with_status=False)).group_by(I.c.status))})
+            select(I.c.status, func.count()).where(*filters.where(with_status=False, sqlite=sqlite))
+            .group_by(I.c.status))})
         processes = list(conn.execute(select(I.c.process_name).distinct().order_by(I.c.process_name)).scalars())
         chart = day_chart(_daily(conn, filters.process), CHART_DAYS)
     more = len(rows) > PAGE
@@ -137,15 +166,15 @@ def _load_runs(engine: Engine, filters: RunFilters, after: int | None) -> RunsPa
 
 
 def _daily(conn: Connection, process: str | None) -> dict[str, tuple[int, float]]:
-    """Instances started and what they cost, per UTC day (v_process_daily), over the chart's days."""
-    since = datetime.now(UTC).date() - timedelta(days=CHART_DAYS - 1)
-    report = run_report(conn, "v_process_daily", process=process, since=since)
-    day, started, cost = (report.columns.index(c) for c in ("day", "started", "cost_usd"))
-    totals: dict[str, tuple[int, float]] = {}
-    for row in report.rows:
-        count, spent = totals.get(row[day], (0, 0.0))
-        totals[row[day]] = (count + int(row[started] or 0), spent + float(row[cost] or 0))
-    return totals
+    """Instances created and what they cost, per UTC day, over the chart's days (v_process_daily's
+    numbers, read straight from the instances of those days: the view ranks all history first)."""
+    first = datetime.now(UTC).date() - timedelta(days=CHART_DAYS - 1)
+    day = func.strftime("%Y-%m-%d", I.c.created_at)  # PostgreSQL has it too (migration 0005), in UTC
+    query = (select(day.label("day"), func.count(), func.coalesce(func.sum(I.c.cost_usd), 0))
+             .where(I.c.created_at >= datetime(first.year, first.month, first.day, tzinfo=UTC)).group_by(day))
+    if process:
+        query = query.where(I.c.process_name == process)
+    return {str(row[0]): (int(row[1]), float(row[2] or 0)) for row in conn.execute(query)}
 
 
 async def runs(call: UiCall) -> Response:
@@ -162,6 +191,7 @@ class InstanceView:
     instance: Any
     steps: list[Any]  # every step's own rows, and the first ITEM_ROWS for_each item rows, in id order
     items_total: int  # for_each item rows in all
+    rounds_cut: bool  # more step rounds than OWN_ROWS: the oldest are not listed
     events: list[Any]
     graph: dict[str, Any]
     events_total: int
@@ -177,12 +207,12 @@ def _load_instance(engine: Engine, definitions: DefinitionCache, instance_id: in
     with engine.connect() as conn:
         instance = instance_row(conn, instance_id)
         mine = S.c.instance_id == instance_id
-        own = list(conn.execute(select(S).where(mine, S.c.item.is_(None)).order_by(S.c.id)).all())
-        counts: ItemCounts = {}
-        for step_id, round_, status, count in conn.execute(
-                select(S.c.step_id, S.c.round, S.c.status, func.count()).where(mine, S.c.item.is_not(None))
-                .group_by(S.c.step_id, S.c.round, S.c.status)):
-            counts.setdefault((step_id, round_), {})[status] = int(count)
+        # A loop may run a step thousands of rounds: the newest OWN_ROWS rows are listed.
+        own = list(conn.execute(select(S).where(mine, S.c.item.is_(None)).order_by(S.c.id.desc())
+                                .limit(OWN_ROWS + 1)).all())
+        own_more = len(own) > OWN_ROWS
+        own = own[:OWN_ROWS]
+        counts = _item_counts(conn, instance_id)
         items_total = sum(sum(per.values()) for per in counts.values())
         items = list(conn.execute(select(S).where(mine, S.c.item.is_not(None)).order_by(S.c.id)
                                   .limit(ITEM_ROWS)).all()) if items_total else []
@@ -193,17 +223,28 @@ def _load_instance(engine: Engine, definitions: DefinitionCache, instance_id: in
                                        .order_by(E.c.id.desc()).limit(TIMELINE)).all())
             total = int(conn.execute(select(func.count()).select_from(E).where(E.c.instance_id == instance_id))
                         .scalar_one())
-        graph = graph_of(definitions.get(conn, instance.definition_id), own, counts)
+        definition = definitions.get(conn, instance.definition_id)
+        if own_more:  # the diagram needs each step's newest round, listed or not
+            graph = _load_graph(engine, definitions, instance_id)
+        else:
+            graph = {**graph_of(definition, own, counts), "instance_status": instance.status}
     events.reverse()
     steps = sorted(own + items, key=lambda row: row.id)
-    return InstanceView(instance, steps, items_total, events, graph, total)
+    return InstanceView(instance, steps, items_total, own_more, events, graph, total)
+
+
+def _item_counts(conn: Connection, instance_id: int) -> ItemCounts:
+    counts: ItemCounts = {}
+    for step_id, round_, status, count in conn.execute(
+            select(S.c.step_id, S.c.round, S.c.status, func.count())
+            .where(S.c.instance_id == instance_id, S.c.item.is_not(None))
+            .group_by(S.c.step_id, S.c.round, S.c.status)):
+        counts.setdefault((step_id, round_), {})[status] = int(count)
+    return counts
 
 
 def _instance_id(call: UiCall) -> int:
-    value = int(call.request.path_params["instance_id"])
-    if value > 2**63 - 1:
-        raise UiError(404, f"instance {value} does not exist")
-    return value
+    return call.path_id("instance_id")
 
 
 async def instance_page(call: UiCall) -> Response:
@@ -221,11 +262,20 @@ async def instance_live(call: UiCall) -> Response:
     return call.render("instance_live.html", view=view, open_statuses=OPEN_STEP)
 
 
+def _load_graph(engine: Engine, definitions: DefinitionCache, instance_id: int) -> dict[str, Any]:
+    """The diagram's statuses alone (what each live refresh reads): no inputs, outputs or events."""
+    with engine.connect() as conn:
+        instance = instance_row(conn, instance_id)
+        mine = S.c.instance_id == instance_id
+        own = conn.execute(select(S.c.step_id, S.c.round, S.c.item, S.c.status, S.c.attempt, S.c.max_attempts,
+                                  S.c.items_total).where(mine, S.c.item.is_(None))).all()
+        graph = graph_of(definitions.get(conn, instance.definition_id), own, _item_counts(conn, instance_id))
+    return {**graph, "instance_status": instance.status}
+
+
 async def instance_graph(call: UiCall) -> Response:
-    instance_id = _instance_id(call)
-    view = await call.db(_load_instance, call.reader, call.request.app.state.definitions, instance_id,
-                         with_events=False)
-    return JSONResponse({**view.graph, "instance_status": view.instance.status}, headers=SECURITY_HEADERS)
+    graph = await call.db(_load_graph, call.reader, call.request.app.state.definitions, _instance_id(call))
+    return JSONResponse(graph, headers=SECURITY_HEADERS)
 
 
 DONE_MESSAGES = {

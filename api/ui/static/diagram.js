@@ -25,8 +25,10 @@
     "step.late_result_dropped", "step.item_failed_after_its_step", "gateway.loop_exhausted",
     "approval.requested", "approval.notified", "approval.reminded", "approval.voted", "approval.decided",
     "approval.refused", "approval.expired", "approval.cancelled", "feedback.recorded",
-    "budget.set", "budget.raised", "budget.exceeded",
+    "budget.set", "budget.raised", "budget.exceeded", "notification.sent", "notification.failed",
   ];
+  // An instance in one of these is done: the page stops listening (a retry from this page reloads it).
+  const FINISHED = ["completed", "failed", "cancelled"];
   const EDGE_KINDS = ["dependency", "route", "loop"];
   const NODE_HEIGHT = 64;
   const NODE_MIN_WIDTH = 128;
@@ -290,6 +292,9 @@
     }
     graph = g;
     document.dispatchEvent(new CustomEvent("flowdb:graph", {detail: g}));
+    if (FINISHED.includes(g.instance_status)) {
+      stop("finished");
+    }
   }
 
   // -- live updates ------------------------------------------------------------------------------------
@@ -310,7 +315,10 @@
         const response = await fetch(graphUrl, {
           credentials: "same-origin", cache: "no-store", headers: {Accept: "application/json"},
         });
-        if (response.ok) {
+        if (response.redirected && new URL(response.url).pathname === "/ui/login") {
+          stop("signed-out"); // the session ended: nothing more can be read until the reader signs in again
+          document.dispatchEvent(new CustomEvent("flowdb:signed-out"));
+        } else if (response.ok) {
           apply(await response.json());
         }
       } catch (error) {
@@ -371,7 +379,27 @@
     scheduleRefresh();
   }
 
+  let stopped = false;
+
+  // No more listening or polling: the instance finished, or the session ended.
+  function stop(why) {
+    stopped = true;
+    if (source) {
+      source.close();
+      source = null;
+    }
+    stopPolling();
+    if (refreshTimer !== null) {
+      clearTimeout(refreshTimer);
+      refreshTimer = null;
+    }
+    setLive(why);
+  }
+
   function connect() {
+    if (stopped) {
+      return;
+    }
     if (source) {
       source.close();
     }
@@ -393,7 +421,7 @@
   }
 
   render(graph);
-  if (graphUrl && streamUrl) {
+  if (graphUrl && streamUrl && !FINISHED.includes(graph.instance_status)) {
     connect();
     window.addEventListener("pagehide", () => {
       if (source) {
@@ -403,7 +431,7 @@
       stopPolling();
     });
     window.addEventListener("pageshow", (event) => {
-      if (event.persisted) {
+      if (event.persisted && !stopped) {
         connect(); // back from the back/forward cache: the stream was closed on the way out
       }
     });

@@ -7,9 +7,11 @@
   const root = document.getElementById("instance");
   if (!root) return;
   const url = root.dataset.liveUrl;
+  const MIN_GAP_MS = 1000; // at most one read a second, however fast events come
   let timer = null;
   let busy = false;
   let again = false;
+  let last = 0;
 
   function swap(fresh) {
     const open = new Set(Array.from(root.querySelectorAll("details[open]")).map((d) => d.id).filter(Boolean));
@@ -23,6 +25,7 @@
   async function refresh() {
     if (busy) { again = true; return; }
     busy = true;
+    last = Date.now();
     try {
       const response = await fetch(url, { credentials: "same-origin", headers: { Accept: "text/html" } });
       if (!response.ok) return;
@@ -37,9 +40,22 @@
   }
 
   function schedule() {
-    if (timer !== null) clearTimeout(timer);
-    timer = setTimeout(() => { timer = null; refresh(); }, 100);
+    if (timer !== null) return;
+    const wait = Math.max(100, last + MIN_GAP_MS - Date.now());
+    timer = setTimeout(() => { timer = null; refresh(); }, wait);
+  }
+
+  function signedOut() {
+    const note = document.createElement("p");
+    note.className = "error";
+    note.setAttribute("role", "alert");
+    const link = document.createElement("a");
+    link.href = "/ui/login?next=" + encodeURIComponent(location.pathname);
+    link.textContent = "Sign in again";
+    note.append("Your session has ended; this page no longer follows the instance. ", link);
+    root.prepend(note);
   }
 
   document.addEventListener("flowdb:graph", schedule);
+  document.addEventListener("flowdb:signed-out", signedOut, { once: true });
 })();

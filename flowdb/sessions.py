@@ -1,4 +1,4 @@
-"""Web UI sessions: signing in with an API token, the session cookie, and CSRF tokens.
+"""Web UI sessions (api/ui/): signing in with an API token, the session cookie, and CSRF tokens.
 
 A session is a row of `ui_sessions`: the cookie holds a random secret and the table only its hash
 (as for API tokens). Each request looks the session up together with its token, so a revoked token
@@ -36,14 +36,17 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def sign_in(engine: Engine, token: str, hours: float) -> tuple[str, Session]:
+def sign_in(engine: Engine, token: str, hours: float, previous: str | None = None) -> tuple[str, Session]:
     """A new session for the token's principal: (the cookie's secret, the session). TokenError if the
-    token is missing, unknown or revoked. Expired sessions are cleared on the way."""
+    token is missing, unknown or revoked. The `previous` session of the browser, if any, and expired
+    sessions are ended on the way."""
     principal = authenticate(engine, token.strip())
     secret, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     clock = Clock(engine.dialect.name, shifted=False)
     with engine.begin() as conn:
         conn.execute(delete(U).where(U.c.expires_at < clock.now))
+        if previous and len(previous) <= 100:
+            conn.execute(delete(U).where(U.c.session_hash == _digest(previous)))
         conn.execute(insert(U).values(session_hash=_digest(secret), token_id=principal.token_id, csrf_token=csrf,
                                       created_at=clock.now, expires_at=clock.plus(literal(hours * 3600.0))))
     return secret, Session(principal, csrf)
