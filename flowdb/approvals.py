@@ -252,13 +252,15 @@ def get_approval(engine: Engine, approval_id: int) -> tuple[ApprovalRow, list[Vo
 
 
 def list_approvals(engine: Engine, *, approver: str | None = None, status: str | None = None,
-                   instance_id: int | None = None, limit: int = 100) -> list[ApprovalRow]:
-    """Approvals, newest first; `approver` keeps those that list that identity (an inbox)."""
+                   instance_id: int | None = None, limit: int = 100, due_first: bool = False) -> list[ApprovalRow]:
+    """Approvals, newest first (`due_first`: the soonest due first, those without a due time last);
+    `approver` keeps those that list that identity (an inbox)."""
     if status is not None and status not in APPROVAL_STATUSES:
         raise BadDecision(f"status must be one of {', '.join(APPROVAL_STATUSES)}, not {status!r}")
     clock = Clock(engine.dialect.name)
     is_due = (A.c.due_at <= clock.now).label("is_due")
-    query = select(*A.c, is_due).order_by(A.c.id.desc()).limit(limit)
+    order = (A.c.due_at.is_(None), A.c.due_at, A.c.id) if due_first else (A.c.id.desc(),)
+    query = select(*A.c, is_due).order_by(*order).limit(limit)
     if approver is not None:
         query = query.join(AA, AA.c.approval_id == A.c.id).where(AA.c.approver == approver_key(approver))
     if status is not None:

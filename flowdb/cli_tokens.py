@@ -23,7 +23,8 @@ def tokens_group() -> None:
 @create_option
 @click.option("--identity", required=True, help="Who the token acts as (an approver's email address, usually).")
 @click.option("--role", type=LazyChoice(_roles), required=True,
-              help="approver: inbox and decisions; operator: also start, cancel, retry, read; admin: also deploy.")
+              help="viewer: reads instances, definitions, reports; approver: inbox and decisions; operator: both, "
+                   "also start, cancel, retry; admin: also deploy.")
 def create_cmd(db_url: str | None, create: bool, identity: str, role: str) -> None:
     """Create a token and print it once (only its hash is stored)."""
     from flowdb.tokens import create_token

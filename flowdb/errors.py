@@ -53,11 +53,14 @@ class NotFound(FlowdbError):
 
 class InputError(FlowdbError):
     """Process inputs given at start do not match the process's declared inputs. `in_file` says it for
-    a line of an inputs file (JSON lines: a missing input is a key to add to the line's object)."""
+    a line of an inputs file (JSON lines: a missing input is a key to add to the line's object),
+    `in_form` for the web UI's start form (a field to fill in)."""
 
-    def __init__(self, *args: object, http: str | None = None, in_file: str | None = None) -> None:
+    def __init__(self, *args: object, http: str | None = None, in_file: str | None = None,
+                 in_form: str | None = None) -> None:
         super().__init__(*args, http=http)
         self.in_file = in_file if in_file is not None else str(self)
+        self.in_form = in_form if in_form is not None else str(self)
 
 
 class IdempotencyConflict(FlowdbError):

@@ -125,8 +125,9 @@ def validate_inputs(declared: dict[str, InputSpec], given: dict[str, Any], *,
         http = [f"missing input {name!r} ({kind}); give it in the body's inputs object: "
                 f'{{"inputs": {{"{name}": ...}}}}' for name, kind in missing]
         in_file = [f'missing input {name!r} ({kind}); add "{name}" to the line\'s object' for name, kind in missing]
+        in_form = [f"missing input {name!r} ({kind}); fill in its field" for name, kind in missing]
         raise InputError("; ".join(problems + cli), http="; ".join(problems + http),
-                         in_file="; ".join(problems + in_file))
+                         in_file="; ".join(problems + in_file), in_form="; ".join(problems + in_form))
     return result
 
 

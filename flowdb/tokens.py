@@ -1,6 +1,7 @@
 """Bearer tokens for the HTTP API: created once (printed, never stored), kept as SHA-256 hashes.
 
-Roles: a viewer reads everything but approvals and changes nothing (the web UI shows it no buttons);
+Roles: a viewer reads instances, their events (approval decisions included), definitions and reports,
+has no inbox and changes nothing (the web UI shows it no buttons);
 an approver reads its inbox and decides its approvals; an operator can do both and also starts,
 cancels and retries; an admin also deploys definitions.
 """

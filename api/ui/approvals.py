@@ -11,11 +11,14 @@ from starlette.responses import RedirectResponse, Response
 from flowdb.approvals import APPROVAL_STATUSES, Vote, decide, get_approval, list_approvals
 from flowdb.db.approvals import ApprovalRow, approver_key
 from flowdb.db.instances import DefinitionCache, DefinitionUnloadable, instance_row
+from flowdb.db.tables import approval_approvers as AA
+from flowdb.db.tables import approvals as A
 from flowdb.db.tables import step_instances as S
 
 from .web import UiCall, UiError
 
 DECISIONS = ("approve", "reject")
+INBOX = 50  # approvals shown at once (pending: the soonest due)
 MAX_COMMENT = 4000
 
 
@@ -59,24 +62,30 @@ def _reviewed(engine: Engine, definitions: DefinitionCache, approval: ApprovalRo
     return instance.process_name, [found[s] for s in subjects if s in found]
 
 
-def _inbox(engine: Engine, definitions: DefinitionCache, identity: str, status: str) -> list[InboxItem]:
+def _inbox(engine: Engine, definitions: DefinitionCache, identity: str, status: str) -> tuple[list[InboxItem], int]:
+    """The approvals of `identity` in `status` (pending ones soonest due first), at most INBOX of them; and
+    how many there are."""
     items = []
-    for approval in list_approvals(engine, approver=identity, status=status):
+    with engine.connect() as conn:
+        total = int(conn.execute(select(func.count()).select_from(A.join(AA, AA.c.approval_id == A.c.id))
+                                 .where(AA.c.approver == approver_key(identity), A.c.status == status)).scalar_one())
+    for approval in list_approvals(engine, approver=identity, status=status, limit=INBOX,
+                                   due_first=status == "pending"):
         _, votes = get_approval(engine, approval.id)
         process, reviewed = _reviewed(engine, definitions, approval)
         approved = sum(1 for vote in votes if vote.decision == "approved")
         mine = next((vote.decision for vote in votes if approver_key(vote.approver) == approver_key(identity)), None)
         items.append(InboxItem(approval, votes, approved, mine, process, reviewed))
-    return items
+    return items, total
 
 
 async def inbox(call: UiCall) -> Response:
     status = call.request.query_params.get("status", "pending")
     if status not in APPROVAL_STATUSES:
         raise UiError(422, f"status must be one of {', '.join(APPROVAL_STATUSES)}")
-    items = await call.db(_inbox, call.reader, call.request.app.state.definitions, call.who.identity, status)
+    items, total = await call.db(_inbox, call.reader, call.request.app.state.definitions, call.who.identity, status)
     done = call.request.query_params.get("done")
-    return call.render("approvals.html", title="Approvals", items=items, current=status,
+    return call.render("approvals.html", title="Approvals", items=items, total=total, current=status,
                        statuses=APPROVAL_STATUSES, done=done if done in ("approved", "rejected") else None)
 
 

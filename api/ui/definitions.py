@@ -117,11 +117,11 @@ async def start(call: UiCall) -> Response:
     view = await call.db(_version, call.reader, definitions, name, version)
     # Each declared input is a field `input.NAME`; an empty field is left out (its default applies).
     values = {key: call.field(f"input.{key}") for key in view.definition.process.inputs}
-    given = {key: value for key, value in values.items() if value.strip() != ""}
+    given = {key: value for key, value in values.items() if value.strip() != ""}  # blank: its default
     try:
         instance_id = await call.db(_start, call.engine, definitions, view.definition_id, version, given)
     except InputError as exc:
-        return await version_page(call, values, str(exc).replace("give it with --input", "fill in"), 422)
+        return await version_page(call, values, exc.in_form, 422)
     call.wakeups.notify(workers=True, events=True)
     return RedirectResponse(f"/ui/instances/{instance_id}", status_code=303)
 
