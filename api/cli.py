@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from flowdb.cli_common import create_option, db_option, open_database
-from flowdb.settings import load_settings
 
 
 @click.command()
@@ -20,6 +19,8 @@ def serve(db_url: str | None, create: bool, host: str, port: int, open_browser: 
     import webbrowser
 
     import uvicorn
+
+    from flowdb.settings import load_settings
 
     from .app import create_app
 

@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flowdb.db.claims import FREE_RELEASES
 from flowdb.errors import FlowdbError
 
 DEFAULT_DATABASE_URL = "sqlite:///flowdb.sqlite3"
+FREE_RELEASES = 3  # releases at shutdown not charged, per step (db/claims.py)
 
 
 class Settings(BaseSettings):

@@ -34,7 +34,7 @@ from flowdb.agents.registry import AgentLimits, AgentRegistry
 from flowdb.agents.types import AgentBusy, AgentRequest, AgentStillRunning
 from flowdb.bounded import BoundedRunner
 from flowdb.db.budgets import Batch, BudgetChecks
-from flowdb.db.claims import FREE_RELEASES, Claimed, ClaimStatements
+from flowdb.db.claims import Claimed, ClaimStatements
 from flowdb.db.clock import utcnow
 from flowdb.db.connectivity import CommitUnknown, DatabaseUnavailable, Outage, first_line, is_conflict, refused_data
 from flowdb.db.events import EventRow, EventWriter, event_row
@@ -51,6 +51,7 @@ from flowdb.models import effective_retry
 from flowdb.notifications import Notifier
 from flowdb.notify import Waker
 from flowdb.outcomes import Outcome
+from flowdb.settings import FREE_RELEASES
 from flowdb.steptypes.base import StepContext
 from flowdb.steptypes.registry import STEP_TYPES
 

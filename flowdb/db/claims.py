@@ -54,11 +54,11 @@ from flowdb.db.tables import CLAIMABLE, step_instances
 from flowdb.db.timings import CLEARED, timing
 from flowdb.db.workers import Capabilities
 from flowdb.engine.status import StepStatus, word
+from flowdb.settings import FREE_RELEASES
 
 S = step_instances
 RUNNING: ColumnClause[str] = word(StepStatus.RUNNING)
 READY: ColumnClause[str] = word(StepStatus.READY)
-FREE_RELEASES = 3  # releases at shutdown not charged, per step
 STOPPED = (StepStatus.CANCELLED.value, StepStatus.SKIPPED.value)  # a step stopped while a worker ran it
 CANCELLED_WHILE_RUNNING = "the step was cancelled while it ran"  # why its result is dropped (events, log)
 # The condition of the suspects' partial index, written as in the index (SQLAlchemy would write a
