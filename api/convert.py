@@ -29,7 +29,8 @@ def step_out(row: Any) -> StepOut:
                    status=row.status, attempt=row.attempt,
                    max_attempts=row.max_attempts, agent=row.agent, ready_at=utc(row.ready_at),
                    started_at=utc(row.started_at), finished_at=utc(row.finished_at), input=row.input,
-                   output=row.output, error=row.error, cost_usd=float(row.cost_usd or 0), tokens_in=row.tokens_in,
+                   output=row.output, error=row.error, error_type=row.error_type, cost_usd=float(row.cost_usd or 0),
+                   tokens_in=row.tokens_in,
                    tokens_out=row.tokens_out, backend=row.agent_backend, execution_id=row.agent_execution,
                    session_id=row.agent_session)
 

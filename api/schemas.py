@@ -71,6 +71,7 @@ class StepOut(Strict):
     input: Any
     output: Any
     error: str | None
+    error_type: str | None = None  # StepTimeout, AgentRefused, an agent's exception class... (failed steps)
     cost_usd: float
     tokens_in: int
     tokens_out: int

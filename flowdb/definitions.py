@@ -113,6 +113,13 @@ class CompiledStep:
     for_each: Condition | None = None  # a for_each given as an expression (a list literal is on the model)
     complete_when: Condition | None = None
     reviewed: bool = False  # an approval `reviews` it: its claims load the feedback given on its output
+    # Its error boundary (on_error), in order: (error type, or None for any error; the handler step).
+    error_routes: list[tuple[str | None, str]] = field(default_factory=list)
+    error_targets: frozenset[str] = frozenset()  # the handlers among its children (taken only by an error)
+
+    def error_handler(self, error_type: str) -> str | None:
+        """The step an error of this type goes to (the first entry that matches), or None: it fails the instance."""
+        return next((target for wanted, target in self.error_routes if wanted is None or wanted == error_type), None)
 
     @property
     def id(self) -> str:
@@ -471,7 +478,11 @@ def _compile(
         if isinstance(step.model, Gateway) and not _gateway_edges(sid, step.model, path, steps, known, edges,
                                                                    suggestions, locator, problems):
             exits.add(sid)
+        if step.model.on_error is not None and not _error_edges(sid, step, path, steps, known, edges, suggestions,
+                                                                 locator, problems):
+            hidden.add(sid)
     edges = _without_doubles(edges, step_path, steps, locator, problems)
+    _check_handlers(edges, steps, step_path, locator, problems)
     for edge in edges:
         steps[edge.to_step].parents.append(edge.from_step)
         steps[edge.from_step].children.append(edge.to_step)
@@ -488,9 +499,12 @@ def _compile(
     else:
         edges = _loops(steps, edges, loop_backs, step_path, locator, problems, unsure | exits)
         order = _Precedence(steps)
+    handlers = {edge.to_step for edge in edges if edge.kind == "error"}
     for sid, step in steps.items():
         step.join = JoinRule.of(step.model)
-        if sid not in hidden:
+        if sid in handlers:  # it starts at the first error routed to it; a step that did not fail passes it by
+            step.join = JoinRule(1, False, False)
+        elif sid not in hidden:
             _check_join(step, step_path[sid], locator, problems)
 
     scope = _Scope(process, steps, known, order, unsure, loop_peers(steps), valid.failed_inputs, suggestions,
@@ -610,6 +624,53 @@ def _gateway_edges(sid: str, model: Gateway, path: Path, steps: dict[str, Compil
             else:
                 whole = False
     return whole
+
+
+def _error_edges(sid: str, step: CompiledStep, path: Path, steps: dict[str, CompiledStep], known: dict[str, Path],
+                 edges: list[Edge], suggestions: _Suggestions, locator: Locator, problems: list[Located]) -> bool:
+    """Add a step's error boundary (on_error) to `edges` and to the step; whether each handler is in the graph."""
+    on_error = step.model.on_error
+    entries = [(None, on_error, (*path, "on_error"))] if isinstance(on_error, str) else [
+        (route.error, route.next, (*path, "on_error", i, "next")) for i, route in enumerate(on_error)]
+    whole = True
+    linked: set[str] = set()
+    for error, target, where in entries:
+        if target == sid:
+            problems.append(locator.value(where, f"step {sid!r} sends its errors to itself; name another step "
+                                          "to handle them (or give it a retry policy)"))
+        elif target not in known:
+            problems.append(locator.value(where, f"step {sid!r} sends its errors to unknown step {target!r}"
+                                          f"{suggestions(target, known)}; known steps: {_listed(known)}"))
+            whole = False
+        elif target not in steps:
+            whole = False
+        else:
+            step.error_routes.append((error, target))
+            if target not in linked:
+                linked.add(target)
+                edges.append(Edge(sid, target, "error"))
+    step.error_targets = frozenset(linked)
+    return whole
+
+
+def _check_handlers(edges: list[Edge], steps: dict[str, CompiledStep], step_path: dict[str, Path],
+                    locator: Locator, problems: list[Located]) -> None:
+    """A step that handles errors starts only when an error is routed to it: nothing else may lead to it."""
+    handled_by: dict[str, list[str]] = {}
+    for edge in edges:
+        if edge.kind == "error":
+            handled_by.setdefault(edge.to_step, []).append(edge.from_step)
+    for edge in edges:
+        if edge.to_step in handled_by and edge.kind != "error":
+            sources = ", ".join(map(repr, handled_by[edge.to_step]))
+            path = step_path[edge.to_step]
+            if edge.kind == "dependency":
+                problems.append(locator.at((*path, "depends_on"), f"step {edge.to_step!r} handles the errors of "
+                                           f"{sources} (on_error): it starts from an error, so it has no depends_on"))
+            else:
+                problems.append(locator.at(step_path[edge.from_step], f"gateway {edge.from_step!r} routes to "
+                                           f"{edge.to_step!r}, which handles the errors of {sources} (on_error): "
+                                           "a handler starts only from an error; route to another step"))
 
 
 def _without_doubles(edges: list[Edge], step_path: dict[str, Path], steps: dict[str, CompiledStep],

@@ -30,6 +30,9 @@ class RetryPolicy(Strict):
     initial_interval: float = 1.0
     backoff: float = Field(default=2.0, ge=1.0, le=100.0)
     max_interval: float = 60.0
+    # Error types that fail the step at once, attempts left or not (an agent's exception class name,
+    # StepTimeout, ...): retrying a refusal or a bad request only costs time and money.
+    non_retryable: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(default=[], max_length=100)
 
     @field_validator("initial_interval", "max_interval", mode="before")
     @classmethod
@@ -108,6 +111,13 @@ class AtLeast(Strict):
 Join = Literal["all", "any"] | AtLeast
 
 
+class ErrorRoute(Strict):
+    """One entry of a list `on_error`: errors of this type (any error without `error`) go to `next`."""
+
+    error: str | None = Field(default=None, min_length=1, max_length=100)
+    next: str
+
+
 class StepBase(Strict):
     id: str = Field(pattern=STEP_ID_PATTERN, max_length=100)
     name: str | None = None
@@ -125,6 +135,9 @@ class StepBase(Strict):
     cancel_remaining: bool = False
     condition: str | None = None
     retry: RetryPolicy | None = None
+    # Error boundary: when the step fails for good, its error goes to this step (or to the first entry
+    # whose `error` matches the error's type) and the instance goes on from there.
+    on_error: str | list[ErrorRoute] | None = None
     timeout: float | None = None
     # Agents sent a short notice when the step completes (at least once; never holds the process up).
     subscribers: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(default=[], max_length=50)

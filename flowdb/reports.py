@@ -25,6 +25,7 @@ ORDER = {
     "v_step_stats": ("process", "step_id"),
     "v_approval_latency": ("approval_id",),
     "v_cost_by_agent": ("day", "agent"),
+    "v_dead_letters": ("step_instance_id",),
 }
 PROCESS_COLUMN = "process"  # --process compares this column, in the views that have it
 DAY_COLUMN = "day"  # --since compares this one: a UTC day as 'YYYY-MM-DD' text, the same on both databases
@@ -49,6 +50,7 @@ class Report:
 def resolve_view(name: str) -> str:
     """The view called `name` (the `v_` prefix may be left out); a clear error naming every view."""
     names = view_names()
+    name = name.replace("-", "_")  # `flowdb report dead-letters` reads v_dead_letters
     for candidate in (name, f"v_{name}"):
         if candidate in names:
             return candidate

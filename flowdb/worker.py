@@ -536,6 +536,8 @@ class Worker:
             if outcome.kind == "failed" and outcome.retryable:
                 model = definition.steps[outcome.step.step_id].model
                 policy = effective_retry(model)
+                if policy is not None and (outcome.error_type or "StepFailed") in policy.non_retryable:
+                    outcome.retryable = False  # retry.non_retryable: this kind of error fails at once
                 outcome.retry_delay = policy.delay_after(outcome.step.attempt) if policy else 0.0
         return definitions
 

@@ -19,8 +19,8 @@ from flowdb.db.views import load_views, stale_views, view_names
 from conftest import ROOT, Database, flowdb_cli
 from helpers import start, work
 
-VIEWS = ["v_agent_runs", "v_approval_latency", "v_budgets", "v_cost_by_agent", "v_instance_summary", "v_process_daily",
-         "v_step_runs", "v_step_stats", "v_unservable_steps"]
+VIEWS = ["v_agent_runs", "v_approval_latency", "v_budgets", "v_cost_by_agent", "v_dead_letters", "v_instance_summary",
+         "v_process_daily", "v_step_runs", "v_step_stats", "v_unservable_steps"]
 
 
 def at(day: int, clock: str) -> datetime:

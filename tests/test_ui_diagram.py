@@ -207,3 +207,20 @@ def test_the_diagram_listens_to_every_event_type_flowdb_writes() -> None:
                                   path.read_text()))
     assert written - listed == set()
     assert len(written) > 30  # the scan found flowdb's event types
+
+
+ON_ERROR = """
+process:
+  name: caught
+  steps:
+    - {id: fetch, type: agent_task, agent: a, message: go, on_error: [{error: Timeout, next: slow}, {next: other}]}
+    - {id: use, type: agent_task, agent: a, message: go, depends_on: [fetch]}
+    - {id: slow, type: agent_task, agent: a, message: go}
+    - {id: other, type: agent_task, agent: a, message: go}
+"""
+
+
+def test_an_error_boundary_is_an_error_edge_labelled_with_the_types_it_takes() -> None:
+    graph = graph_of(parse_definition(ON_ERROR))
+    assert edges(graph) == {("fetch", "use", "dependency", None), ("fetch", "slow", "error", "on Timeout"),
+                            ("fetch", "other", "error", "any error")}

@@ -58,7 +58,8 @@ def graph_of(definition: CompiledDefinition, steps: Sequence[Any] | None = None,
         })
     return {"nodes": nodes, "edges": [
         {"from": e.from_step, "to": e.to_step, "kind": e.kind,
-         "label": None if e.kind == "dependency" else _route_label(definition, e.from_step, e.to_step)}
+         "label": None if e.kind == "dependency" else _error_label(definition, e.from_step, e.to_step)
+         if e.kind == "error" else _route_label(definition, e.from_step, e.to_step)}
         for e in definition.edges]}
 
 
@@ -73,6 +74,12 @@ def _items(own: Any, per_status: dict[str, int]) -> dict[str, int] | None:
         "running": per_status.get(StepStatus.RUNNING.value, 0),
         "open": sum(count for status, count in per_status.items() if status in _OPEN),
     }
+
+
+def _error_label(definition: CompiledDefinition, source: str, target: str) -> str:
+    """An error boundary's edge: the error types it takes ("any error" for a catch-all)."""
+    types = [wanted for wanted, handler in definition.steps[source].error_routes if handler == target]
+    return "any error" if None in types else "on " + ", ".join(str(t) for t in types)
 
 
 def _route_label(definition: CompiledDefinition, source: str, target: str) -> str | None:

@@ -109,7 +109,8 @@ class ProgressStatements:
                    "agent_session": bindparam("session")}
         self.complete: Update = update(S).where(*fenced).values(
             status=bindparam("status"), output=bindparam("output"), input=bindparam("input"),
-            error=bindparam("error"), finished_at=clock.now, claimable_at=None, **run, **usage, **binding,
+            error=bindparam("error"), error_type=bindparam("etype"), finished_at=clock.now, claimable_at=None,
+            **run, **usage, **binding,
             **release_lease)
         # `restart`: the next attempt starts afresh instead of going on from where a parked row waited.
         restart = bindparam("restart", type_=Boolean)
@@ -249,6 +250,7 @@ class ProgressWriter:
             elif o.kind == "failed" and self._retrying(o):
                 self._retry(conn, o, batch)
         finals = [o for o in finals if o.step.item is None or self._item_failed(conn, o, batch)]
+        finals = self._caught(conn, finals, batch)  # those an error boundary takes go on to their handler
         ending = {o.step.instance_id: o.step.step_id for o in settling if o.ends_instance and o.kind == "completed"}
         self._account(conn, batch, set(ending))
         for instance_id, step_id in ending.items():
@@ -263,6 +265,32 @@ class ProgressWriter:
             self._fail_instance(conn, o.step.instance_id, text, batch)
         self.q.events.write(conn, batch.events)
         return batch.progress
+
+    def _caught(self, conn: Connection, finals: list[Outcome], batch: _Batch) -> list[Outcome]:
+        """The steps failed for good whose error boundary (on_error) takes their error: each settles as
+        skipped for its successors but its handler, which becomes ready; the rest (returned) fail their
+        instance. A for_each step caught this way cancels its items still open."""
+        failing = []
+        caught: list[Settled] = []
+        for o in finals:
+            step = batch.definitions[o.step.instance_id].steps[o.step.step_id]
+            handler = step.error_handler(o.error_type or "StepFailed") if step.error_routes else None
+            if handler is None:
+                failing.append(o)
+                continue
+            if o.step.item is not None:
+                self._cancel_items(conn, o, batch)
+                batch.close(o.step.instance_id, 2)  # the item and its step's own row
+            else:
+                batch.close(o.step.instance_id)
+            batch.event(o.step.instance_id, "step.error_caught",
+                        {"error_type": _error_type(o), "error": o.error, "handler": handler, "item": o.step.item},
+                        o.step.id)
+            caught.append(Settled(o.step.instance_id, o.step.step_id, False, None, o.step.definition_id,
+                                  o.step.round, error_to=handler))
+        if caught:
+            self.q.settler.settle(conn, caught, batch.definitions, batch)
+        return failing
 
     def _record_side(self, conn: Connection, o: Outcome, batch: _Batch) -> bool:
         """Write the outcome's side rows through its step type; True when that also parked the step."""
@@ -283,8 +311,9 @@ class ProgressWriter:
     def _completion(o: Outcome) -> dict[str, Any]:
         """Parameters of `complete`, driver-ready (JSON as text)."""
         return {"sid": o.step.id, "token": o.step.lease_token, "status": o.kind, "output": as_json(o.output),
-                "input": as_json(o.input), "error": o.error, "cost": o.cost_usd, "tin": o.tokens_in,
-                "tout": o.tokens_out, "backend": o.backend, "execution": o.execution, "session": o.session}
+                "input": as_json(o.input), "error": o.error, "etype": _error_type(o), "cost": o.cost_usd,
+                "tin": o.tokens_in, "tout": o.tokens_out, "backend": o.backend, "execution": o.execution,
+                "session": o.session}
 
     @staticmethod
     def _payload(o: Outcome) -> dict[str, Any]:
@@ -324,11 +353,13 @@ class ProgressWriter:
                 batch.event(n["instance_id"], "subscriber.notice_queued", {"agent": n["agent"]}, n["step_instance_id"])
 
     def _item_failed(self, conn: Connection, o: Outcome, batch: _Batch) -> bool:
-        """A for_each item failed for good: its step fails (True: the instance fails with it), unless the
-        step had ended already (complete_when held), when the failure is recorded and nothing more."""
+        """A for_each item failed for good: its step fails (True: the instance fails with it, or the
+        step's error boundary takes the error), unless the step had ended already (complete_when held),
+        when the failure is recorded and nothing more."""
         error = f"item {o.step.item} of step {o.step.step_id!r} failed: {o.error}"
         if conn.execute(self.q.for_each.fail_own, {"iid": o.step.instance_id, "step": o.step.step_id,
-                                                    "rnd": o.step.round, "error": error}).rowcount:
+                                                    "rnd": o.step.round, "error": error,
+                                                    "etype": _error_type(o)}).rowcount:
             return True
         batch.event(o.step.instance_id, "step.item_failed_after_its_step", {"error": o.error}, o.step.id)
         batch.close(o.step.instance_id)
@@ -457,10 +488,16 @@ class ProgressWriter:
             batch.progress.actions.append(DueActions(instance_id, definition, actions, context))
 
 
+def _error_type(o: Outcome) -> str | None:
+    """A failure's type (an agent's exception class, StepTimeout...; StepFailed when none was given)."""
+    return (o.error_type or "StepFailed") if o.kind == "failed" else None
+
+
 # Built once (a statement built per call costs more than its execution on SQLite).
 _CONTEXT_INSTANCE = select(I.c.inputs, I.c.process_name, I.c.version, I.c.status).where(I.c.id == bindparam("iid"))
 # Every round of the steps' own rows (not for_each items), oldest first: the latest round wins.
-_CONTEXT_STEPS = select(S.c.step_id, S.c.status, S.c.output, S.c.error, S.c.cost_usd, S.c.attempt, S.c.round).where(
+_CONTEXT_STEPS = select(S.c.step_id, S.c.status, S.c.output, S.c.error, S.c.error_type, S.c.cost_usd, S.c.attempt,
+                        S.c.round).where(
     S.c.instance_id == bindparam("iid"), S.c.item.is_(None)).order_by(S.c.round)
 _CONTEXT_SOME_STEPS = _CONTEXT_STEPS.where(S.c.step_id.in_(bindparam("sids", expanding=True)))
 
@@ -478,8 +515,11 @@ def template_context(conn: Connection, instance_id: int, definition: CompiledDef
     for row in rows:  # oldest round first: a later round replaces it, unless that round has not begun
         if row.status == "pending" and row.step_id in steps:  # a loop's next round, not started
             continue
+        # A failed step's error is its message as text, with .type and .message (what an error handler reads).
+        error = ErrorView(type=row.error_type or "StepFailed", message=row.error, text=row.error) \
+            if row.status == "failed" and row.error is not None else row.error
         steps[row.step_id] = StepView.of({"id": row.step_id, "status": row.status, "output": row.output,
-                                          "error": row.error, "cost": row.cost_usd, "attempt": row.attempt,
+                                          "error": error, "cost": row.cost_usd, "attempt": row.attempt,
                                           "visit": row.round})
     return {"inputs": instance.inputs or {}, "steps": steps,
             "process": {"name": instance.process_name, "version": instance.version, "instance_id": instance_id,

@@ -113,6 +113,7 @@ step_instances = Table(
     Column("input", Json),
     Column("output", Json),
     Column("error", Text),
+    Column("error_type", String(100)),  # what kind of error failed it (StepTimeout, an agent's exception...)
     Column("cost_usd", Money, nullable=False, server_default="0"),
     Column("tokens_in", BigInteger, nullable=False, server_default="0"),
     Column("tokens_out", BigInteger, nullable=False, server_default="0"),

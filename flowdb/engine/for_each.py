@@ -122,8 +122,8 @@ class ForEachStatements:
         self.open_items = select(S.c.id).where(*own, S.c.item.is_not(None),
                                                sql_in("step_instances.status", OPEN_STEP))
         self.fail_own = (update(S).where(*own, S.c.item.is_(None), sql_in("step_instances.status", OPEN_STEP))
-                         .values(status=word(StepStatus.FAILED), error=bindparam("error"), finished_at=clock.now,
-                                 claimable_at=None))
+                         .values(status=word(StepStatus.FAILED), error=bindparam("error"),
+                                 error_type=bindparam("etype"), finished_at=clock.now, claimable_at=None))
 
     def load_items(self, conn: Connection, instance_id: int, step_id: str, round_: int) -> list[dict[str, Any]]:
         """The items as complete_when sees them, in index order."""

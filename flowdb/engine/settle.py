@@ -10,6 +10,8 @@ The rules (DESIGN.md, "Control flow"):
   (dead-path elimination, which carries on from the skipped child). A child that started already
   (`join: any`) only counts: later parents are ignored. With `cancel_others`, the parents still
   open when the child starts are cancelled (a race), and settle as cancelled.
+- A step that failed for good and has an error boundary (on_error) settles like a skipped step, but
+  the edge to the handler its error goes to is taken; an edge to a handler is taken by nothing else.
 - A gateway that takes a loop-back (R1) settles nothing forward (R2): its forward edges stay
   pending, so a join after the loop waits for the loop's exit. Instead every step of the loop's body
   gets a new round (R4): a new row, pending on its parents inside the body (their edges set pending
@@ -50,6 +52,7 @@ class Settled:
     taken: frozenset[str] | None = None  # a gateway's chosen targets; None: every child
     definition_id: int = 0  # needed when a loop-back is taken (the new rows carry it)
     round: int = 1  # the settled row's round
+    error_to: str | None = None  # it failed and its error boundary sends the error to this step
 
 
 class Sink(Protocol):
@@ -160,7 +163,10 @@ class Settler:
                 continue
             peers = definition.loop_bodies.get(s.step_id, ()) if definition.has_loops else None
             for child in step.children:
-                taken = s.completed and (s.taken is None or child in s.taken)
+                if s.error_to is not None:  # failed, caught: only the edge to its handler is taken
+                    taken = child == s.error_to
+                else:  # an edge to an error handler is taken only by an error
+                    taken = s.completed and (s.taken is None or child in s.taken) and child not in step.error_targets
                 edges.append(_Edge(s.instance_id, s.step_id, child, taken, s.round,
                                    peers is not None and child not in peers))
         edges = self._counting_edges(conn, edges, definitions)

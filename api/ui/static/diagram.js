@@ -25,11 +25,11 @@
     "step.late_result_dropped", "step.item_failed_after_its_step", "gateway.loop_exhausted",
     "approval.requested", "approval.notified", "approval.reminded", "approval.voted", "approval.decided",
     "approval.refused", "approval.expired", "approval.cancelled", "feedback.recorded",
-    "budget.set", "budget.raised", "budget.exceeded", "notification.sent", "notification.failed",
+    "budget.set", "budget.raised", "budget.exceeded", "step.error_caught", "notification.sent", "notification.failed",
   ];
   // An instance in one of these is done: the page stops listening (a retry from this page reloads it).
   const FINISHED = ["completed", "failed", "cancelled"];
-  const EDGE_KINDS = ["dependency", "route", "loop"];
+  const EDGE_KINDS = ["dependency", "route", "loop", "error"];
   const NODE_HEIGHT = 64;
   const NODE_MIN_WIDTH = 128;
   const NODE_PADDING = 16; // each side of the widest line
