@@ -21,7 +21,8 @@ def instance_out(row: Any) -> InstanceOut:
     return InstanceOut(id=row.id, process=row.process_name, version=row.version, status=row.status,
                        trigger=row.trigger, idempotency_key=row.idempotency_key, inputs=row.inputs,
                        outputs=row.outputs, error=row.error, cost_usd=float(row.cost_usd or 0),
-                       created_at=utc(row.created_at), started_at=utc(row.started_at), finished_at=utc(row.finished_at))
+                       created_at=utc(row.created_at), started_at=utc(row.started_at), finished_at=utc(row.finished_at),
+                       paused_at=utc(row.paused_at), paused_by=row.paused_by)
 
 
 def step_out(row: Any) -> StepOut:

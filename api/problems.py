@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from flowdb.approvals import AlreadyDecided, AlreadyVoted, ApprovalClosed, BadDecision, NotAnApprover
 from flowdb.budget_ops import BadBudget
-from flowdb.control import InstanceNotRunning, StepNotCancellable, StepNotRetryable
+from flowdb.control import InstanceNotRunning, NotPausable, NotPaused, StepNotCancellable, StepNotRetryable
 from flowdb.db.engine import database_unavailable
 from flowdb.errors import (
     DefinitionConflict,
@@ -22,6 +22,7 @@ from flowdb.errors import (
     InputError,
     NotFound,
 )
+from flowdb.rerun import RerunRefused
 from flowdb.tokens import TokenError
 
 log = logging.getLogger("flowdb_api")
@@ -68,6 +69,9 @@ STATUS_OF: list[tuple[type[FlowdbError], int, str]] = [
     (IdempotencyInProgress, 409, "idempotency-in-progress"),
     (InputError, 422, "invalid-inputs"),
     (InstanceNotRunning, 409, "instance-not-running"),
+    (NotPausable, 409, "not-pausable"),
+    (NotPaused, 409, "not-paused"),
+    (RerunRefused, 409, "rerun-refused"),
     (BadBudget, 422, "bad-budget"),
     (StepNotRetryable, 409, "step-not-retryable"),
     (StepNotCancellable, 409, "step-not-cancellable"),

@@ -55,6 +55,12 @@ class StartIn(Strict):
     version: int | None = Field(default=None, ge=1, le=2**31 - 1)
 
 
+class RerunIn(Strict):
+    from_step: str = Field(min_length=1, max_length=100, description="the step to run again, and all after it")
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1,
+                                description="run the rest on this deployed version (it keeps the steps before)")
+
+
 class StepOut(Strict):
     id: int = Field(description="step_instances.id (the step_instance_id of its events)")
     step_id: str
@@ -96,6 +102,8 @@ class InstanceOut(Strict):
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    paused_at: datetime | None = None  # paused (flowdb pause, POST .../pause): no new step starts
+    paused_by: str | None = None
 
 
 class InstanceDetail(InstanceOut):
@@ -122,6 +130,19 @@ class EventOut(Strict):
 class EventPage(Strict):
     items: list[EventOut]
     next_cursor: str | None
+
+
+class PauseOut(Strict):
+    id: int
+    paused: bool  # true after a pause, false after a resume
+    paused_at: datetime | None
+    paused_by: str | None
+
+
+class ProcessPauseOut(Strict):
+    process: str
+    paused: bool
+    instances: list[int]  # the instances paused (or resumed) by this request
 
 
 class CancelOut(Strict):

@@ -26,7 +26,9 @@ from flowdb.cli_common import (
     refuse_missing_sqlite,
 )
 from flowdb.cli_lists import definitions_group, instances_group
+from flowdb.cli_pause import pause, resume
 from flowdb.cli_report import report
+from flowdb.cli_rerun import rerun
 from flowdb.cli_tokens import tokens_group
 from flowdb.errors import DefinitionError, FlowdbError, InputError
 
@@ -341,7 +343,8 @@ def run(file: str, db_url: str | None, agents_file: str | None, inputs: tuple[st
         checked[0] = time.monotonic()
         try:
             with read_only(engine).connect() as conn:
-                return bool(instance_row(conn, instance_id).status != "running")
+                row = instance_row(conn, instance_id)
+                return bool(row.status != "running" or row.paused_at is not None)  # paused: `run` stops there
         except DBAPIError:  # the database is away: the worker waits for it, and so does this check
             return False
 
@@ -424,6 +427,9 @@ def status(db_url: str | None, instance_id: int, as_json: bool) -> None:
         print_status(data)
 
 
+main.add_command(pause)
+main.add_command(rerun)
+main.add_command(resume)
 main.add_command(approvals_group)
 main.add_command(budget_group)
 main.add_command(instances_group)

@@ -1,4 +1,5 @@
-"""Operator actions on instances that the command line and the HTTP API share: cancel, retry a step."""
+"""Operator actions on instances that the command line, the HTTP API and the web UI share: cancel,
+cancel a step, retry a step, pause and resume."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from flowdb.db.progress import ProgressStatements
 from flowdb.db.tables import process_instances, step_instances
 from flowdb.db.timings import CLEARED
 from flowdb.definitions import CompiledDefinition
+from flowdb.engine.pause import Pauser
 from flowdb.engine.settle import Settled
 from flowdb.engine.status import OPEN_STEP, InstanceStatus, StepStatus, sql_in, word
 from flowdb.engine.stop import Stopper
@@ -24,9 +26,9 @@ I, S = process_instances, step_instances  # noqa: E741
 
 
 def locked_instance(conn: Connection, instance_id: int) -> Any:
-    """The instance's status and definition, its row locked on PostgreSQL (as the workers' writers
-    lock it), so an operator action and a step's outcome serialize."""
-    query = select(I.c.status, I.c.definition_id).where(I.c.id == instance_id)
+    """The instance's status, definition and pause, its row locked on PostgreSQL (as the workers'
+    writers lock it), so an operator action and a step's outcome serialize."""
+    query = select(I.c.status, I.c.definition_id, I.c.paused_at, I.c.paused_by).where(I.c.id == instance_id)
     row = conn.execute(query.with_for_update() if conn.dialect.name == "postgresql" else query).first()
     if row is None:
         raise NotFound(f"instance {instance_id} does not exist")
@@ -128,6 +130,40 @@ def _leaf_outputs(conn: Connection, instance_id: int, definition: CompiledDefini
     return {row.step_id: row.output for row in rows}
 
 
+def restore_halted(conn: Connection, instance_id: int, reason: str, keep: frozenset[str] = frozenset()
+                   ) -> list[EventRow]:
+    """The steps a failure cancelled (`halted`; not those cancelled for their own sake: by an operator, a
+    race, a loop going back) get back what they were waiting on; a for_each step whose items had started
+    waits on them again (its items start afresh). Rows of the steps in `keep` stay as they are (a rerun
+    runs them anew). The events to write."""
+    clock = Clock(conn.dialect.name)
+    waits_on_items = S.c.item.is_(None) & S.c.items_total.is_not(None)
+    waits_on_parents = S.c.item.is_(None) & (S.c.pending_parents > literal(0))
+    restored = conn.execute(
+        update(S).where(S.c.instance_id == instance_id, S.c.status == word(StepStatus.CANCELLED), S.c.halted,
+                        S.c.step_id.not_in(sorted(keep)))
+        .values(status=case((waits_on_items, word(StepStatus.WAITING)),
+                            (waits_on_parents, word(StepStatus.PENDING)), else_=word(StepStatus.READY)),
+                claimable_at=case((waits_on_items | waits_on_parents, None), else_=clock.now),
+                ready_at=case((waits_on_items | waits_on_parents, S.c.ready_at), else_=clock.now),
+                woken=waits_on_items, halted=false(), finished_at=None,
+                input=case((waits_on_items, S.c.input), else_=None), **CLEARED)
+        .returning(S.c.id, S.c.step_id)).all()
+    if keep:
+        conn.execute(update(S).where(S.c.instance_id == instance_id, S.c.halted, S.c.step_id.in_(sorted(keep)))
+                     .values(halted=false()))
+    return [event_row(instance_id, "step.restored", {"reason": reason}, row.id) for row in restored]
+
+
+def running_again(conn: Connection, instance_id: int, **changes: Any) -> None:
+    """A finished instance runs again: its open steps counted afresh, its end undone."""
+    open_steps = conn.execute(select(func.count()).where(
+        S.c.instance_id == instance_id, sql_in("step_instances.status", OPEN_STEP))).scalar_one()
+    conn.execute(update(I).where(I.c.id == instance_id).values(
+        status=word(InstanceStatus.RUNNING), error=None, finished_at=None, outputs=None, open_steps=open_steps,
+        **changes))
+
+
 class StepNotRetryable(FlowdbError):
     """The step is not failed, or its instance cannot run again."""
 
@@ -162,29 +198,91 @@ def retry_step(engine: Engine, instance_id: int, step_id: str) -> str:
         rows = [event_row(instance_id, "step.retry_requested", {"attempt": step.attempt, "fresh_attempts": fresh},
                           step.id)]
         if found.status == "failed":
-            # The failure cancelled the instance's open steps (`halted`; not those cancelled for their own
-            # sake: by an operator, a race, a loop going back): give them back what they were waiting on.
-            # A for_each step whose items had started waits on them again; its items start afresh.
-            waits_on_items = S.c.item.is_(None) & S.c.items_total.is_not(None)
-            waits_on_parents = S.c.item.is_(None) & (S.c.pending_parents > literal(0))
-            restored = conn.execute(
-                update(S).where(S.c.instance_id == instance_id, S.c.status == word(StepStatus.CANCELLED), S.c.halted)
-                .values(status=case((waits_on_items, word(StepStatus.WAITING)),
-                                    (waits_on_parents, word(StepStatus.PENDING)), else_=word(StepStatus.READY)),
-                        claimable_at=case((waits_on_items | waits_on_parents, None), else_=clock.now),
-                        ready_at=case((waits_on_items | waits_on_parents, S.c.ready_at), else_=clock.now),
-                        woken=waits_on_items, halted=false(), finished_at=None,
-                        input=case((waits_on_items, S.c.input), else_=None), **CLEARED)
-                .returning(S.c.id, S.c.step_id)).all()
-            for row in restored:
-                rows.append(event_row(instance_id, "step.restored", {"reason": "retry"}, row.id))
-            open_steps = conn.execute(select(func.count()).where(
-                S.c.instance_id == instance_id,
-                sql_in("step_instances.status", OPEN_STEP))).scalar_one()
-            conn.execute(update(I).where(I.c.id == instance_id).values(
-                status=word(InstanceStatus.RUNNING), error=None, finished_at=None, outputs=None, open_steps=open_steps))
+            rows += restore_halted(conn, instance_id, "retry")
+            running_again(conn, instance_id)
             rows.append(event_row(instance_id, "instance.resumed", {"from_step": step_id}))
         else:
             conn.execute(update(I).where(I.c.id == instance_id).values(open_steps=I.c.open_steps + literal(1)))
+        if found.paused_at is not None:  # a paused instance's retried step waits for the resume
+            Pauser(engine.dialect.name).hold(conn, [instance_id])
         EventWriter(engine.dialect.name).write(conn, rows)
     return "running"
+
+
+class NotPausable(FlowdbError):
+    """The instance is not running, or is paused already."""
+
+
+class NotPaused(FlowdbError):
+    """The instance is not paused."""
+
+
+def pause_instance(engine: Engine, instance_id: int, by: str, wakeups: Wakeups | None = None) -> None:
+    """Pause a running instance: no new step of it is claimed until it resumes (flowdb/engine/pause.py)."""
+    with engine.begin() as conn:
+        found = locked_instance(conn, instance_id)
+        if found.status != InstanceStatus.RUNNING:
+            raise NotPausable(f"instance {instance_id} is {found.status}; only running instances can be paused")
+        if found.paused_at is not None:
+            raise NotPausable(f"instance {instance_id} is paused already (by {found.paused_by}); "
+                              f"resume it with flowdb resume {instance_id}")
+        rows: list[EventRow] = []
+        Pauser(engine.dialect.name).pause(conn, instance_id, by, "paused by an operator",
+                                          lambda *args: rows.append(event_row(*args)))
+        EventWriter(engine.dialect.name).write(conn, rows)
+    if wakeups is not None:
+        wakeups.notify(events=True)
+
+
+def resume_instance(engine: Engine, instance_id: int, by: str, wakeups: Wakeups | None = None) -> None:
+    """Resume a paused instance: its held steps are claimed as they are due (a timer past its time at once)."""
+    with engine.begin() as conn:
+        found = locked_instance(conn, instance_id)
+        if found.paused_at is None:
+            raise NotPaused(f"instance {instance_id} is not paused ({found.status})")
+        rows: list[EventRow] = []
+        Pauser(engine.dialect.name).resume(conn, instance_id, by, lambda *args: rows.append(event_row(*args)))
+        EventWriter(engine.dialect.name).write(conn, rows)
+    if wakeups is not None:
+        wakeups.notify(workers=True, events=True)
+
+
+def instances_of(engine: Engine, process: str, paused: bool) -> list[int]:
+    """The running instances of a process that are paused (or not): what `--process` pauses or resumes."""
+    with engine.connect() as conn:
+        known = conn.execute(select(I.c.id).where(I.c.process_name == process).limit(1)).first()
+        if known is None:
+            raise NotFound(f"no instance of process {process!r}")
+        flag = I.c.paused_at.is_not(None) if paused else I.c.paused_at.is_(None)
+        return list(conn.execute(select(I.c.id).where(I.c.process_name == process,
+                                                      I.c.status == word(InstanceStatus.RUNNING), flag)
+                                 .order_by(I.c.id)).scalars())
+
+
+def pause_process(engine: Engine, process: str, by: str, wakeups: Wakeups | None = None) -> list[int]:
+    """Pause every running instance of a process; the ids paused (one transaction each: an instance that
+    finished meanwhile is passed by)."""
+    paused = []
+    for instance_id in instances_of(engine, process, paused=False):
+        try:
+            pause_instance(engine, instance_id, by)
+        except NotPausable:
+            continue
+        paused.append(instance_id)
+    if wakeups is not None and paused:
+        wakeups.notify(events=True)
+    return paused
+
+
+def resume_process(engine: Engine, process: str, by: str, wakeups: Wakeups | None = None) -> list[int]:
+    """Resume every paused instance of a process; the ids resumed."""
+    resumed = []
+    for instance_id in instances_of(engine, process, paused=True):
+        try:
+            resume_instance(engine, instance_id, by)
+        except NotPaused:
+            continue
+        resumed.append(instance_id)
+    if wakeups is not None and resumed:
+        wakeups.notify(workers=True, events=True)
+    return resumed

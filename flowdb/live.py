@@ -82,6 +82,9 @@ class LiveView:
                    f" · {len(status['steps'])} steps · cost ${status['cost_usd']:.4f}")
         if status["error"]:
             click.echo(f"error: {status['error']}")
+        if status.get("paused_at"):
+            click.echo(f"paused by {status['paused_by']}: fix what failed, then flowdb resume {self.instance_id} "
+                       "(a worker runs the rest)")
         if status["outputs"] is not None:
             click.echo("outputs:")
             click.echo(json.dumps(status["outputs"], indent=2, default=str))

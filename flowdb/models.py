@@ -33,6 +33,9 @@ class RetryPolicy(Strict):
     # Error types that fail the step at once, attempts left or not (an agent's exception class name,
     # StepTimeout, ...): retrying a refusal or a bad request only costs time and money.
     non_retryable: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(default=[], max_length=100)
+    # When the last attempt fails (and no error boundary takes the error): fail the instance, or pause
+    # it with the step ready again (fresh attempts) for a person to fix the cause and resume.
+    on_exhausted: Literal["fail", "pause"] = "fail"
 
     @field_validator("initial_interval", "max_interval", mode="before")
     @classmethod

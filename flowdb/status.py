@@ -32,6 +32,7 @@ def status_json(conn: Connection, instance_id: int) -> dict[str, Any]:
         steps.append({
             "id": row.id, "step_id": row.step_id, "round": row.round, "item": row.item, "type": row.type,
             "status": row.status, "attempt": row.attempt, "waits_for": waits_for.get(row.id),
+            "error_type": row.error_type if row.error is not None else None,
             "started_at": _iso(row.started_at), "finished_at": _iso(row.finished_at),
             "duration_s": _seconds(row.started_at, row.finished_at), "cost_usd": row.cost_usd,
             "output": row.output, "error": row.error, "agent": row.agent, "backend": row.agent_backend,
@@ -44,6 +45,7 @@ def status_json(conn: Connection, instance_id: int) -> dict[str, Any]:
         "created_at": _iso(instance.created_at), "started_at": _iso(instance.started_at),
         "finished_at": _iso(instance.finished_at),
         "duration_s": _seconds(instance.started_at, instance.finished_at), "steps": steps,
+        "paused_at": _iso(instance.paused_at), "paused_by": instance.paused_by,
     }
 
 
@@ -66,6 +68,9 @@ def print_status(data: dict[str, Any]) -> None:
                + (f"  {data['duration_s']:.3f}s" if data["duration_s"] is not None else ""))
     if data["error"]:
         click.echo(f"error: {data['error']}")
+    if data.get("paused_at"):
+        click.echo(f"paused since {data['paused_at']} by {data['paused_by']}: no new step starts until "
+                   f"flowdb resume {data['id']}")
     header = f"{'step':<24} {'type':<14} {'status':<10} {'att':>3} {'secs':>8}  output / error"
     click.echo(header)
     click.echo("-" * len(header))

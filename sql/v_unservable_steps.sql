@@ -38,7 +38,7 @@ SELECT
 FROM step_instances s
 JOIN process_definitions d ON d.id = s.definition_id
 -- The first condition is the claim index's own (so a database of finished steps is not scanned).
-WHERE s.status IN ('ready', 'running', 'waiting')
+WHERE s.status IN ('ready', 'running', 'waiting') AND NOT s.paused
   AND s.status = 'ready'
   AND NOT EXISTS (
       SELECT 1

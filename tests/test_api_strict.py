@@ -119,7 +119,9 @@ def test_the_openapi_document_allows_no_unknown_body_fields(api_server: ApiServe
             assert "422" in operation["responses"], (method, path)
             if "$ref" not in schema:  # a route without a body of its own: none, or {}
                 assert operation["requestBody"]["required"] is False and resolved["properties"] == {}
-    assert bodies == 6  # start, decision, cancel, cancel a step, retry a step, set a budget
+    # start, decision, cancel, cancel a step, retry a step, set a budget, rerun, pause and resume (an instance,
+    # a process)
+    assert bodies == 11
     decision = schemas["DecisionIn"]["properties"]["decision"]
     assert decision["enum"] == ["approve", "approved", "reject", "rejected"]
 

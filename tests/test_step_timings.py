@@ -239,7 +239,7 @@ def test_a_completion_after_a_clock_that_went_backwards_has_no_run_time(db: Data
             status="running", lease_token="t", finished_at=None, queued_ms=None, queued_bucket=None,
             run_ms=None, run_bucket=None, ready_at=datetime(2099, 1, 1, tzinfo=UTC)))
         conn.execute(ProgressStatements(db.kind).complete, {
-            "sid": 1, "token": "t", "status": "completed", "output": None, "input": None, "error": None,
+            "sid": 1, "token": "t", "status": "completed", "output": None, "input": None, "error": None, "etype": None,
             "cost": 0, "tin": 0, "tout": 0, "backend": None, "execution": None, "session": None})
     assert _timing_columns(db.engine, 1) == (None, None)
     with db.engine.begin() as conn:

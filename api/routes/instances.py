@@ -9,11 +9,20 @@ from sqlalchemy import Connection, Engine, select
 from starlette.responses import Response
 
 from flowdb.budget_ops import instance_budgets, set_budget
-from flowdb.control import cancel_instance, cancel_step, retry_step
+from flowdb.control import (
+    cancel_instance,
+    cancel_step,
+    pause_instance,
+    pause_process,
+    resume_instance,
+    resume_process,
+    retry_step,
+)
 from flowdb.db.instances import DefinitionCache, StartRequest, find_definition, instance_row, start_instances, step_rows
 from flowdb.db.tables import events, process_instances
+from flowdb.rerun import rerun_instance
 
-from ..convert import instance_out, step_out
+from ..convert import instance_out, step_out, utc
 from ..endpoints import MAX_ID, Call, Endpoint, Header, Query, json_response
 from ..problems import ApiError
 from ..routes.events import event_out, event_rows
@@ -26,6 +35,9 @@ from ..schemas import (
     EventPage,
     InstanceDetail,
     InstancePage,
+    PauseOut,
+    ProcessPauseOut,
+    RerunIn,
     RetryOut,
     StartIn,
 )
@@ -173,6 +185,50 @@ async def retry(call: Call) -> Response:
     return json_response(RetryOut(id=instance_id, status=status, step_id=step_id, step_status="ready"))
 
 
+async def rerun(call: Call) -> Response:
+    instance_id = call.path_int("instance_id")
+    body = await call.body(RerunIn)
+    await call.db(rerun_instance, call.engine, instance_id, body.from_step, f"{call.who.identity} (api)",
+                  body.version, call.wakeups)
+
+    def load(engine: Engine) -> InstanceDetail:
+        with engine.connect() as conn:
+            return _detail(conn, instance_id)
+
+    return json_response(await call.db(load, call.engine))
+
+
+async def pause(call: Call) -> Response:
+    instance_id = call.path_int("instance_id")
+    await call.db(pause_instance, call.engine, instance_id, f"{call.who.identity} (api)", call.wakeups)
+    return json_response(await call.db(_pause_state, call.engine, instance_id))
+
+
+async def resume(call: Call) -> Response:
+    instance_id = call.path_int("instance_id")
+    await call.db(resume_instance, call.engine, instance_id, f"{call.who.identity} (api)", call.wakeups)
+    return json_response(await call.db(_pause_state, call.engine, instance_id))
+
+
+def _pause_state(engine: Engine, instance_id: int) -> PauseOut:
+    with engine.connect() as conn:
+        row = instance_row(conn, instance_id)
+    return PauseOut(id=instance_id, paused=row.paused_at is not None, paused_at=utc(row.paused_at),
+                    paused_by=row.paused_by)
+
+
+async def pause_all(call: Call) -> Response:
+    name = call.request.path_params["name"]
+    ids = await call.db(pause_process, call.engine, name, f"{call.who.identity} (api)", call.wakeups)
+    return json_response(ProcessPauseOut(process=name, paused=True, instances=ids))
+
+
+async def resume_all(call: Call) -> Response:
+    name = call.request.path_params["name"]
+    ids = await call.db(resume_process, call.engine, name, f"{call.who.identity} (api)", call.wakeups)
+    return json_response(ProcessPauseOut(process=name, paused=False, instances=ids))
+
+
 async def budgets(call: Call) -> Response:
     instance_id = call.path_int("instance_id")
 
@@ -219,6 +275,19 @@ ENDPOINTS = [
              "instances", body=BudgetIn, responses={200: BudgetList}, errors=(404, 409, 422)),
     Endpoint("POST", "/v1/instances/{instance_id:int}/cancel", cancel, "Cancel a running instance", "operator",
              "instances", responses={200: CancelOut}, errors=(404, 409)),
+    Endpoint("POST", "/v1/instances/{instance_id:int}/rerun", rerun,
+             "Run a finished instance again from a step (that step and those after it, as new rounds)", "operator",
+             "instances", body=RerunIn, responses={200: InstanceDetail}, errors=(404, 409, 422)),
+    Endpoint("POST", "/v1/instances/{instance_id:int}/pause", pause,
+             "Pause a running instance: no new step of it starts until it resumes", "operator", "instances",
+             responses={200: PauseOut}, errors=(404, 409)),
+    Endpoint("POST", "/v1/instances/{instance_id:int}/resume", resume,
+             "Resume a paused instance: its steps start as they are due", "operator", "instances",
+             responses={200: PauseOut}, errors=(404, 409)),
+    Endpoint("POST", "/v1/processes/{name}/pause", pause_all, "Pause every running instance of a process",
+             "operator", "instances", responses={200: ProcessPauseOut}, errors=(404,)),
+    Endpoint("POST", "/v1/processes/{name}/resume", resume_all, "Resume every paused instance of a process",
+             "operator", "instances", responses={200: ProcessPauseOut}, errors=(404,)),
     Endpoint("POST", "/v1/instances/{instance_id:int}/steps/{step_id}/cancel", cancel_one_step,
              "Cancel one step (its successors go on as after a skipped step)", "operator", "instances",
              responses={200: CancelStepOut}, errors=(404, 409)),

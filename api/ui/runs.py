@@ -14,13 +14,14 @@ from sqlalchemy import Connection, Engine, Text, cast, func, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from flowdb.control import cancel_instance, cancel_step, retry_step
+from flowdb.control import cancel_instance, cancel_step, pause_instance, resume_instance, retry_step
 from flowdb.db.instances import DefinitionCache, instance_row
 from flowdb.db.tables import events as E
 from flowdb.db.tables import process_instances as I
 from flowdb.db.tables import step_instances as S
 from flowdb.engine.status import OPEN_STEP as OPEN_STEP_STATUSES
 from flowdb.engine.status import InstanceStatus
+from flowdb.rerun import rerun_instance
 
 from ..routes.events import event_rows
 from .charts import DayChart, day_chart
@@ -282,6 +283,9 @@ DONE_MESSAGES = {
     "cancelled": "The instance was cancelled.",
     "retried": "The step is ready to run again.",
     "step-cancelled": "The step was cancelled; its successors go on as after a skipped step.",
+    "paused": "The instance is paused: no new step starts until it resumes (running steps finish).",
+    "resumed": "The instance resumed: its steps start as they are due.",
+    "rerun": "The instance runs again from that step: it and the steps after it run as new rounds.",
 }
 
 
@@ -294,6 +298,25 @@ async def cancel(call: UiCall) -> Response:
     await call.db(cancel_instance, call.engine, instance_id, f"cancelled by {call.who.identity} in the web UI",
                   call.wakeups)
     return _back(instance_id, "cancelled")
+
+
+async def pause(call: UiCall) -> Response:
+    instance_id = _instance_id(call)
+    await call.db(pause_instance, call.engine, instance_id, f"{call.who.identity} (web UI)", call.wakeups)
+    return _back(instance_id, "paused")
+
+
+async def resume(call: UiCall) -> Response:
+    instance_id = _instance_id(call)
+    await call.db(resume_instance, call.engine, instance_id, f"{call.who.identity} (web UI)", call.wakeups)
+    return _back(instance_id, "resumed")
+
+
+async def rerun(call: UiCall) -> Response:
+    instance_id = _instance_id(call)
+    await call.db(rerun_instance, call.engine, instance_id, call.request.path_params["step_id"],
+                  f"{call.who.identity} (web UI)", None, call.wakeups)
+    return _back(instance_id, "rerun")
 
 
 async def retry(call: UiCall) -> Response:

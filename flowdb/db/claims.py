@@ -50,13 +50,13 @@ from flowdb.db.agent_usage import UsageStatements
 from flowdb.db.clock import Clock
 from flowdb.db.driver import DriverStatement, from_json
 from flowdb.db.events import EventWriter, event_row
-from flowdb.db.tables import CLAIMABLE, step_instances
+from flowdb.db.tables import CLAIMABLE, process_instances, step_instances
 from flowdb.db.timings import CLEARED, timing
 from flowdb.db.workers import Capabilities
 from flowdb.engine.status import StepStatus, word
 from flowdb.settings import FREE_RELEASES
 
-S = step_instances
+S, I = step_instances, process_instances  # noqa: E741
 RUNNING: ColumnClause[str] = word(StepStatus.RUNNING)
 READY: ColumnClause[str] = word(StepStatus.READY)
 STOPPED = (StepStatus.CANCELLED.value, StepStatus.SKIPPED.value)  # a step stopped while a worker ran it
@@ -125,6 +125,18 @@ def servable(serves: Capabilities, *, limited_waiting_only: bool = False) -> Col
         agents.append(S.c.agent.in_(_names(limited)) & (S.c.status == word(StepStatus.WAITING))
                       & S.c.agent_execution.is_not(None))
     return types & or_(*agents)
+
+
+def claimable_rows(table: str) -> list[ColumnElement[bool]]:
+    """The claimable index's condition, written as the index has it (SQLite uses a partial index only for
+    a query whose WHERE holds each of the index's terms); a paused instance's rows are not in it."""
+    return [literal_column(f"{table}.status IN {CLAIMABLE}"), literal_column(f"NOT {table}.paused")]
+
+
+def instance_paused() -> ColumnElement[bool]:
+    """For a row given back outside a batch of outcomes (a release, a hand-back): whether its instance is
+    paused, so it is held (flowdb/engine/pause.py)."""
+    return select(I.c.id).where(I.c.id == S.c.instance_id, I.c.paused_at.is_not(None)).exists()
 
 
 def holding_slot(clock: Clock) -> ColumnElement[bool]:
@@ -212,7 +224,7 @@ class ClaimStatements:
         # is claimed by the general claim at once.
         self.busy_slots = (
             select(S.c.agent, func.count())
-            .where(literal_column(f"step_instances.status IN {CLAIMABLE}"), S.c.claimable_at > clock.now,
+            .where(*claimable_rows("step_instances"), S.c.claimable_at > clock.now,
                    S.c.agent.in_(_names(self.limits)), holding_slot(clock))
             .group_by(S.c.agent)
         )
@@ -222,7 +234,7 @@ class ClaimStatements:
         if self.limits:
             R = S.alias("busy")
             busy = (select(func.count()).where(
-                literal_column(f"busy.status IN {CLAIMABLE}"), R.c.claimable_at > clock.now, R.c.agent == S.c.agent,
+                *claimable_rows("busy"), R.c.claimable_at > clock.now, R.c.agent == S.c.agent,
                 or_(R.c.status == RUNNING,
                     and_(R.c.status == word(StepStatus.WAITING), R.c.agent_execution.is_not(None)))).scalar_subquery())
             limit = case(*((S.c.agent == literal(name), literal(n)) for name, n in sorted(self.limits.items())),
@@ -244,7 +256,7 @@ class ClaimStatements:
         self.hand_back = (
             update(S).where(*mine, S.c.suspect, ~S.c.isolated)
             .values(status=READY, lease_owner=None, lease_token=None, lease_expires_at=None,
-                    claimable_at=clock.now, attempt=S.c.attempt - literal(1))
+                    claimable_at=clock.now, attempt=S.c.attempt - literal(1), paused=instance_paused())
         )
         self.heartbeat = (
             update(S)
@@ -257,7 +269,7 @@ class ClaimStatements:
             .where(S.c.id == bindparam("sid"), S.c.lease_token == bindparam("token"), S.c.status == RUNNING)
             .values(status=READY, **LEASE_DROPPED, claimable_at=clock.now, ready_at=clock.now,
                     attempt=S.c.attempt - case((free, literal(1)), else_=literal(0)),
-                    releases=S.c.releases + literal(1), **CLEARED)
+                    releases=S.c.releases + literal(1), paused=instance_paused(), **CLEARED)
             .returning(S.c.attempt, S.c.releases)
         )
         self.events = EventWriter(dialect_name)
@@ -265,8 +277,7 @@ class ClaimStatements:
     def _due(self, *conditions: ColumnElement[bool], n: Any = None, index: bool = True) -> Select[Any]:
         """Ids of claimable rows whose time has come, oldest first, through the claimable index (its
         condition written as in the index, so SQLite uses it too)."""
-        claimable: list[ColumnElement[bool]] = [literal_column(f"step_instances.status IN {CLAIMABLE}")] if index \
-            else []
+        claimable: list[ColumnElement[bool]] = claimable_rows("step_instances") if index else [~S.c.paused]
         due = (
             select(S.c.id)
             .where(*claimable, S.c.claimable_at <= self.clock.now, *conditions)

@@ -43,11 +43,12 @@ from flowdb.db.tables import process_instances, step_edges, step_instances
 from flowdb.db.timings import CLEARED, timing
 from flowdb.definitions import CompiledDefinition
 from flowdb.engine.for_each import ForEachStatements
+from flowdb.engine.pause import Pauser
 from flowdb.engine.settle import Settled, Settler
 from flowdb.engine.status import InstanceStatus, StepStatus, word
 from flowdb.engine.stop import Stopper
 from flowdb.expressions import ErrorView, StepView, Template
-from flowdb.models import Action
+from flowdb.models import Action, effective_retry
 from flowdb.outcomes import Outcome
 from flowdb.steptypes.registry import STEP_TYPES
 
@@ -88,7 +89,8 @@ class ProgressStatements:
         self.clock = clock
         postgres = dialect_name == "postgresql"
         ids: BindParameter[list[int]] = bindparam("ids", expanding=True)
-        lock = select(I.c.id).where(I.c.id.in_(ids)).order_by(I.c.id).with_for_update()
+        # The lock also says which of them are paused (what their rows left this batch are held for).
+        lock = select(I.c.id, I.c.paused_at).where(I.c.id.in_(ids)).order_by(I.c.id).with_for_update()
         self.lock_instances = lock if postgres else None
         # By primary key alone: a status condition here lets PostgreSQL's planner reach for the
         # claimable index, which on a busy queue table holds many dead entries.
@@ -118,6 +120,11 @@ class ProgressStatements:
             status=_lit("ready"), error=bindparam("error"), ready_at=clock.plus(bindparam("delay")),
             claimable_at=clock.plus(bindparam("delay")), woken=case((restart, false()), else_=S.c.woken),
             agent_execution=case((restart, None), else_=S.c.agent_execution), **CLEARED, **usage, **release_lease)
+        # retry.on_exhausted: pause: ready again at once with fresh attempts (its instance is paused with it).
+        self.exhausted: Update = update(S).where(*fenced).values(
+            status=_lit("ready"), error=bindparam("error"), error_type=bindparam("etype"), ready_at=clock.now,
+            claimable_at=clock.now, max_attempts=S.c.attempt + bindparam("fresh"), woken=false(),
+            agent_execution=None, **CLEARED, **usage, **release_lease)
         # Nothing ran (an agent's queue was full): ready later, its attempt given back. The row is fresh
         # from then on (not woken: a budget's hold is over), so its next claim charges the attempt again.
         self.defer: Update = update(S).where(*fenced).values(
@@ -148,6 +155,7 @@ class ProgressStatements:
         self.account_many = DriverStatement(self.account)
         self.events = EventWriter(dialect_name)
         self.stopper = Stopper(dialect_name)
+        self.pauser = Pauser(dialect_name)
         self.settler = Settler(dialect_name, self.stopper)
         self.for_each = ForEachStatements(dialect_name)
         self.usage = UsageStatements(dialect_name)
@@ -162,6 +170,7 @@ class _Batch:
 
     progress: Progress
     definitions: dict[int, CompiledDefinition] = field(default_factory=dict)  # by instance id
+    paused_now: set[int] = field(default_factory=set)  # instances this batch paused (retry.on_exhausted)
     events: list[EventRow] = field(default_factory=list)
     closed: dict[int, int] = field(default_factory=dict)
     cost: dict[int, float] = field(default_factory=dict)
@@ -200,8 +209,10 @@ class ProgressWriter:
             return batch.progress
         for o in outcomes:
             batch.definitions[o.step.instance_id] = definitions[o.step.definition_id]
+        paused: list[int] | None = None
         if self.q.lock_instances is not None:
-            conn.execute(self.q.lock_instances, {"ids": sorted(batch.definitions)}).all()
+            locked = conn.execute(self.q.lock_instances, {"ids": sorted(batch.definitions)}).all()
+            paused = [row.id for row in locked if row.paused_at is not None]
         # The lease check for the whole batch: a step is ours if it still runs under our token.
         rows = conn.execute(self.q.held, {"ids": [o.step.id for o in outcomes]}).all()
         tokens = {row.id: row.lease_token for row in rows if row.status == "running"}
@@ -226,6 +237,8 @@ class ProgressWriter:
         self.q.usage.record(conn, metered)  # tokens_per_minute (db/agent_usage.py)
         settling = [o for o in live if o.kind in ("completed", "skipped")]
         finals = [o for o in live if o.kind == "failed" and not self._retrying(o)]
+        exhausted = [o for o in finals if self._pauses(o, batch)]  # retry.on_exhausted: pause
+        finals = [o for o in finals if not any(o is e for e in exhausted)]
         self.q.complete_many.executemany(conn, [self._completion(o) for o in settling + finals])
         for o in settling + finals:
             batch.event(o.step.instance_id, f"step.{o.kind}", self._payload(o), o.step.id)
@@ -249,6 +262,8 @@ class ProgressWriter:
                 self._defer(conn, o, batch)
             elif o.kind == "failed" and self._retrying(o):
                 self._retry(conn, o, batch)
+        for o in exhausted:
+            self._pause_exhausted(conn, o, batch)
         finals = [o for o in finals if o.step.item is None or self._item_failed(conn, o, batch)]
         finals = self._caught(conn, finals, batch)  # those an error boundary takes go on to their handler
         ending = {o.step.instance_id: o.step.step_id for o in settling if o.ends_instance and o.kind == "completed"}
@@ -263,6 +278,9 @@ class ProgressWriter:
                 "type": o.error_type or "StepFailed", "message": o.error or "", "step": o.step.step_id,
                 "item": o.step.item, "round": o.step.round, "text": text})
             self._fail_instance(conn, o.step.instance_id, text, batch)
+        # A paused instance's rows this batch left open (a retry, a parked step, successors) are held.
+        held = paused if paused is not None else self.q.pauser.paused(conn, batch.definitions)
+        self.q.pauser.hold(conn, [*held, *batch.paused_now])
         self.q.events.write(conn, batch.events)
         return batch.progress
 
@@ -273,8 +291,9 @@ class ProgressWriter:
         failing = []
         caught: list[Settled] = []
         for o in finals:
-            step = batch.definitions[o.step.instance_id].steps[o.step.step_id]
-            handler = step.error_handler(o.error_type or "StepFailed") if step.error_routes else None
+            step = batch.definitions[o.step.instance_id].steps.get(o.step.step_id)
+            handler = step.error_handler(o.error_type or "StepFailed") if step is not None and step.error_routes \
+                else None
             if handler is None:
                 failing.append(o)
                 continue
@@ -302,6 +321,33 @@ class ProgressWriter:
             return False
         batch.progress.made_ready += parked.claimable_now
         return True
+
+    @staticmethod
+    def _pauses(o: Outcome, batch: _Batch) -> bool:
+        """Its attempts are spent and its retry policy pauses the instance then (no error boundary takes it)."""
+        step = batch.definitions[o.step.instance_id].steps.get(o.step.step_id)
+        if step is None:  # its definition no longer compiles (a stand-in without steps)
+            return False
+        policy = effective_retry(step.model)
+        return policy is not None and policy.on_exhausted == "pause" \
+            and step.error_handler(o.error_type or "StepFailed") is None
+
+    def _pause_exhausted(self, conn: Connection, o: Outcome, batch: _Batch) -> None:
+        """retry.on_exhausted: pause: the step is ready again with a fresh set of attempts, and its instance
+        paused, for a person to fix what made it fail and resume (flowdb resume ID)."""
+        policy = effective_retry(batch.definitions[o.step.instance_id].steps[o.step.step_id].model)
+        fresh = policy.max_attempts if policy is not None else 1
+        conn.execute(self.q.exhausted, {"sid": o.step.id, "token": o.step.lease_token, "error": o.error,
+                                        "etype": _error_type(o), "fresh": fresh, "cost": o.cost_usd,
+                                        "tin": o.tokens_in, "tout": o.tokens_out})
+        batch.spend(o.step.instance_id, o.cost_usd)
+        batch.event(o.step.instance_id, "step.exhausted",
+                    {"attempt": o.step.attempt, "error": o.error, "error_type": _error_type(o),
+                     "fresh_attempts": fresh}, o.step.id)
+        what = f"step {o.step.step_id!r}" if o.step.item is None else f"item {o.step.item} of step {o.step.step_id!r}"
+        if self.q.pauser.pause(conn, o.step.instance_id, "flowdb",
+                               f"{what} failed {o.step.attempt} time(s): {o.error}", batch.event):
+            batch.paused_now.add(o.step.instance_id)
 
     @staticmethod
     def _retrying(o: Outcome) -> bool:

@@ -48,6 +48,8 @@ Timestamp = DateTime(timezone=True)
 
 # Statuses in which a step can be claimed once claimable_at has passed (see db/claims.py).
 CLAIMABLE = sql_list(CLAIMABLE_STEP)
+# The claimable index's condition: a paused instance's rows (`paused`) are out of it (flowdb/engine/pause.py).
+CLAIMABLE_ROWS = f"status IN {CLAIMABLE} AND NOT paused"
 
 process_definitions = Table(
     "process_definitions",
@@ -78,6 +80,9 @@ process_instances = Table(
     Column("parent_step_instance_id", Id),
     Column("cost_usd", Money, nullable=False, server_default="0"),
     Column("budget_usd", Money),
+    # Paused (flowdb pause, or a step's retry.on_exhausted: pause): when and by whom; NULL: not paused.
+    Column("paused_at", Timestamp),
+    Column("paused_by", String(200)),
     # Steps not yet in a final state; the step that brings it to 0 finishes the instance.
     Column("open_steps", Integer, nullable=False),
     Column("created_at", Timestamp, nullable=False),
@@ -134,6 +139,8 @@ step_instances = Table(
     Column("isolated", Boolean, nullable=False, server_default=false()),
     Column("reclaims", Integer, nullable=False, server_default="0"),
     Column("releases", Integer, nullable=False, server_default="0"),
+    # Its instance is paused: out of the claimable index until it resumes (its claimable_at kept).
+    Column("paused", Boolean, nullable=False, server_default=false()),
     CheckConstraint("reclaims >= 0 AND releases >= 0", name="ck_step_instances_crash_counts"),
     CheckConstraint("(status IN ('running', 'ready') OR NOT suspect) "
                     "AND (NOT isolated OR (suspect AND status = 'running'))", name="ck_step_instances_suspect_running"),
@@ -163,8 +170,8 @@ step_instances = Table(
         "ix_step_instances_claimable",
         "claimable_at",
         "id",
-        sqlite_where=text(f"status IN {CLAIMABLE}"),
-        postgresql_where=text(f"status IN {CLAIMABLE}"),
+        sqlite_where=text(CLAIMABLE_ROWS),
+        postgresql_where=text(CLAIMABLE_ROWS),
     ),
     # The steps to take over after their worker died (db/claims.py): few, so the look-up costs nothing.
     Index("ix_step_instances_suspects", "claimable_at", "id", sqlite_where=text("suspect"),

@@ -271,8 +271,7 @@ class Settler:
         definition = definitions[s.instance_id]
         gateway = definition.steps[s.step_id]
         body = sorted({sid for t in targets for sid in gateway.loops[t].body})
-        params = {"iid": s.instance_id, "body": body}
-        stale = list(conn.execute(self.open_in_body, params).scalars())
+        stale = list(conn.execute(self.open_in_body, {"iid": s.instance_id, "body": body}).scalars())
         if stale:
             stopped = self.stopper.cancel_steps(conn, f"the loop went back to {', '.join(map(repr, targets))}",
                                                 sink.event, rows=stale)
@@ -280,6 +279,21 @@ class Settler:
             # Steps settle through their own rows (a for_each item has no edges of its own).
             self.settle(conn, [Settled(s.instance_id, st.step_id, False, None, s.definition_id, st.round)
                                for st in stopped if st.item is None], definitions, sink)
+        rounds, ready_ids = self.open_round(conn, s.instance_id, s.definition_id, definition, body, targets, sink)
+        for target in targets:
+            sink.event(s.instance_id, "step.loop_back", {"gateway": s.step_id, "target": target,
+                                                         "round": rounds[target]})
+        for ready_id in ready_ids:
+            sink.made_ready += 1
+            sink.event(s.instance_id, "step.ready", None, ready_id)
+
+    def open_round(self, conn: Connection, instance_id: int, definition_id: int, definition: CompiledDefinition,
+                   body: list[str], targets: list[str], sink: Sink) -> tuple[dict[str, int], list[int]]:
+        """A new round of every step of `body` (a loop's, or a rerun's: engine/rerun.py): `targets` ready at
+        once, the others pending on their parents inside the body (whose edges are set pending again),
+        with the taken edges from outside counted as completed parents. Returns each step's new round
+        and the ids of the rows made ready."""
+        params = {"iid": instance_id, "body": body}
         rounds = dict(conn.execute(self.latest_rounds, params).all())
         from_outside: dict[str, int] = dict(conn.execute(self.taken_from_outside, params).all())
         conn.execute(self.reopen_edges, params)
@@ -289,7 +303,7 @@ class Settler:
             step = definition.steps[sid]
             ready = sid in targets
             retry = effective_retry(step.model)
-            rows.append({"instance_id": s.instance_id, "definition_id": s.definition_id, "step_id": sid,
+            rows.append({"instance_id": instance_id, "definition_id": definition_id, "step_id": sid,
                          "type": step.type, "status": (StepStatus.READY if ready else StepStatus.PENDING).value,
                          "round": rounds.get(sid, 0) + 1, "max_attempts": retry.max_attempts if retry else 1,
                          "pending_parents": 0 if ready else sum(p in inside for p in step.parents),
@@ -299,11 +313,6 @@ class Settler:
         other_rows = [r for r in rows if r["status"] != StepStatus.READY]
         if other_rows:
             conn.execute(self.insert_pending, other_rows)
-        ready_ids = conn.execute(self.insert_ready, ready_rows).scalars().all()
-        sink.close(s.instance_id, -len(rows))
-        for target in targets:
-            sink.event(s.instance_id, "step.loop_back", {"gateway": s.step_id, "target": target,
-                                                         "round": rounds.get(target, 0) + 1})
-        for ready_id in ready_ids:
-            sink.made_ready += 1
-            sink.event(s.instance_id, "step.ready", None, ready_id)
+        ready_ids = list(conn.execute(self.insert_ready, ready_rows).scalars().all())
+        sink.close(instance_id, -len(rows))
+        return {sid: rounds.get(sid, 0) + 1 for sid in body}, ready_ids

@@ -49,7 +49,7 @@ class Stopper:
         self.finish: Update = (
             update(I).where(I.c.id == iid, I.c.status == word(InstanceStatus.RUNNING))
             .values(status=bindparam("status"), outputs=bindparam("outputs"), error=bindparam("error"),
-                    finished_at=clock.now, open_steps=0)
+                    finished_at=clock.now, open_steps=0, paused_at=None, paused_by=None)
         )
 
     def cancel_steps(self, conn: Connection, reason: str, record: Record, *, instance_id: int | None = None,

@@ -25,7 +25,7 @@
     "step.late_result_dropped", "step.item_failed_after_its_step", "gateway.loop_exhausted",
     "approval.requested", "approval.notified", "approval.reminded", "approval.voted", "approval.decided",
     "approval.refused", "approval.expired", "approval.cancelled", "feedback.recorded",
-    "budget.set", "budget.raised", "budget.exceeded", "step.error_caught", "notification.sent", "notification.failed",
+    "budget.set", "budget.raised", "budget.exceeded", "step.error_caught", "instance.paused", "step.exhausted", "instance.rerun", "notification.sent", "notification.failed",
   ];
   // An instance in one of these is done: the page stops listening (a retry from this page reloads it).
   const FINISHED = ["completed", "failed", "cancelled"];

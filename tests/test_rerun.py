@@ -1,0 +1,146 @@
+"""Rerun a finished instance from a step (issue 15, part 3), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from flowdb.db.instances import deploy
+from flowdb.db.tables import events, step_instances
+from flowdb.errors import NotFound
+from flowdb.reports import run_report
+from flowdb.rerun import RerunRefused, rerun_instance
+
+from apiserver import ApiServer, assert_problem, client
+from conftest import Database, flowdb_cli
+from helpers import definition_from, event_types, instance, runs, start, steps, work
+
+CHAIN = """
+process:
+  name: chain
+  steps:
+    - {id: a, type: agent_task, agent: counted, message: a}
+    - {id: b, type: agent_task, agent: AGENT_B, retry: {max_attempts: 1}, message: "b after {{ steps.a.output.step }}"}
+    - {id: c, type: agent_task, agent: counted, message: c, depends_on: [b]}
+"""
+
+
+def chain(agent_b: str = "counted", message_c: str = "c") -> str:
+    text = CHAIN.replace("AGENT_B", agent_b).replace("message: c,", f"message: {message_c},")
+    return text.replace('message: "b after', 'depends_on: [a], message: "b after')
+
+
+def calls(log: Path) -> Counter[str]:
+    return Counter(line.split()[2] for line in log.read_text().splitlines() if line.startswith("start"))
+
+
+def snapshot(db: Database) -> tuple[int, int]:
+    with db.engine.connect() as conn:
+        return (conn.execute(select(func.count()).select_from(step_instances)).scalar_one(),
+                conn.execute(select(func.count()).select_from(events)).scalar_one())
+
+
+def test_a_rerun_runs_the_step_and_what_follows_as_new_rounds_and_keeps_what_came_before(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("FLOWDB_TEST_CALL_LOG", str(log))
+    [iid] = start(db.engine, chain())
+    work(db.engine)
+    assert instance(db.engine, iid).status == "completed"
+    done = rerun_instance(db.engine, iid, "b", "ops@x.com")
+    assert (done.version, done.steps) == (1, ["b", "c"])
+    assert instance(db.engine, iid).status == "running"
+    work(db.engine)
+    assert instance(db.engine, iid).status == "completed"
+    assert calls(log) == {"a": 1, "b": 2, "c": 2}  # a's output was kept, not paid for again
+    assert [r.round for r in runs(db.engine, iid, "a")] == [1]
+    assert [(r.round, r.status) for r in runs(db.engine, iid, "c")] == [(1, "completed"), (2, "completed")]
+    assert steps(db.engine, iid)["b"].output == {"step": "b"}
+    kinds = event_types(db.engine, iid)
+    assert kinds.count("instance.rerun") == 1 and kinds.count("instance.completed") == 2
+    with db.engine.connect() as conn:
+        report = run_report(conn, "v_step_runs")
+        rerun_event = conn.execute(select(events.c.payload).where(events.c.type == "instance.rerun")).scalar_one()
+    assert len([r for r in report.rows if r[report.columns.index("instance_id")] == iid]) == 5  # both rounds
+    assert rerun_event["by"] == "ops@x.com" and rerun_event["from_step"] == "b" and rerun_event["round"] == 2
+
+
+def test_a_failed_instance_reruns_from_its_failed_step_on_a_fixed_version(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("FLOWDB_TEST_CALL_LOG", str(log))
+    [iid] = start(db.engine, chain(agent_b="broken"))
+    work(db.engine)
+    assert instance(db.engine, iid).status == "failed"
+    assert steps(db.engine, iid)["c"].status == "cancelled"
+    fixed = definition_from(chain(message_c="c again"))  # b's agent works now; c says something else
+    with db.engine.begin() as conn:
+        assert deploy(conn, fixed).version == 2
+    rerun_instance(db.engine, iid, "b", "ops@x.com", version=2)
+    work(db.engine)
+    row = instance(db.engine, iid)
+    assert (row.status, row.version) == ("completed", 2)
+    assert calls(log) == {"a": 1, "b": 1, "c": 1}  # a is not run again; b (fixed) and c run on version 2
+    got = steps(db.engine, iid)
+    assert (got["b"].round, got["b"].status, got["c"].round, got["c"].status) == (2, "completed", 2, "completed")
+
+
+def test_a_rerun_is_refused_when_the_version_changes_what_it_keeps_or_the_instance_runs(db: Database) -> None:
+    [iid] = start(db.engine, chain())
+    with pytest.raises(RerunRefused, match="is running; a rerun starts from a finished instance"):
+        rerun_instance(db.engine, iid, "b", "x")
+    work(db.engine)
+    renamed = definition_from(chain().replace("{id: a,", "{id: first,").replace("[a]", "[first]")
+                              .replace("steps.a.", "steps.first."))
+    with db.engine.begin() as conn:
+        deploy(conn, renamed)
+    before = snapshot(db)
+    with pytest.raises(RerunRefused, match="it has step\\(s\\) 'first' that this instance never ran"):
+        rerun_instance(db.engine, iid, "b", "x", version=2)
+    with pytest.raises(NotFound, match=r"has no step 'bb' \(did you mean 'b'\?\); its steps: a, b, c"):
+        rerun_instance(db.engine, iid, "bb", "x")
+    assert snapshot(db) == before and instance(db.engine, iid).status == "completed"
+    # From the first step, a new version may change anything.
+    rerun_instance(db.engine, iid, "first", "x", version=2)
+    work(db.engine)
+    assert (instance(db.engine, iid).status, instance(db.engine, iid).version) == ("completed", 2)
+
+
+def test_the_cli_and_the_api_rerun(db: Database, api_server: ApiServer) -> None:
+    [iid] = start(db.engine, chain())
+    work(db.engine)
+    with client(api_server, "operator") as http:
+        response = http.post(f"/v1/instances/{iid}/rerun", json={"from_step": "c"})
+        assert response.status_code == 200 and response.json()["status"] == "running", response.text
+        assert_problem(http.post(f"/v1/instances/{iid}/rerun", json={"from_step": "c"}), 409, "is running")
+        assert_problem(http.post(f"/v1/instances/{iid}/rerun", json={"from_step": "c", "extra": 1}), 422)
+    with client(api_server, "viewer") as viewer:
+        assert_problem(viewer.post(f"/v1/instances/{iid}/rerun", json={"from_step": "c"}), 403)
+    work(db.engine)
+    cli = flowdb_cli("rerun", str(iid), "--from", "c", env=db.cli_env())
+    assert cli.returncode == 0 and f"instance {iid} runs again from c on version 1: c" in cli.stdout, cli.stderr
+    work(db.engine)
+    assert [r.round for r in runs(db.engine, iid, "c")] == [1, 2, 3]
+    refused = flowdb_cli("rerun", str(iid), "--from", "zz", env=db.cli_env())
+    assert refused.returncode != 0 and "has no step 'zz'" in refused.stderr
+
+
+def test_the_web_ui_reruns_from_a_step(db: Database, api_server: ApiServer) -> None:
+    [iid] = start(db.engine, chain())
+    work(db.engine)
+    token = api_server.token("operator", "ops@x.com")
+    with httpx.Client(base_url=api_server.url, follow_redirects=False, timeout=30) as http:
+        form = http.get("/ui/login")
+        csrf = form.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        assert http.post("/ui/login", data={"csrf": csrf, "token": token, "next": "/ui/runs"}).status_code == 303
+        page = http.get(f"/ui/instances/{iid}")
+        csrf = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        assert 'aria-label="Rerun from step b"' in page.text
+        done = http.post(f"/ui/instances/{iid}/steps/b/rerun", data={"csrf": csrf})
+        assert done.status_code == 303 and done.headers["location"].endswith("?done=rerun")
+        assert http.post(f"/ui/instances/{iid}/steps/b/rerun", data={"csrf": csrf}).status_code == 409
+    assert [r.round for r in runs(db.engine, iid, "b")] == [1, 2]
