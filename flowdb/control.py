@@ -3,15 +3,19 @@ cancel a step, retry a step, pause and resume."""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, case, false, func, literal, select, update
+from sqlalchemy.exc import DBAPIError
 
 from flowdb.db.clock import Clock
+from flowdb.db.connectivity import is_conflict
 from flowdb.db.events import EventRow, EventWriter, event_row
 from flowdb.db.instances import DefinitionCache
 from flowdb.db.progress import ProgressStatements
-from flowdb.db.tables import process_instances, step_instances
+from flowdb.db.tables import events, process_instances, step_instances
 from flowdb.db.timings import CLEARED
 from flowdb.definitions import CompiledDefinition
 from flowdb.engine.pause import Pauser
@@ -22,7 +26,8 @@ from flowdb.errors import FlowdbError, NotFound
 from flowdb.models import effective_retry
 from flowdb.notify import Wakeups
 
-I, S = process_instances, step_instances  # noqa: E741
+I, S, E = process_instances, step_instances, events  # noqa: E741
+T = TypeVar("T")
 
 
 def locked_instance(conn: Connection, instance_id: int) -> Any:
@@ -130,12 +135,14 @@ def _leaf_outputs(conn: Connection, instance_id: int, definition: CompiledDefini
     return {row.step_id: row.output for row in rows}
 
 
-def restore_halted(conn: Connection, instance_id: int, reason: str, keep: frozenset[str] = frozenset()
-                   ) -> list[EventRow]:
-    """The steps a failure cancelled (`halted`; not those cancelled for their own sake: by an operator, a
-    race, a loop going back) get back what they were waiting on; a for_each step whose items had started
-    waits on them again (its items start afresh). Rows of the steps in `keep` stay as they are (a rerun
-    runs them anew). The events to write."""
+def restore_halted(conn: Connection, instance_id: int, reason: str, keep: frozenset[str] = frozenset(),
+                   definition_id: int | None = None) -> list[EventRow]:
+    """The steps a failure or a cancel stopped (`halted`; not those cancelled for their own sake: by an
+    operator, a race, a loop going back) get back what they were waiting on, with as many attempts
+    again as their policy gives (a run the stop cut short does not count against them); a for_each
+    step whose items had started waits on them again (its items start afresh). Rows of the steps in
+    `keep` stay as they are (a rerun runs them anew); `definition_id`: the version they run on now
+    (a rerun on another version). The events to write."""
     clock = Clock(conn.dialect.name)
     waits_on_items = S.c.item.is_(None) & S.c.items_total.is_not(None)
     waits_on_parents = S.c.item.is_(None) & (S.c.pending_parents > literal(0))
@@ -146,7 +153,9 @@ def restore_halted(conn: Connection, instance_id: int, reason: str, keep: frozen
                             (waits_on_parents, word(StepStatus.PENDING)), else_=word(StepStatus.READY)),
                 claimable_at=case((waits_on_items | waits_on_parents, None), else_=clock.now),
                 ready_at=case((waits_on_items | waits_on_parents, S.c.ready_at), else_=clock.now),
-                woken=waits_on_items, halted=false(), finished_at=None,
+                woken=waits_on_items, halted=false(), finished_at=None, paused=false(),
+                max_attempts=S.c.attempt + S.c.max_attempts, releases=literal(0), agent_execution=None,
+                definition_id=S.c.definition_id if definition_id is None else literal(definition_id),
                 input=case((waits_on_items, S.c.input), else_=None), **CLEARED)
         .returning(S.c.id, S.c.step_id)).all()
     if keep:
@@ -183,6 +192,13 @@ def retry_step(engine: Engine, instance_id: int, step_id: str) -> str:
         if step.status != "failed":
             raise StepNotRetryable(f"step {step_id!r} of instance {instance_id} is {step.status}; only failed "
                                    "steps can be retried")
+        caught = conn.execute(select(E.c.payload).where(
+            E.c.instance_id == instance_id, E.c.step_instance_id == step.id, E.c.type == "step.error_caught")).first()
+        if caught is not None:
+            handler = caught.payload.get("handler") if isinstance(caught.payload, dict) else None
+            raise StepNotRetryable(f"step {step_id!r} of instance {instance_id} failed and its error went to "
+                                   f"{handler!r} (on_error), which carried the instance on; to run it again "
+                                   f"when the instance has finished: flowdb rerun {instance_id} --from {step_id}")
         if found.status not in ("failed", "running"):
             raise StepNotRetryable(f"instance {instance_id} is {found.status}; only failed or running instances "
                                    "can be retried")
@@ -217,8 +233,27 @@ class NotPaused(FlowdbError):
     """The instance is not paused."""
 
 
+def again_on_conflict(action: Callable[[], T], tries: int = 5) -> T:
+    """Run a transaction again when PostgreSQL chose it as the loser of a deadlock or a serialization
+    conflict (a worker's claim holds step rows and waits for the instance row an operator's action holds)."""
+    for attempt in range(1, tries + 1):
+        try:
+            return action()
+        except DBAPIError as exc:
+            if attempt == tries or not is_conflict(exc):
+                raise
+            time.sleep(0.02 * attempt)
+    raise AssertionError("unreachable")
+
+
 def pause_instance(engine: Engine, instance_id: int, by: str, wakeups: Wakeups | None = None) -> None:
     """Pause a running instance: no new step of it is claimed until it resumes (flowdb/engine/pause.py)."""
+    again_on_conflict(lambda: _pause(engine, instance_id, by))
+    if wakeups is not None:
+        wakeups.notify(events=True)
+
+
+def _pause(engine: Engine, instance_id: int, by: str) -> None:
     with engine.begin() as conn:
         found = locked_instance(conn, instance_id)
         if found.status != InstanceStatus.RUNNING:
@@ -230,12 +265,16 @@ def pause_instance(engine: Engine, instance_id: int, by: str, wakeups: Wakeups |
         Pauser(engine.dialect.name).pause(conn, instance_id, by, "paused by an operator",
                                           lambda *args: rows.append(event_row(*args)))
         EventWriter(engine.dialect.name).write(conn, rows)
-    if wakeups is not None:
-        wakeups.notify(events=True)
 
 
 def resume_instance(engine: Engine, instance_id: int, by: str, wakeups: Wakeups | None = None) -> None:
     """Resume a paused instance: its held steps are claimed as they are due (a timer past its time at once)."""
+    again_on_conflict(lambda: _resume(engine, instance_id, by))
+    if wakeups is not None:
+        wakeups.notify(workers=True, events=True)
+
+
+def _resume(engine: Engine, instance_id: int, by: str) -> None:
     with engine.begin() as conn:
         found = locked_instance(conn, instance_id)
         if found.paused_at is None:
@@ -243,8 +282,6 @@ def resume_instance(engine: Engine, instance_id: int, by: str, wakeups: Wakeups 
         rows: list[EventRow] = []
         Pauser(engine.dialect.name).resume(conn, instance_id, by, lambda *args: rows.append(event_row(*args)))
         EventWriter(engine.dialect.name).write(conn, rows)
-    if wakeups is not None:
-        wakeups.notify(workers=True, events=True)
 
 
 def instances_of(engine: Engine, process: str, paused: bool) -> list[int]:

@@ -499,6 +499,7 @@ def _compile(
     else:
         edges = _loops(steps, edges, loop_backs, step_path, locator, problems, unsure | exits)
         order = _Precedence(steps)
+        _check_boundaries_in_loops(steps, step_path, locator, problems)
     handlers = {edge.to_step for edge in edges if edge.kind == "error"}
     for sid, step in steps.items():
         step.join = JoinRule.of(step.model)
@@ -671,6 +672,20 @@ def _check_handlers(edges: list[Edge], steps: dict[str, CompiledStep], step_path
                 problems.append(locator.at(step_path[edge.from_step], f"gateway {edge.from_step!r} routes to "
                                            f"{edge.to_step!r}, which handles the errors of {sources} (on_error): "
                                            "a handler starts only from an error; route to another step"))
+
+
+def _check_boundaries_in_loops(steps: dict[str, CompiledStep], step_path: dict[str, Path], locator: Locator,
+                               problems: list[Located]) -> None:
+    """An error boundary on a step of a loop body must send its errors into that body (its handler then
+    runs again with each round); a handler outside the body would take the error of the first round only."""
+    peers = loop_peers(steps)
+    for sid, step in steps.items():
+        outside = [handler for _, handler in step.error_routes if sid in peers and handler not in peers[sid]]
+        if outside:
+            problems.append(locator.at((*step_path[sid], "on_error"), f"step {sid!r} runs in a loop, and its "
+                                       f"errors go to {', '.join(map(repr, sorted(set(outside))))} outside it: an "
+                                       "error boundary inside a loop is not supported yet; give the step a retry "
+                                       "policy, or let its failure end the loop"))
 
 
 def _without_doubles(edges: list[Edge], step_path: dict[str, Path], steps: dict[str, CompiledStep],

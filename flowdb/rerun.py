@@ -10,20 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 
 from flowdb.control import locked_instance, restore_halted, running_again
 from flowdb.db.events import EventRow, EventWriter, event_row
 from flowdb.db.instances import DefinitionCache, find_definition
 from flowdb.db.progress import ProgressStatements
-from flowdb.db.tables import process_instances, step_edges, step_instances
+from flowdb.db.tables import events, process_instances, step_edges, step_instances
 from flowdb.definitions import CompiledDefinition
 from flowdb.engine.status import EdgeState, InstanceStatus, StepStatus
 from flowdb.errors import FlowdbError, NotFound
 from flowdb.notify import Wakeups
 from flowdb.problems import suggest
 
-I, S, E = process_instances, step_instances, step_edges  # noqa: E741
+I, S, E, EV = process_instances, step_instances, step_edges, events  # noqa: E741
 
 
 class RerunRefused(FlowdbError):
@@ -83,16 +83,24 @@ def rerun_instance(engine: Engine, instance_id: int, from_step: str, by: str, ve
         if from_step not in definition.steps:
             raise NotFound(f"process {process} version {to_version} has no step {from_step!r}"
                            f"{suggest(from_step, list(definition.steps))}; its steps: {', '.join(definition.steps)}")
+        if definition.has_loops or old.has_loops:
+            raise RerunRefused(f"process {process} has loops: a rerun of such a process is not supported yet; "
+                               f"retry a failed step in place (flowdb retry {instance_id} STEP) or start a new "
+                               "instance")
         body = downstream(definition, from_step)
+        _check_failures_rerun(conn, instance_id, set(body), from_step)
         if definition_id != found.definition_id:
             _check_compatible(old, definition, set(body), process, to_version, from_step)
             _edges_for(conn, instance_id, definition, set(body))
             conn.execute(update(I).where(I.c.id == instance_id).values(definition_id=definition_id, version=to_version))
         sink = _Sink(instance_id)
-        if found.status == InstanceStatus.FAILED:  # what the failure cancelled elsewhere runs again too
-            sink.events += restore_halted(conn, instance_id, "rerun", keep=frozenset(body))
+        if found.status in (InstanceStatus.FAILED, InstanceStatus.CANCELLED):
+            # What the failure (or the cancel) stopped beside the rerun runs again too, on the version it runs on.
+            sink.events += restore_halted(conn, instance_id, "rerun", keep=frozenset(body),
+                                          definition_id=definition_id)
         settler = ProgressStatements(engine.dialect.name).settler
-        rounds, ready = settler.open_round(conn, instance_id, definition_id, definition, body, [from_step], sink)
+        rounds, ready = settler.open_round(conn, instance_id, definition_id, definition, body, [from_step], sink,
+                                           waits_outside=True)
         running_again(conn, instance_id)
         sink.event(instance_id, "instance.rerun", {"from_step": from_step, "round": rounds[from_step], "by": by,
                                                    "version": to_version, "steps": body})
@@ -101,6 +109,23 @@ def rerun_instance(engine: Engine, instance_id: int, from_step: str, by: str, ve
     if wakeups is not None:
         wakeups.notify(workers=True, events=True)
     return Rerun(instance_id, to_version, body)
+
+
+def _check_failures_rerun(conn: Connection, instance_id: int, body: set[str], from_step: str) -> None:
+    """A step that failed its instance (its error not caught by an error boundary) must run again in the
+    rerun: otherwise the instance would go on past a failure."""
+    latest = select(S.c.step_id, func.max(S.c.round).label("round")).where(
+        S.c.instance_id == instance_id, S.c.item.is_(None)).group_by(S.c.step_id).subquery()
+    failed = conn.execute(
+        select(S.c.id, S.c.step_id).join(latest, (latest.c.step_id == S.c.step_id) & (latest.c.round == S.c.round))
+        .where(S.c.instance_id == instance_id, S.c.item.is_(None), S.c.status == StepStatus.FAILED.value)).all()
+    caught = set(conn.execute(select(EV.c.step_instance_id).where(
+        EV.c.instance_id == instance_id, EV.c.type == "step.error_caught")).scalars())
+    left = sorted(row.step_id for row in failed if row.id not in caught and row.step_id not in body)
+    if left:
+        raise RerunRefused(f"step(s) {', '.join(map(repr, left))} failed this instance and are not after "
+                           f"{from_step!r}: a rerun from {from_step!r} would go on past that failure; rerun from "
+                           f"{left[0]!r} (or from a step before it)")
 
 
 def _check_compatible(old: CompiledDefinition, new: CompiledDefinition, body: set[str], process: str, version: int,

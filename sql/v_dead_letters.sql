@@ -35,9 +35,10 @@ SELECT
     COALESCE(s.error_type, 'StepFailed') AS error_type,
     s.error,
     s.attempt AS attempts,
-    CASE WHEN EXISTS (
-        SELECT 1 FROM events e
-        WHERE e.instance_id = s.instance_id AND e.step_instance_id = s.id AND e.type = 'step.error_caught'
+    CASE WHEN EXISTS (  -- the event is on the step's own row (an item's failure fails its step)
+        SELECT 1 FROM events e JOIN step_instances o ON o.id = e.step_instance_id
+        WHERE e.instance_id = s.instance_id AND e.type = 'step.error_caught'
+          AND o.step_id = s.step_id AND o.round = s.round
     ) THEN 1 ELSE 0 END AS caught,
     strftime('%Y-%m-%d', s.finished_at) AS day,
     s.finished_at

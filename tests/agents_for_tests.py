@@ -164,3 +164,13 @@ def remembers(request: AgentRequest) -> AgentReply:
     given = request.context or {}
     return AgentReply(f"{request.message} | context: {given.get('response', '-')} from {given.get('step_id', '-')}",
                       session_id="sess-9", context={"response": f"facts about {request.message}", "blob": [1, 2]})
+
+
+def failif(request: AgentRequest) -> dict[str, Any]:
+    """Sleeps $FLOWDB_TEST_SLEEP when its message says `slow`; fails while $FLOWDB_TEST_FAIL_<step> is set
+    (a test fixes the cause by unsetting it, then retries or reruns)."""
+    if "slow" in request.message:
+        time.sleep(float(os.environ.get("FLOWDB_TEST_SLEEP", "1.0")))
+    if os.environ.get(f"FLOWDB_TEST_FAIL_{request.step_id}"):
+        raise RuntimeError(f"asked to fail: {request.step_id}")
+    return {"step": request.step_id}

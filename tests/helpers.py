@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +107,26 @@ def waiting_for_decision(engine: Engine, count: int = 1) -> Callable[[], bool]:
         return len(rows) == count and all(r.notified_at is not None for r in rows) and all(
             steps(engine, r.instance_id)[r.step_id].status == "waiting" for r in rows)
     return check
+
+
+@contextmanager
+def background_worker(engine: Engine, agents_file: Path = AGENTS_FILE, seconds: float = 60.0) -> Iterator[Worker]:
+    """An in-process worker in a thread while the block runs (the test acts on instances meanwhile)."""
+    worker = Worker(engine, AgentRegistry.from_file(agents_file), WorkerOptions(poll_seconds=0.05))
+    stop = threading.Event()
+    deadline = time.monotonic() + seconds
+    thread = threading.Thread(target=lambda: asyncio.run(worker.run(
+        until=lambda: stop.is_set() or time.monotonic() > deadline)), daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def until(check: Callable[[], Any], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)

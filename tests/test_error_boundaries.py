@@ -170,6 +170,10 @@ def test_a_for_each_step_whose_item_fails_is_caught_too(db: Database) -> None:
     assert instance(db.engine, iid).status == "completed"
     assert (got["each"].status, got["cleanup"].status) == ("failed", "completed")
     assert instance(db.engine, iid).open_steps == 0  # the items still open were cancelled and counted
+    with db.engine.connect() as conn:
+        letters = run_report(conn, "v_dead_letters")
+    caught = {(r[letters.columns.index("item")], r[letters.columns.index("caught")]) for r in letters.rows}
+    assert (None, 1) in caught and all(flag == 1 for _, flag in caught)  # the step and its failed item: caught
 
 
 @pytest.mark.parametrize(("yaml", "message"), [
@@ -195,3 +199,28 @@ process:
     with pytest.raises(DefinitionError) as caught:
         definition_from(text)
     assert message in str(caught.value)
+
+
+def test_an_error_boundary_inside_a_loop_to_a_handler_outside_it_is_refused() -> None:
+    """It would take the first round's error only (its edge settles then): refused until rounds carry it."""
+    text = """
+process:
+  name: loop-boundary
+  steps:
+    - {id: a, type: agent_task, agent: noop, message: a, on_error: h}
+    - {id: g, type: gateway, gateway_type: exclusive, depends_on: [a],
+       routes: [{condition: "{{ steps.a.visit }} < 3", next: a}, {default: true, next: done}]}
+    - {id: done, type: agent_task, agent: noop, message: done}
+    - {id: h, type: agent_task, agent: noop, message: h}
+"""
+    with pytest.raises(DefinitionError, match="step 'a' runs in a loop, and its errors go to 'h' outside it"):
+        definition_from(text)
+
+
+def test_retrying_a_caught_failure_is_refused(db: Database) -> None:
+    from flowdb.control import StepNotRetryable, retry_step
+
+    [iid] = start(db.engine, CAUGHT)
+    work(db.engine)
+    with pytest.raises(StepNotRetryable, match="its error went to 'recover' \\(on_error\\)"):
+        retry_step(db.engine, iid, "fetch")

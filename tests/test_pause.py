@@ -19,7 +19,7 @@ from flowdb.worker import Worker, WorkerOptions
 
 from apiserver import ApiServer, assert_problem, client
 from conftest import Database, flowdb_cli
-from helpers import AGENTS_FILE, event_types, instance, start, steps, work
+from helpers import AGENTS_FILE, background_worker, event_types, instance, start, steps, until, work
 from processes import Fleet, instance_statuses, wait_until
 
 CHAIN = """
@@ -232,3 +232,28 @@ def test_the_web_ui_shows_pause_and_resume(api_server: ApiServer) -> None:
         assert ">Resume</button>" in page.text and 'data-paused="true"' in page.text
         assert http.post(f"/ui/instances/{iid}/resume", data={"csrf": csrf}).status_code == 303
     assert instance(api_server.engine, iid).paused_at is None
+
+
+def test_a_failure_while_paused_leaves_nothing_held_for_a_retry(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The instance fails (ending its pause); a retry of the failed step runs it and what follows."""
+    from flowdb.control import retry_step
+
+    monkeypatch.setenv("FLOWDB_TEST_FAIL_a", "1")
+    monkeypatch.setenv("FLOWDB_TEST_SLEEP", "0.5")
+    text = """
+process:
+  name: fails-paused
+  steps:
+    - {id: a, type: agent_task, agent: failif, message: slow a, retry: {max_attempts: 1}}
+    - {id: b, type: agent_task, agent: failif, message: b, depends_on: [a]}
+"""
+    [iid] = start(db.engine, text)
+    with background_worker(db.engine):
+        until(lambda: steps(db.engine, iid)["a"].status == "running")
+        pause_instance(db.engine, iid, "ops")
+        until(lambda: instance(db.engine, iid).status == "failed")
+    assert instance(db.engine, iid).paused_at is None
+    monkeypatch.delenv("FLOWDB_TEST_FAIL_a")
+    retry_step(db.engine, iid, "a")
+    work(db.engine, timeout=20)
+    assert instance(db.engine, iid).status == "completed"

@@ -17,7 +17,7 @@ from flowdb.rerun import RerunRefused, rerun_instance
 
 from apiserver import ApiServer, assert_problem, client
 from conftest import Database, flowdb_cli
-from helpers import definition_from, event_types, instance, runs, start, steps, work
+from helpers import background_worker, definition_from, event_types, instance, runs, start, steps, until, work
 
 CHAIN = """
 process:
@@ -144,3 +144,88 @@ def test_the_web_ui_reruns_from_a_step(db: Database, api_server: ApiServer) -> N
         assert done.status_code == 303 and done.headers["location"].endswith("?done=rerun")
         assert http.post(f"/ui/instances/{iid}/steps/b/rerun", data={"csrf": csrf}).status_code == 409
     assert [r.round for r in runs(db.engine, iid, "b")] == [1, 2]
+
+
+# -- what a failure stopped beside the rerun ---------------------------------------------------------------
+
+PAR = """
+process:
+  name: par
+  steps:
+    - {id: a, type: agent_task, agent: failif, message: a, retry: {max_attempts: 1}}
+    - {id: b, type: agent_task, agent: failif, message: slow b, retry: {max_attempts: 1}}
+    - {id: c, type: agent_task, agent: failif, message: c, depends_on: [a, b]}
+"""
+
+
+def order_of(db: Database, iid: int) -> list[tuple[str, str]]:
+    with db.engine.connect() as conn:
+        return [(row.type, row.step_id) for row in conn.execute(
+            select(events.c.type, step_instances.c.step_id)
+            .join(step_instances, step_instances.c.id == events.c.step_instance_id)
+            .where(events.c.instance_id == iid).order_by(events.c.id))]
+
+
+def test_a_join_in_a_rerun_waits_for_the_parent_a_failure_stopped(db: Database,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """b was running when a failed (the failure halted it, its one attempt used): the rerun from a gives b
+    back with attempts again, and c (join all) waits for it as well as for a's new round."""
+    monkeypatch.setenv("FLOWDB_TEST_FAIL_a", "1")
+    monkeypatch.setenv("FLOWDB_TEST_SLEEP", "0.5")
+    [iid] = start(db.engine, PAR)
+    with background_worker(db.engine):
+        until(lambda: instance(db.engine, iid).status == "failed")
+    assert steps(db.engine, iid)["b"].status == "cancelled"
+    monkeypatch.delenv("FLOWDB_TEST_FAIL_a")
+    rerun_instance(db.engine, iid, "a", "ops")
+    work(db.engine)
+    assert instance(db.engine, iid).status == "completed"
+    seen = order_of(db, iid)
+    assert seen.index(("step.started", "c")) > max(i for i, e in enumerate(seen) if e == ("step.completed", "b"))
+    assert steps(db.engine, iid)["b"].max_attempts == 2  # its cut-short run does not count against it
+
+
+def test_a_rerun_that_would_go_on_past_a_failure_is_refused(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWDB_TEST_FAIL_a", "1")
+    [iid] = start(db.engine, PAR.replace("slow b", "b"))
+    work(db.engine)
+    assert (instance(db.engine, iid).status, steps(db.engine, iid)["b"].status) == ("failed", "completed")
+    before = snapshot(db)
+    with pytest.raises(RerunRefused, match=r"step\(s\) 'a' failed this instance and are not after 'b'"):
+        rerun_instance(db.engine, iid, "b", "ops")
+    assert snapshot(db) == before
+
+
+def test_a_cancelled_instance_reruns_with_what_the_cancel_stopped(db: Database,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowdb.control import cancel_instance
+
+    monkeypatch.setenv("FLOWDB_TEST_SLEEP", "0.5")
+    [iid] = start(db.engine, PAR)
+    with background_worker(db.engine):
+        until(lambda: [s.status for s in steps(db.engine, iid).values()] == ["completed", "running", "pending"])
+        cancel_instance(db.engine, iid)
+    rerun_instance(db.engine, iid, "a", "ops")
+    work(db.engine)
+    got = steps(db.engine, iid)
+    assert instance(db.engine, iid).status == "completed"
+    assert (got["a"].round, got["b"].status, got["c"].status) == (2, "completed", "completed")
+
+
+LOOPING = """
+process:
+  name: looping
+  steps:
+    - {id: a, type: agent_task, agent: noop, message: a}
+    - {id: g, type: gateway, gateway_type: exclusive, depends_on: [a],
+       routes: [{condition: "{{ steps.a.visit }} < 2", next: a}, {default: true, next: done}]}
+    - {id: done, type: agent_task, agent: noop, message: done}
+"""
+
+
+def test_a_rerun_of_a_process_with_loops_is_refused_for_now(db: Database) -> None:
+    [iid] = start(db.engine, LOOPING)
+    work(db.engine)
+    assert instance(db.engine, iid).status == "completed"
+    with pytest.raises(RerunRefused, match="has loops: a rerun of such a process is not supported yet"):
+        rerun_instance(db.engine, iid, "done", "ops")

@@ -120,11 +120,13 @@ class ProgressStatements:
             status=_lit("ready"), error=bindparam("error"), ready_at=clock.plus(bindparam("delay")),
             claimable_at=clock.plus(bindparam("delay")), woken=case((restart, false()), else_=S.c.woken),
             agent_execution=case((restart, None), else_=S.c.agent_execution), **CLEARED, **usage, **release_lease)
+        self.own_row = select(S.c.id).where(S.c.instance_id == bindparam("iid"), S.c.step_id == bindparam("step"),
+                                            S.c.round == bindparam("rnd"), S.c.item.is_(None))
         # retry.on_exhausted: pause: ready again at once with fresh attempts (its instance is paused with it).
         self.exhausted: Update = update(S).where(*fenced).values(
             status=_lit("ready"), error=bindparam("error"), error_type=bindparam("etype"), ready_at=clock.now,
             claimable_at=clock.now, max_attempts=S.c.attempt + bindparam("fresh"), woken=false(),
-            agent_execution=None, **CLEARED, **usage, **release_lease)
+            agent_execution=None, releases=literal(0), **CLEARED, **usage, **release_lease)
         # Nothing ran (an agent's queue was full): ready later, its attempt given back. The row is fresh
         # from then on (not woken: a budget's hold is over), so its next claim charges the attempt again.
         self.defer: Update = update(S).where(*fenced).values(
@@ -298,13 +300,17 @@ class ProgressWriter:
                 failing.append(o)
                 continue
             if o.step.item is not None:
-                self._cancel_items(conn, o, batch)
+                self._cancel_items(conn, o, batch, f"item {o.step.item} of {o.step.step_id!r} failed; its error "
+                                                   f"went to {handler!r} (on_error)")
                 batch.close(o.step.instance_id, 2)  # the item and its step's own row
             else:
                 batch.close(o.step.instance_id)
+            # The step's own row is what failed and was caught (for an item: the step it belongs to).
+            own = o.step.id if o.step.item is None else conn.execute(self.q.own_row, {
+                "iid": o.step.instance_id, "step": o.step.step_id, "rnd": o.step.round}).scalar_one()
             batch.event(o.step.instance_id, "step.error_caught",
                         {"error_type": _error_type(o), "error": o.error, "handler": handler, "item": o.step.item},
-                        o.step.id)
+                        own)
             caught.append(Settled(o.step.instance_id, o.step.step_id, False, None, o.step.definition_id,
                                   o.step.round, error_to=handler))
         if caught:
@@ -420,12 +426,13 @@ class ProgressWriter:
         for ready_id in ready:
             batch.event(o.step.instance_id, "step.ready", None, ready_id)
 
-    def _cancel_items(self, conn: Connection, o: Outcome, batch: _Batch) -> None:
-        """complete_when held with cancel_remaining: the items not finished are cancelled."""
+    def _cancel_items(self, conn: Connection, o: Outcome, batch: _Batch, reason: str | None = None) -> None:
+        """The items not finished are cancelled: complete_when held with cancel_remaining, or (`reason`) an
+        item's error went to the step's error boundary."""
         key = {"iid": o.step.instance_id, "step": o.step.step_id, "rnd": o.step.round}
         ids = list(conn.execute(self.q.for_each.open_items, key).scalars())
-        stopped = self.q.stopper.cancel_steps(conn, f"complete_when of {o.step.step_id!r} held (cancel_remaining)",
-                                              batch.event, rows=ids)
+        stopped = self.q.stopper.cancel_steps(
+            conn, reason or f"complete_when of {o.step.step_id!r} held (cancel_remaining)", batch.event, rows=ids)
         batch.close(o.step.instance_id, len(stopped))
 
     def _park(self, conn: Connection, o: Outcome, batch: _Batch) -> None:

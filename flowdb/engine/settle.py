@@ -132,6 +132,9 @@ class Settler:
         self.taken_from_outside = select(E.c.to_step, func.count()).where(
             E.c.instance_id == iid, E.c.to_step.in_(body), E.c.from_step.not_in(body),
             E.c.state == word(EdgeState.TAKEN)).group_by(E.c.to_step)
+        self.pending_from_outside = select(E.c.to_step, func.count()).where(
+            E.c.instance_id == iid, E.c.to_step.in_(body), E.c.from_step.not_in(body),
+            E.c.state == word(EdgeState.PENDING)).group_by(E.c.to_step)
         self.latest_rounds = select(S.c.step_id, func.max(S.c.round)).where(
             S.c.instance_id == iid, S.c.step_id.in_(body), S.c.item.is_(None)).group_by(S.c.step_id)
         new_row = insert(S).values(created_at=clock.now)
@@ -288,14 +291,18 @@ class Settler:
             sink.event(s.instance_id, "step.ready", None, ready_id)
 
     def open_round(self, conn: Connection, instance_id: int, definition_id: int, definition: CompiledDefinition,
-                   body: list[str], targets: list[str], sink: Sink) -> tuple[dict[str, int], list[int]]:
-        """A new round of every step of `body` (a loop's, or a rerun's: engine/rerun.py): `targets` ready at
+                   body: list[str], targets: list[str], sink: Sink, *, waits_outside: bool = False
+                   ) -> tuple[dict[str, int], list[int]]:
+        """A new round of every step of `body` (a loop's, or a rerun's: flowdb/rerun.py): `targets` ready at
         once, the others pending on their parents inside the body (whose edges are set pending again),
-        with the taken edges from outside counted as completed parents. Returns each step's new round
-        and the ids of the rows made ready."""
+        with the taken edges from outside counted as completed parents. `waits_outside` (a rerun): a
+        parent outside the body whose edge is still pending (a step a failure stopped, given back) is
+        waited for too. Returns each step's new round and the ids of the rows made ready."""
         params = {"iid": instance_id, "body": body}
         rounds = dict(conn.execute(self.latest_rounds, params).all())
         from_outside: dict[str, int] = dict(conn.execute(self.taken_from_outside, params).all())
+        pending_outside: dict[str, int] = dict(conn.execute(self.pending_from_outside, params).all()) \
+            if waits_outside else {}
         conn.execute(self.reopen_edges, params)
         inside = set(body)
         rows = []
@@ -306,7 +313,8 @@ class Settler:
             rows.append({"instance_id": instance_id, "definition_id": definition_id, "step_id": sid,
                          "type": step.type, "status": (StepStatus.READY if ready else StepStatus.PENDING).value,
                          "round": rounds.get(sid, 0) + 1, "max_attempts": retry.max_attempts if retry else 1,
-                         "pending_parents": 0 if ready else sum(p in inside for p in step.parents),
+                         "pending_parents": 0 if ready else sum(p in inside for p in step.parents)
+                         + pending_outside.get(sid, 0),
                          "completed_parents": 0 if ready else from_outside.get(sid, 0),
                          "agent": getattr(step.model, "agent", None)})
         ready_rows = [r for r in rows if r["status"] == StepStatus.READY]

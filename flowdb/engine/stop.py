@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import BindParameter, Connection, Update, bindparam, true, update
+from sqlalchemy import BindParameter, Connection, Update, bindparam, false, true, update
 
 from flowdb.db.claims import LEASE_DROPPED
 from flowdb.db.clock import Clock
@@ -32,8 +32,9 @@ class Stopper:
     def __init__(self, dialect_name: str, registry: Registry = STEP_TYPES) -> None:
         clock = Clock(dialect_name)
         self.registry = registry
+        # A row stopped is no longer held by a pause (what `flowdb retry` gives back runs when claimed).
         cancelled: dict[str, Any] = {"status": word(StepStatus.CANCELLED), "finished_at": clock.now,
-                                     "claimable_at": None, **LEASE_DROPPED}
+                                     "claimable_at": None, "paused": false(), **LEASE_DROPPED}
         returning = (S.c.id, S.c.instance_id, S.c.step_id, S.c.type, S.c.item, S.c.round, S.c.items_total)
         is_open = sql_in("step_instances.status", OPEN_STEP)
         iid: BindParameter[int] = bindparam("iid")
