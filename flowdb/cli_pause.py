@@ -16,11 +16,6 @@ def who() -> str:
         return "cli"
 
 
-def _target(instance_id: int | None, process: str | None) -> None:
-    if (instance_id is None) == (process is None):
-        raise click.UsageError("give an instance id or --process NAME (one of them)")
-
-
 @click.command()
 @db_option
 @click.argument("instance_id", type=int, required=False)
@@ -28,21 +23,7 @@ def _target(instance_id: int | None, process: str | None) -> None:
 def pause(db_url: str | None, instance_id: int | None, process: str | None) -> None:
     """Pause an instance: no new step of it starts until `flowdb resume` (running steps finish; timers and
     approvals keep their due times)."""
-    from flowdb.control import pause_instance, pause_process
-    from flowdb.notify import Wakeups
-    from flowdb.settings import load_settings
-
-    _target(instance_id, process)
-    engine = open_database(db_url)
-    wakeups = Wakeups(load_settings(database_url=db_url).redis_url)
-    if process is not None:
-        paused = pause_process(engine, process, who(), wakeups)
-        click.echo(f"paused {len(paused)} running instance(s) of {process}" +
-                   (f": {', '.join(map(str, paused))}" if paused else ""))
-        return
-    assert instance_id is not None
-    pause_instance(engine, instance_id, who(), wakeups)
-    click.echo(f"instance {instance_id} paused; flowdb resume {instance_id} lets it go on")
+    _act(db_url, instance_id, process, pausing=True)
 
 
 @click.command()
@@ -51,18 +32,25 @@ def pause(db_url: str | None, instance_id: int | None, process: str | None) -> N
 @click.option("--process", metavar="NAME", help="Resume every paused instance of this process.")
 def resume(db_url: str | None, instance_id: int | None, process: str | None) -> None:
     """Resume a paused instance: its steps start as they are due (a timer whose time passed, at once)."""
-    from flowdb.control import resume_instance, resume_process
+    _act(db_url, instance_id, process, pausing=False)
+
+
+def _act(db_url: str | None, instance_id: int | None, process: str | None, pausing: bool) -> None:
+    from flowdb.control import pause_instance, pause_process, resume_instance, resume_process
     from flowdb.notify import Wakeups
     from flowdb.settings import load_settings
 
-    _target(instance_id, process)
+    if (instance_id is None) == (process is None):
+        raise click.UsageError("give an instance id or --process NAME (one of them)")
     engine = open_database(db_url)
     wakeups = Wakeups(load_settings(database_url=db_url).redis_url)
     if process is not None:
-        resumed = resume_process(engine, process, who(), wakeups)
-        click.echo(f"resumed {len(resumed)} paused instance(s) of {process}" +
-                   (f": {', '.join(map(str, resumed))}" if resumed else ""))
+        done = (pause_process if pausing else resume_process)(engine, process, who(), wakeups)
+        what = "running" if pausing else "paused"
+        click.echo(f"{'paused' if pausing else 'resumed'} {len(done)} {what} instance(s) of {process}"
+                   + (f": {', '.join(map(str, done))}" if done else ""))
         return
     assert instance_id is not None
-    resume_instance(engine, instance_id, who(), wakeups)
-    click.echo(f"instance {instance_id} resumed")
+    (pause_instance if pausing else resume_instance)(engine, instance_id, who(), wakeups)
+    click.echo(f"instance {instance_id} paused; flowdb resume {instance_id} lets it go on" if pausing
+               else f"instance {instance_id} resumed")

@@ -194,3 +194,18 @@ def serve_process(env: dict[str, str], log: Path, *, preexec_fn: Callable[[], No
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(STOP_SECONDS)
+
+
+def csrf_of(page: httpx.Response) -> str:
+    """The CSRF token of a web UI page's forms (the sign-in form's, or the session's)."""
+    return page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+
+
+@contextmanager
+def ui_session(server: ApiServer, role: str = "operator", identity: str = "ops@x.com") -> Iterator[httpx.Client]:
+    """An httpx client signed in to the web UI with a new token (redirects not followed)."""
+    with httpx.Client(base_url=server.url, follow_redirects=False, timeout=30) as http:
+        form = {"csrf": csrf_of(http.get("/ui/login")), "token": server.token(role, identity), "next": "/ui/runs"}
+        signed = http.post("/ui/login", data=form)
+        assert signed.status_code == 303, signed.text
+        yield http

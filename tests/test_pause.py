@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import select
 
@@ -17,7 +16,7 @@ from flowdb.control import NotPausable, NotPaused, cancel_instance, pause_instan
 from flowdb.db.tables import events, process_instances, step_instances
 from flowdb.worker import Worker, WorkerOptions
 
-from apiserver import ApiServer, assert_problem, client
+from apiserver import ApiServer, assert_problem, client, csrf_of, ui_session
 from conftest import Database, flowdb_cli
 from helpers import AGENTS_FILE, background_worker, event_types, instance, start, steps, until, work
 from processes import Fleet, instance_statuses, wait_until
@@ -219,13 +218,9 @@ def _count(db: Database, kind: str) -> int:
 def test_the_web_ui_shows_pause_and_resume(api_server: ApiServer) -> None:
     """The instance page's Pause / Resume button (an operator's), and the paused badge."""
     [iid] = start(api_server.engine, CHAIN)
-    token = api_server.token("operator", "ops@x.com")
-    with httpx.Client(base_url=api_server.url, follow_redirects=False, timeout=30) as http:
-        form = http.get("/ui/login")
-        csrf = form.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
-        assert http.post("/ui/login", data={"csrf": csrf, "token": token, "next": "/ui/runs"}).status_code == 303
+    with ui_session(api_server) as http:
         page = http.get(f"/ui/instances/{iid}")
-        csrf = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        csrf = csrf_of(page)
         assert ">Pause</button>" in page.text
         assert http.post(f"/ui/instances/{iid}/pause", data={"csrf": csrf}).status_code == 303
         page = http.get(f"/ui/instances/{iid}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import func, select
 
@@ -15,7 +14,7 @@ from flowdb.errors import NotFound
 from flowdb.reports import run_report
 from flowdb.rerun import RerunRefused, rerun_instance
 
-from apiserver import ApiServer, assert_problem, client
+from apiserver import ApiServer, assert_problem, client, csrf_of, ui_session
 from conftest import Database, flowdb_cli
 from helpers import background_worker, definition_from, event_types, instance, runs, start, steps, until, work
 
@@ -132,13 +131,9 @@ def test_the_cli_and_the_api_rerun(db: Database, api_server: ApiServer) -> None:
 def test_the_web_ui_reruns_from_a_step(db: Database, api_server: ApiServer) -> None:
     [iid] = start(db.engine, chain())
     work(db.engine)
-    token = api_server.token("operator", "ops@x.com")
-    with httpx.Client(base_url=api_server.url, follow_redirects=False, timeout=30) as http:
-        form = http.get("/ui/login")
-        csrf = form.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
-        assert http.post("/ui/login", data={"csrf": csrf, "token": token, "next": "/ui/runs"}).status_code == 303
+    with ui_session(api_server) as http:
         page = http.get(f"/ui/instances/{iid}")
-        csrf = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        csrf = csrf_of(page)
         assert 'aria-label="Rerun from step b"' in page.text
         done = http.post(f"/ui/instances/{iid}/steps/b/rerun", data={"csrf": csrf})
         assert done.status_code == 303 and done.headers["location"].endswith("?done=rerun")
@@ -187,7 +182,8 @@ def test_a_join_in_a_rerun_waits_for_the_parent_a_failure_stopped(db: Database,
 
 def test_a_rerun_that_would_go_on_past_a_failure_is_refused(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLOWDB_TEST_FAIL_a", "1")
-    [iid] = start(db.engine, PAR.replace("slow b", "b"))
+    monkeypatch.setenv("FLOWDB_TEST_SLEEP", "0.3")  # b completes before a fails
+    [iid] = start(db.engine, PAR.replace("slow b", "b").replace("message: a,", "message: slow a,"))
     work(db.engine)
     assert (instance(db.engine, iid).status, steps(db.engine, iid)["b"].status) == ("failed", "completed")
     before = snapshot(db)
