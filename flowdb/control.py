@@ -49,7 +49,14 @@ def cancel_instance(engine: Engine, instance_id: int, reason: str = "cancelled b
     """Cancel a running instance in one transaction (engine/stop.py): its unfinished steps become
     `cancelled` through their step types (a pending approval is cancelled too), their leases are
     cleared (a worker still running one loses it; its late result is dropped). Returns the ids of
-    the steps that were cancelled; the event streams are woken after the commit."""
+    the steps that were cancelled; the event streams are woken after the commit. Run again when
+    PostgreSQL makes it a deadlock's loser against a worker's claim."""
+    cancelled = again_on_conflict(lambda: _cancel(engine, instance_id, reason))
+    (wakeups or Wakeups(None)).notify(events=True)
+    return cancelled
+
+
+def _cancel(engine: Engine, instance_id: int, reason: str) -> list[str]:
     stopper = Stopper(engine.dialect.name)
     events: list[EventRow] = []
     cancelled: list[str] = []
@@ -67,7 +74,6 @@ def cancel_instance(engine: Engine, instance_id: int, reason: str = "cancelled b
         steps_by_id = dict(conn.execute(select(S.c.id, S.c.step_id).where(S.c.instance_id == instance_id)).all())
         stopper.finish_instance(conn, instance_id, InstanceStatus.CANCELLED, record, error=reason)
         EventWriter(engine.dialect.name).write(conn, events)
-    (wakeups or Wakeups(None)).notify(events=True)
     return cancelled
 
 

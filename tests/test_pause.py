@@ -252,3 +252,41 @@ process:
     retry_step(db.engine, iid, "a")
     work(db.engine, timeout=20)
     assert instance(db.engine, iid).status == "completed"
+
+
+def test_a_pause_that_loses_a_deadlock_to_a_claim_runs_again(db: Database) -> None:
+    """A worker's claim holds a step row and then locks the instance row (its budget check); a pause holds
+    the instance row and then updates the step rows. PostgreSQL aborts one of them: the pause runs again."""
+    if db.kind != "postgresql":
+        pytest.skip("SQLite runs one writer at a time: no deadlock")
+    import threading
+    import uuid
+
+    from flowdb.db.budgets import BudgetChecks
+    from flowdb.db.claims import ClaimStatements
+
+    text = """
+process:
+  name: two
+  steps:
+    - {id: a, type: agent_task, agent: noop, message: a}
+    - {id: b, type: agent_task, agent: noop, message: b}
+"""
+    [iid] = start(db.engine, text)
+    errors: list[BaseException] = []
+
+    def pause() -> None:
+        try:
+            pause_instance(db.engine, iid, "ops")
+        except BaseException as exc:
+            errors.append(exc)
+
+    with db.engine.connect() as conn:
+        with conn.begin():
+            assert len(ClaimStatements("postgresql").claim_steps(conn, "w1", uuid.uuid4().hex, 1, 30.0)) == 1
+            thread = threading.Thread(target=pause)
+            thread.start()
+            time.sleep(0.5)  # the pause holds the instance row and waits for the claimed step row
+            conn.execute(BudgetChecks("postgresql").lock_instance, {"iid": iid}).all()
+    thread.join(20)
+    assert errors == [] and instance(db.engine, iid).paused_at is not None
