@@ -101,6 +101,11 @@ async def start_instance(call: Call) -> Response:
     return json_response(detail, 201 if created else 200)
 
 
+def _load_detail(engine: Engine, instance_id: int) -> InstanceDetail:
+    with engine.connect() as conn:
+        return _detail(conn, instance_id)
+
+
 def _detail(conn: Connection, instance_id: int) -> InstanceDetail:
     row = instance_row(conn, instance_id)
     return InstanceDetail(**instance_out(row).model_dump(), steps=[step_out(s) for s in step_rows(conn, instance_id)])
@@ -134,12 +139,7 @@ async def list_instances(call: Call) -> Response:
 
 async def get_instance(call: Call) -> Response:
     instance_id = call.path_int("instance_id")
-
-    def load(engine: Engine) -> InstanceDetail:
-        with engine.connect() as conn:
-            return _detail(conn, instance_id)
-
-    return json_response(await call.db(load, call.engine))
+    return json_response(await call.db(_load_detail, call.engine, instance_id))
 
 
 async def instance_events(call: Call) -> Response:
@@ -190,12 +190,7 @@ async def rerun(call: Call) -> Response:
     body = await call.body(RerunIn)
     await call.db(rerun_instance, call.engine, instance_id, body.from_step, f"{call.who.identity} (api)",
                   body.version, call.wakeups)
-
-    def load(engine: Engine) -> InstanceDetail:
-        with engine.connect() as conn:
-            return _detail(conn, instance_id)
-
-    return json_response(await call.db(load, call.engine))
+    return json_response(await call.db(_load_detail, call.engine, instance_id))
 
 
 async def pause(call: Call) -> Response:

@@ -240,7 +240,8 @@ class ProgressWriter:
         settling = [o for o in live if o.kind in ("completed", "skipped")]
         finals = [o for o in live if o.kind == "failed" and not self._retrying(o)]
         exhausted = [o for o in finals if self._pauses(o, batch)]  # retry.on_exhausted: pause
-        finals = [o for o in finals if not any(o is e for e in exhausted)]
+        if exhausted:
+            finals = [o for o in finals if all(o is not e for e in exhausted)]
         self.q.complete_many.executemany(conn, [self._completion(o) for o in settling + finals])
         for o in settling + finals:
             batch.event(o.step.instance_id, f"step.{o.kind}", self._payload(o), o.step.id)
@@ -280,11 +281,21 @@ class ProgressWriter:
                 "type": o.error_type or "StepFailed", "message": o.error or "", "step": o.step.step_id,
                 "item": o.step.item, "round": o.step.round, "text": text})
             self._fail_instance(conn, o.step.instance_id, text, batch)
-        # A paused instance's rows this batch left open (a retry, a parked step, successors) are held.
-        held = paused if paused is not None else self.q.pauser.paused(conn, batch.definitions)
-        self.q.pauser.hold(conn, [*held, *batch.paused_now])
+        # A paused instance's rows this batch left open are held. Successors of a completed step were held
+        # with the rest at the pause: only a row leaving `running` for an open state (a retry, a park, a
+        # deferral) or a new row (a loop's round, for_each items) needs it. SQLite reads the pauses then.
+        if paused is None and (batch.paused_now or self._may_open_rows(outcomes, batch)):
+            paused = self.q.pauser.paused(conn, batch.definitions)
+        self.q.pauser.hold(conn, [*(paused or ()), *batch.paused_now])
         self.q.events.write(conn, batch.events)
         return batch.progress
+
+    @staticmethod
+    def _may_open_rows(outcomes: list[Outcome], batch: _Batch) -> bool:
+        """Whether this batch may have left an unheld open row: anything but a completion or a skip, or a
+        definition with loops (a gateway's loop-back opens a new round)."""
+        return any(o.kind not in ("completed", "skipped") for o in outcomes) \
+            or any(d.has_loops for d in batch.definitions.values())
 
     def _caught(self, conn: Connection, finals: list[Outcome], batch: _Batch) -> list[Outcome]:
         """The steps failed for good whose error boundary (on_error) takes their error: each settles as
